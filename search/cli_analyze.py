@@ -1,0 +1,259 @@
+"""`launch.py analyze`: print and write the results of one or more searches.
+
+Prints, per experiment, the trial counts, the top trials, the Pareto front, the
+hypervolume, the most and least sensitive layers and (with ``--flops_budget``) the best
+trial within the budget with its rate vector in the original's syntax, ready for
+``launch.py sketch --sketch_rate``. Writes the dataframe, the front, the sensitivity
+table and the convergence history (csv, parquet or json) and the plots (PNG + SVG) to
+``--out`` (default ``DIR/analysis``), and prints where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from sketch_core.errors import UserError
+
+from .analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
+                       format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
+                       load_experiments, pareto_front, parse_flops_budget, rates_of, best_under_budget,
+                       top_trials)
+
+__all__ = ["add_arguments", "run"]
+
+_STATUS_WORDS = {"completed": "completed", "stopped": "stopped early", "failed": "failed",
+                 "rejected": "rejected by the FLOPs budget", "running": "running"}
+_MAX_FRONT_ROWS = 30
+
+
+def add_arguments(parser: argparse.ArgumentParser, command_name: str = "analyze") -> None:
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="experiment folder(s) written by `launch.py search` (<storage_path>/<name>), "
+                             "local or the storage URI the search used; several are compared side by side")
+    parser.add_argument("--top", type=int, default=10, metavar="K",
+                        help="how many of the most accurate completed trials to print (default 10)")
+    parser.add_argument("--flops_budget", default=None, metavar="F",
+                        help="print the best trial within this FLOPs budget: a fraction of the unpruned "
+                             "model's MACs ('0.5'), a percentage ('50%%') or MACs ('60M', '1.2G')")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="where to write tables and plots (default: DIR/analysis of the first DIR)")
+    parser.add_argument("--format", default="csv", choices=EXPORT_FORMATS,
+                        help="table format (default csv)")
+    parser.add_argument("--no_plots", action="store_true", help="write the tables only")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def _si(value: float) -> str:
+    if pd.isna(value):
+        return "-"
+    value = float(value)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{unit}"
+    return f"{value:.0f}"
+
+
+def _pct(value: float, digits: int = 2) -> str:
+    return "-" if pd.isna(value) else f"{float(value) * 100:.{digits}f}%"
+
+
+def _table(df: pd.DataFrame) -> str:
+    show = pd.DataFrame({
+        "trial_id": df["trial_id"].astype(str),
+        "val_acc": [_pct(v) for v in df["val_acc"]],
+        "MACs": [_si(v) for v in df["flops"]],
+        "FLOPs ratio": [_pct(v, 1) for v in df["flops_ratio"]],
+        "params": [_si(v) for v in df["params"]],
+        "epochs": ["-" if pd.isna(v) else str(int(v)) for v in df["epochs"]],
+    })
+    if "test_acc" in df.columns and df["test_acc"].notna().any():
+        show["test_acc"] = [_pct(v) for v in df["test_acc"]]
+    if "paper_rate" in df.columns and df["paper_rate"].notna().any():
+        show["note"] = ["paper " + v if isinstance(v, str) else "" for v in df["paper_rate"]]
+    lines = show.to_string(index=False).splitlines()
+    return "\n".join("  " + line for line in lines)
+
+
+def _rate_lines(df: pd.DataFrame) -> str:
+    width = max((len(str(t)) for t in df["trial_id"]), default=0)
+    return "\n".join(f"  {str(row['trial_id']):<{width}}  '{format_rate_vector(rates_of(row))}'"
+                     for _, row in df.iterrows())
+
+
+def _counts(df: pd.DataFrame) -> str:
+    counts = df["status"].value_counts()
+    parts = [f"{int(counts[s])} {_STATUS_WORDS[s]}" for s in _STATUS_WORDS if s in counts]
+    parts += [f"{int(n)} {s}" for s, n in counts.items() if s not in _STATUS_WORDS]
+    return f"{len(df)} trials ({', '.join(parts)})" if parts else "0 trials"
+
+
+def _running_summary(df: pd.DataFrame, limit: int = 5) -> str:
+    run = df[df["status"] == "running"]
+    if run.empty:
+        return "nothing is running either (no Ray Tune trial folder with a report was found)"
+    items = []
+    for _, row in run.head(limit).iterrows():
+        epoch = "" if pd.isna(row["epochs"]) else f"epoch {int(row['epochs'])}, "
+        items.append(f"{row['trial_id']} ({epoch}val_acc {_pct(row['val_acc'])})")
+    more = f" and {len(run) - limit} more" if len(run) > limit else ""
+    return f"running: {len(run)} trial(s): {', '.join(items)}{more}"
+
+
+def _baseline_line(exp: Experiment) -> str | None:
+    base = exp.baseline
+    if not base:
+        return None
+    parts = []
+    if base.get("val_acc") is not None:
+        parts.append(f"val. accuracy {_pct(base['val_acc'])}")
+    if base.get("test_acc") is not None:
+        parts.append(f"test accuracy {_pct(base['test_acc'])}")
+    if base.get("flops") is not None:
+        parts.append(f"{_si(base['flops'])} MACs")
+    if base.get("params") is not None:
+        parts.append(f"{_si(base['params'])} params")
+    return "unpruned baseline: " + ", ".join(parts) if parts else None
+
+
+def _sensitivity_line(sens: pd.DataFrame, k: int = 3) -> str | None:
+    ok = sens.dropna(subset=["partial_spearman"]).sort_values("partial_spearman", ascending=False)
+    if ok.empty:
+        return None
+    fmt = lambda rows: ", ".join(f"{r.unit_name} ({r.partial_spearman:+.2f})" for r in rows.itertuples())  # noqa: E731
+    return (f"layer sensitivity (partial Spearman of rate vs val_acc at equal FLOPs, {int(ok['n'].iloc[0])} "
+            f"trials): keep wide: {fmt(ok.head(k))}; can be sketched hard: {fmt(ok.tail(k).iloc[::-1])}")
+
+
+def _budget_text(kind: str, value: float) -> str:
+    return f"{value * 100:g}% of the unpruned MACs" if kind == "ratio" else f"{_si(value)} MACs"
+
+
+# ---------------------------------------------------------------- output folder
+
+
+def _out_dir(args: argparse.Namespace, exps: Sequence[Experiment]) -> Path:
+    if args.out is not None:
+        return Path(args.out).expanduser()
+    first = exps[0].path
+    if "://" in first:
+        return Path.cwd() / f"{exps[0].name}-analysis"
+    return Path(first) / "analysis"
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UserError(f"cannot write to the output folder {out}: {reason}; pass --out with a writable "
+                        f"folder") from None
+
+
+# ---------------------------------------------------------------- run
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top < 0:
+        raise UserError(f"--top must be 0 or more, got {args.top}")
+    budget = parse_flops_budget(args.flops_budget) if args.flops_budget is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ResultsWarning)
+        warnings.showwarning = _print_warning
+        exps = load_experiments(args.dirs)
+    for exp in exps:
+        if not exp.trials["status"].isin(ENDED_STATUSES).any():
+            raise UserError(f"experiment {exp.name} ({exp.path}) has no finished trial yet; "
+                            f"{_running_summary(exp.trials)}")
+    out = _out_dir(args, exps)
+    _check_writable(out)
+
+    summary = []
+    for exp in exps:
+        df = exp.trials
+        print(f"== experiment {exp.name}  ({exp.path})")
+        print(f"{_counts(df)}")
+        base = _baseline_line(exp)
+        if base:
+            print(base)
+        failed = df.loc[df["status"] == "failed", "error"].fillna("(no message)")
+        if len(failed):
+            last_lines = [str(e).strip().splitlines()[-1] if str(e).strip() else "(no message)" for e in failed]
+            common = pd.Series(last_lines).value_counts().head(3)
+            print("failures: " + "; ".join(f"{msg} (x{n})" for msg, n in common.items()))
+        top = top_trials(df, args.top)
+        front = pareto_front(df)
+        hv = hypervolume(df)
+        if args.top and len(top):
+            print(f"\ntop {len(top)} completed trials by validation accuracy:")
+            print(_table(top))
+            print("rate vectors (--sketch_rate):")
+            print(_rate_lines(top))
+        if front.empty:
+            print("\nno completed trial: no Pareto front yet")
+        else:
+            shown = front.head(_MAX_FRONT_ROWS)
+            more = f", the first {len(shown)} shown (all in front.{args.format})" if len(front) > len(shown) else ""
+            print(f"\nPareto front (max validation accuracy, min FLOPs): {len(front)} trials{more}")
+            print(_table(shown))
+            print("rate vectors (--sketch_rate):")
+            print(_rate_lines(shown))
+        print(f"\nhypervolume: {hv:.4f}  (area dominated in validation accuracy x FLOPs ratio; "
+              f"reference point: accuracy 0, FLOPs ratio 1)")
+        sens_line = _sensitivity_line(layer_sensitivity(df, exp.unit_names))
+        if sens_line:
+            print(sens_line)
+        best = None
+        if budget is not None:
+            best = best_under_budget(df, budget)
+            if best is None:
+                print(f"\nno completed trial within the FLOPs budget {_budget_text(*budget)}")
+            else:
+                print(f"\nbest trial within the FLOPs budget {_budget_text(*budget)}: {best['trial_id']}: "
+                      f"val. accuracy {_pct(best['val_acc'])}, {_si(best['flops'])} MACs "
+                      f"({_pct(best['flops_ratio'], 1)} of the unpruned), {_si(best['params'])} params")
+                print(f"  --sketch_rate '{format_rate_vector(rates_of(best))}'")
+        print()
+        summary.append({"experiment": exp.name, "trials": len(df),
+                        "completed": int((df["status"] == "completed").sum()),
+                        "best val_acc": _pct(top["val_acc"].max()) if len(top) else "-",
+                        "front": len(front), "hypervolume": f"{hv:.4f}",
+                        **({"best in budget": "-" if best is None else
+                            f"{_pct(best['val_acc'])} @ {_pct(best['flops_ratio'], 1)}"} if budget else {})})
+
+    if len(exps) > 1:
+        print("comparison:")
+        print("\n".join("  " + line for line in pd.DataFrame(summary).to_string(index=False).splitlines()))
+        print()
+
+    combined = combine(exps)
+    written = [export(combined, out, args.format, "trials"),
+               export(pareto_front(combined), out, args.format, "front")]
+    tag = (lambda f, e: f.assign(experiment=e.name)) if len(exps) > 1 else (lambda f, e: f)
+    written.append(export(pd.concat([tag(layer_sensitivity(e.trials, e.unit_names), e) for e in exps],
+                                    ignore_index=True), out, args.format, "sensitivity"))
+    written.append(export(pd.concat([tag(hypervolume_history(e.trials), e) for e in exps], ignore_index=True),
+                          out, args.format, "history"))
+    if not args.no_plots:
+        from .plots import write_plots
+
+        written += write_plots(exps, out)
+    print(f"wrote {len(written)} files to {out}:")
+    print("  " + ", ".join(p.name for p in written))
+    return 0
