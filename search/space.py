@@ -1,0 +1,321 @@
+"""The search space: rate vectors from an Optuna trial, their cost, the FLOPs budget.
+
+:class:`RateSpace` is plain, picklable data (it travels inside Ray Tune's searcher
+state). Called with an Optuna trial it is the define-by-run space: one
+``rate_XX`` per unit (``grouping: per_unit``) or one ``stage_X`` per stage
+(``per_stage``), on a grid of ``step`` between ``low`` and ``high``. It also knows the
+cost of a vector without building a network: MACs and parameters are exactly
+bilinear in the slot widths, so :class:`CostModel` records each layer's geometry
+once (one forward pass on the meta device) and then prices any width vector in
+microseconds. That is what lets the driver check every proposal against a FLOPs
+budget, and repair one (shrink it onto the budget, staying on the grid) when asked.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from sketch_core.errors import UserError
+from sketch_core.rates import kept_width, parse_rates
+from sketch_core.registry import get_arch
+
+__all__ = ["CostModel", "RateSpace", "Cost", "stage_groups"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    widths: tuple[int, ...]
+    flops: int
+    params: int
+    flops_ratio: float
+    params_ratio: float
+
+
+def stage_groups(cfg: str, data_set: str = "cifar10", start_conv: int | None = None) -> list[list[int]]:
+    """Unit indices grouped by stage (ResNet layerN, DenseNet block, GoogLeNet 3/4/5, VGG width)."""
+    entry = get_arch(cfg, data_set)
+    plan = entry.plan(start_conv)
+    groups = entry.unit_groups
+    if groups and sum(groups) == plan.num_units:
+        out, i = [], 0
+        for k in groups:
+            out.append(list(range(i, i + k)))
+            i += k
+        return out
+
+    def key(u: int) -> tuple:
+        name = plan.unit_names[u]
+        if "." in name:  # layer1.0, dense2.3
+            return name.rsplit(".", 1)[0],
+        stripped = re.sub(r"[A-Za-z]+$", "", name)  # inception3a -> inception3
+        if stripped != name:
+            return stripped,
+        return re.sub(r"[A-Za-z]+(?=\d+$)", "", name),  # inception_a3 -> inception_3
+
+    keys = [key(u) for u in range(plan.num_units)]
+    if len(set(keys)) == 1:  # one name prefix for all (VGG's features.N): split by width
+        keys = [(plan.slots[plan.units[u][0]].n,) for u in range(plan.num_units)]
+    out: list[list[int]] = []
+    for u, k in enumerate(keys):
+        if out and keys[out[-1][-1]] == k:
+            out[-1].append(u)
+        else:
+            out.append([u])
+    return out
+
+
+class CostModel:
+    """Exact MACs and parameters of (cfg, widths) from the unpruned network's geometry."""
+
+    def __init__(self, cfg: str, data_set: str = "cifar10", num_classes: int | None = None,
+                 in_channels: int = 3, input_size: int | None = None,
+                 start_conv: int | None = None) -> None:
+        self.cfg, self.data_set = cfg, data_set
+        entry = get_arch(cfg, data_set)
+        self.plan = entry.plan(start_conv)
+        size = input_size or entry.input_size
+        with torch.device("meta"):
+            model = entry.build(None, num_classes, in_channels)
+        modules = dict(model.named_modules())
+        positions: dict[str, int] = {}
+
+        def hook(name: str):
+            def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+                channels = out.shape[1] if isinstance(mod, nn.Conv2d) else mod.out_features
+                positions[name] = out.numel() // out.shape[0] // channels
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
+                   if isinstance(m, (nn.Conv2d, nn.Linear))]
+        model.eval()
+        with torch.no_grad():
+            model(torch.empty(1, in_channels, size, size, device="meta"))
+        for h in handles:
+            h.remove()
+        self.full_flops = 0
+        for n, m in modules.items():
+            if n in positions:
+                w = m.weight
+                self.full_flops += positions[n] * w.shape[0] * w[0].numel()
+        self.full_params = sum(p.numel() for p in model.parameters())
+        full_w = self.plan.full_widths()
+        # per planned module: (kind, out_slot, inputs, full out, per-channel cost terms, bias)
+        self._terms: list[tuple] = []
+        seen: dict[str, int] = {}
+        for spec in self.plan.modules:
+            m = modules.get(spec.path)
+            if m is None:
+                raise ValueError(f"plan of {cfg} names {spec.path}, which the model lacks")
+            if spec.kind == "bn":
+                term = ("bn", None, spec.inputs, 0, 0, 0)
+            else:
+                w = m.weight
+                groups = getattr(m, "groups", 1)
+                if groups != 1:
+                    raise ValueError(f"{spec.path}: grouped convolutions are not priced")
+                k = w[0, 0].numel() if w.dim() > 2 else 1
+                term = (spec.kind, spec.out_slot, spec.inputs, w.shape[0], w.shape[1], k,
+                        positions.get(spec.path, 0), m.bias is not None)
+            seen[spec.path] = len(self._terms)
+            self._terms.append(term)
+        self._full_widths = full_w
+        self._delta0 = self._raw(full_w)
+
+    @staticmethod
+    def _in(inputs: Sequence, widths: Sequence[int], full_in: int) -> int:
+        if not inputs:
+            return full_in
+        return sum((widths[s.slot] if s.slot is not None else s.n) * s.repeat for s in inputs)
+
+    def _raw(self, widths: Sequence[int]) -> tuple[int, int]:
+        flops = params = 0
+        for term in self._terms:
+            if term[0] == "bn":
+                params += 2 * self._in(term[2], widths, 0)
+                continue
+            _, out_slot, inputs, full_out, full_in, k, pos, bias = term
+            out = widths[out_slot] if out_slot is not None else full_out
+            cin = self._in(inputs, widths, full_in)
+            flops += pos * out * cin * k
+            params += out * cin * k + (out if bias else 0)
+        return flops, params
+
+    def cost(self, widths: Sequence[int]) -> tuple[int, int]:
+        """(MACs, params) of the network built at ``widths`` (one int per plan slot)."""
+        f, p = self._raw(widths)
+        return self.full_flops + f - self._delta0[0], self.full_params + p - self._delta0[1]
+
+
+@dataclass
+class RateSpace:
+    """Define-by-run rate space for one architecture, with costs and budget repair.
+
+    Call it with an Optuna trial to sample ``{"rates": [...]}``. Everything here is
+    plain data plus a lazily built :class:`CostModel`, so it pickles cheaply.
+    """
+
+    cfg: str
+    data_set: str = "cifar10"
+    low: float = 0.2
+    high: float = 1.0
+    step: float | None = 0.05
+    grouping: str = "per_unit"
+    round_to: int = 1
+    start_conv: int | None = None
+    sketch_lastconv: bool = True
+    num_classes: int | None = None
+    in_channels: int = 3
+    input_size: int | None = None
+    _cost: CostModel | None = field(default=None, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        entry = get_arch(self.cfg, self.data_set)
+        plan = entry.plan(self.start_conv)
+        self.num_units = plan.num_units
+        self.unit_names = list(plan.unit_names)
+        self.slot_n = [s.n for s in plan.slots]
+        self.units = [list(u) for u in plan.units]
+        if self.grouping == "per_stage":
+            self.groups = stage_groups(self.cfg, self.data_set, self.start_conv)
+        else:
+            self.groups = [[u] for u in range(self.num_units)]
+        width = 2 if len(self.groups) <= 100 else 3
+        prefix = "stage" if self.grouping == "per_stage" else "rate"
+        self.param_names = [f"{prefix}_{i:0{width}d}" for i in range(len(self.groups))]
+        if self.step is not None:
+            n = int(math.floor((self.high - self.low) / self.step + 1e-9))
+            self.grid = [round(self.low + i * self.step, 10) for i in range(n + 1)]
+        else:
+            self.grid = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cost"] = None
+        state["_cache"] = {}
+        return state
+
+    # ---------------------------------------------------------------- sampling
+
+    def __call__(self, trial: Any) -> dict:
+        values = [trial.suggest_float(name, self.low, self.high, step=self.step)
+                  for name in self.param_names]
+        return {"rates": self.expand(values)}
+
+    def expand(self, values: Sequence[float]) -> list[float]:
+        """Per-unit rates from one value per parameter (group)."""
+        rates = [0.0] * self.num_units
+        for v, g in zip(values, self.groups):
+            for u in g:
+                rates[u] = float(v)
+        return rates
+
+    def rates_from_params(self, params: dict) -> list[float]:
+        return self.expand([params[n] for n in self.param_names])
+
+    def params_from_rates(self, rates: Sequence[float]) -> dict[str, float] | None:
+        """Parameters that give ``rates``; None when the vector is not constant per group."""
+        if len(rates) != self.num_units:
+            return None
+        out = {}
+        for name, g in zip(self.param_names, self.groups):
+            vals = {float(rates[u]) for u in g}
+            if len(vals) != 1:
+                return None
+            out[name] = vals.pop()
+        return out
+
+    def in_space(self, rates: Sequence[float]) -> bool:
+        return all(self.low - 1e-9 <= r <= self.high + 1e-9 for r in rates) and (
+            self.grid is None or all(min(abs(r - g) for g in self.grid) < 1e-6 for r in rates))
+
+    def paper_points(self, texts: Sequence[str]) -> list[tuple[str, dict]]:
+        """``(text, params)`` for each rate string that the space can express."""
+        points = []
+        for text in texts:
+            rates = parse_rates(text, self.cfg, self.data_set, self.start_conv)
+            params = self.params_from_rates(rates)
+            if params is None:
+                raise UserError(f"space.paper_rates {text!r}: not one rate per stage, which "
+                                f"space.grouping per_stage needs")
+            if not self.in_space(rates):
+                raise UserError(f"space.paper_rates {text!r}: outside the space "
+                                f"[{self.low}, {self.high}] step {self.step}; widen the space or "
+                                f"drop the vector")
+            points.append((text, params))
+        return points
+
+    # ---------------------------------------------------------------- cost
+
+    @property
+    def cost_model(self) -> CostModel:
+        if self._cost is None:
+            self._cost = CostModel(self.cfg, self.data_set, self.num_classes, self.in_channels,
+                                   self.input_size, self.start_conv)
+        return self._cost
+
+    def widths(self, rates: Sequence[float]) -> list[int]:
+        widths = list(self.slot_n)
+        for u, (slots, rate) in enumerate(zip(self.units, rates)):
+            if not self.sketch_lastconv and u == self.num_units - 1:
+                continue
+            for s in slots:
+                widths[s] = kept_width(rate, self.slot_n[s], self.round_to)
+        return widths
+
+    def cost(self, rates: Sequence[float]) -> Cost:
+        widths = tuple(self.widths(rates))
+        hit = self._cache.get(widths)
+        if hit is None:
+            cm = self.cost_model
+            flops, params = cm.cost(widths)
+            hit = Cost(widths, flops, params, flops / cm.full_flops, params / cm.full_params)
+            if len(self._cache) < 100_000:
+                self._cache[widths] = hit
+        return hit
+
+    def _snap_down(self, r: float) -> float:
+        if self.grid is None:
+            return min(self.high, max(self.low, r))
+        below = [g for g in self.grid if g <= r + 1e-9]
+        return below[-1] if below else self.grid[0]
+
+    def repair(self, rates: Sequence[float], flops_budget: float) -> list[float] | None:
+        """The vector scaled down (uniformly, then snapped to the grid) onto the budget.
+
+        Returns the largest such vector whose FLOPs ratio is within ``flops_budget``, or
+        None when even the space's lowest rates are above it.
+        """
+        values = [rates[g[0]] for g in self.groups]
+        if self.cost(rates).flops_ratio <= flops_budget:
+            return list(rates)
+
+        def scaled(s: float) -> list[float]:
+            return self.expand([self._snap_down(v * s) for v in values])
+
+        if self.cost(scaled(0.0)).flops_ratio > flops_budget:
+            return None
+        lo, hi = 0.0, 1.0
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if self.cost(scaled(mid)).flops_ratio <= flops_budget:
+                lo = mid
+            else:
+                hi = mid
+        return scaled(lo)
+
+    def check_budget(self, flops_budget: float | None) -> None:
+        """UserError when no vector of the space meets ``flops_budget``."""
+        if flops_budget is None:
+            return
+        lowest = self.cost([self.low] * self.num_units)
+        if lowest.flops_ratio > flops_budget:
+            raise UserError(f"budget.flops_budget {flops_budget}: even every rate at space.low "
+                            f"{self.low} keeps {lowest.flops_ratio:.3f} of the FLOPs; lower "
+                            f"space.low or raise the budget")
