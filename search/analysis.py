@@ -55,7 +55,8 @@ _BASE_COLUMNS: dict[str, str] = {
     "flops_ratio": "float64", "params": "Int64", "params_ratio": "float64", "epochs": "Int64",
     "time_s": "float64", "node": "str", "error": "str", "started": "float64", "ended": "float64",
 }
-_TAIL_COLUMNS: dict[str, str] = {"test_acc": "float64", "pick": "str", "paper_rate": "str"}
+_TAIL_COLUMNS: dict[str, str] = {"test_acc": "float64", "pick": "str", "paper_rate": "str",
+                                 "val_acc_sketched": "float64", "stop_reason": "str", "optuna_number": "Int64"}
 _RATE_RE = re.compile(r"^rate_(\d+)$")
 _SKIP_DIRS = {"retrain", "analysis"}
 
@@ -248,7 +249,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
         if trial_id is None:
             return True
         config = last.get("config") if isinstance(last.get("config"), dict) else {}
-        rates = _rates_from(config.get("rates"))
+        rates = _rates_from(last.get("rates")) or _rates_from(config.get("rates"))
         if rates is None:
             keyed = sorted(((int(m.group(1)), v) for k, v in config.items()
                             if isinstance(k, str) and (m := re.match(r"^(?:rate|r)_?(\d+)$", k))))
@@ -261,6 +262,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
             "epochs": last.get("epoch", last.get("training_iteration")),
             "time_s": last.get("time_total_s"), "node": last.get("node", last.get("node_ip")),
             "error": None, "started": reports[0].get("timestamp"), "ended": None,
+            "val_acc_sketched": last.get("val_acc_sketched"), "paper_rates": config.get("paper_rates"),
         })
         return True
 
@@ -286,7 +288,7 @@ def _trial_records(folder: _Folder) -> list[dict]:
         rec = dict(rec)
         rec["trial_id"] = str(rec["trial_id"])
         rec["rates"] = _rates_from(rec.get("rates"))
-        records[rec["trial_id"]] = rec  # a trial recorded twice (resume): the last line wins
+        records.setdefault(rec["trial_id"], rec)  # a trial id recorded twice: the first line counts
     return list(records.values())
 
 
@@ -314,6 +316,10 @@ def _frame(records: list[dict], manifest: dict) -> pd.DataFrame:
         if ref > 0:
             missing = np.isnan(ratio) & ~np.isnan(data[what])
             ratio[missing] = data[what][missing] / ref
+    data["paper_rate"] = [r["paper_rates"] if isinstance(r.get("paper_rates"), str) else None for r in records]
+    data["val_acc_sketched"] = np.array([_num(r.get("val_acc_sketched")) for r in records], dtype=np.float64)
+    data["stop_reason"] = [_text(r.get("stop_reason")) for r in records]
+    data["optuna_number"] = np.array([_num(r.get("optuna_number")) for r in records], dtype=np.float64)
     df = pd.DataFrame(data)
     unknown = sorted(set(df["status"].dropna()) - set(STATUSES))
     if unknown:
@@ -418,8 +424,8 @@ def load_experiment(path: str | os.PathLike[str], *, include_running: bool = Tru
     exp = Experiment(path=folder.describe(), name=str(manifest.get("name") or posixpath.basename(folder.root)),
                      manifest=manifest, trials=pd.DataFrame(), retrains=load_retrains(folder))
     df = _frame(records, manifest)
-    for col in _TAIL_COLUMNS:
-        df[col] = pd.Series([None] * len(df), dtype="object") if col != "test_acc" else np.nan
+    df["test_acc"] = np.nan
+    df["pick"] = pd.Series([None] * len(df), dtype="object")
     _attach_retrains(df, exp.retrains)
     _mark_paper_rates(df, exp.paper_rates)
     exp.trials = _coerce(df)
@@ -465,7 +471,9 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     ``epochs``, ``time_s``, ``node``, ``error``, ``started``, ``ended`` (unix time),
     ``rate_00`` ... (one per unit), ``test_acc`` (retrained configuration, else NaN),
     ``pick`` (its retrain pick name), ``paper_rate`` (the paper's uniform vector this
-    trial equals, if any), and ``experiment`` when several folders are given.
+    trial ran, from the record or by equality with the manifest's ``paper_rates``),
+    ``val_acc_sketched`` (accuracy right after sketching, before fine-tuning),
+    ``stop_reason``, ``optuna_number``, and ``experiment`` when several folders are given.
     A half-written line of ``trials.jsonl`` is skipped with a :class:`ResultsWarning`.
     """
     return combine(load_experiments(paths, include_running=include_running))

@@ -57,6 +57,8 @@ def write_experiment(folder: Path, n_trials: int = 60, n_units: int = 9, seed: i
             "error": "RuntimeError: CUDA out of memory" if s == "failed" else None,
             "started": t0 + i * 10.0, "ended": t0 + i * 10.0 + 9.5,
         }
+        if i == 1:
+            rec["paper_rates"] = f"[0.4]*{n_units}"  # the searcher labels the vectors it enqueued
         records.append(rec)
     if manifest:
         man = {

@@ -88,8 +88,10 @@ def test_retrain_and_paper_rates_are_attached(df, exp_dir):
     assert list(with_test["trial_id"]) == [best["trial_id"]]
     assert with_test["test_acc"].iloc[0] == 0.9211 and with_test["pick"].iloc[0] == "best"
     paper = df[df["paper_rate"].notna()]
-    assert list(paper["trial_id"]) == [exp_dir[1]["records"][0]["trial_id"]]
-    assert paper["paper_rate"].iloc[0] == f"[0.6]*{N_UNITS}"
+    records = exp_dir[1]["records"]
+    assert list(paper["trial_id"]) == [records[0]["trial_id"], records[1]["trial_id"]]
+    # the first matched the manifest's paper_rates, the second carried its label in the record
+    assert list(paper["paper_rate"]) == [f"[0.6]*{N_UNITS}", f"[0.4]*{N_UNITS}"]
 
 
 def test_ratios_filled_from_the_baseline_when_missing(tmp_path):
