@@ -57,6 +57,7 @@ _BASE_COLUMNS: dict[str, str] = {
 }
 _TAIL_COLUMNS: dict[str, str] = {"test_acc": "float64", "pick": "str", "paper_rate": "str",
                                  "val_acc_sketched": "float64", "stop_reason": "str", "optuna_number": "Int64"}
+_ATTR_KEYS = ("name", "cfg", "data_set", "family", "num_units", "unit_names", "baseline", "paper_rates")
 _RATE_RE = re.compile(r"^rate_(\d+)$")
 _SKIP_DIRS = {"retrain", "analysis"}
 
@@ -429,6 +430,9 @@ def load_experiment(path: str | os.PathLike[str], *, include_running: bool = Tru
     _attach_retrains(df, exp.retrains)
     _mark_paper_rates(df, exp.paper_rates)
     exp.trials = _coerce(df)
+    # for notebooks: functions given only the frame still find unit names and the baseline
+    exp.trials.attrs["manifest"] = {k: manifest[k] for k in _ATTR_KEYS if k in manifest}
+    exp.trials.attrs["manifest"].setdefault("name", exp.name)
     return exp
 
 
@@ -657,7 +661,7 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None)
     that can be sketched hard (its FLOPs are better spent elsewhere).
 
     Columns: ``rate`` (column name), ``unit`` (index), ``unit_name`` (from the manifest,
-    when given), ``partial_spearman``, ``p_value`` (two-sided t-test with n - 3 degrees
+    when given or in ``df.attrs`` as :func:`load_results` leaves them), ``partial_spearman``, ``p_value`` (two-sided t-test with n - 3 degrees
     of freedom), ``n`` (trials used), ``mean_rate`` (all completed trials) and
     ``front_mean_rate`` (trials on the Pareto front). Needs at least 5 trials, else NaN.
     """
@@ -665,7 +669,7 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None)
     done = _completed(df, "flops_ratio")
     done = done[done[rcols].notna().all(axis=1)] if rcols else done
     n = len(done)
-    names = list(unit_names or [])
+    names = list(unit_names or (df.attrs.get("manifest") or {}).get("unit_names") or [])
     rho = np.full(len(rcols), np.nan)
     pval = np.full(len(rcols), np.nan)
     if n >= 5 and rcols:

@@ -51,8 +51,10 @@ def _as_experiments(results: Results) -> list[Experiment]:
             out += [Experiment(path="", name=str(k), manifest={}, trials=g)
                     for k, g in item.groupby("experiment", sort=False)]
         else:
-            name = str(item["experiment"].iloc[0]) if "experiment" in item.columns and len(item) else "search"
-            out.append(Experiment(path="", name=name, manifest={}, trials=item))
+            manifest = dict(item.attrs.get("manifest") or {})  # load_results leaves it there
+            name = str(item["experiment"].iloc[0]) if "experiment" in item.columns and len(item) \
+                else str(manifest.get("name") or "search")
+            out.append(Experiment(path="", name=name, manifest=manifest, trials=item))
     return out
 
 

@@ -210,6 +210,8 @@ def test_layer_sensitivity_finds_the_sensitive_layer(tmp_path):
     others = table.drop(index=3)
     assert (others["partial_spearman"] < 0.2).all()
     assert (table["n"] == 200).all()
+    # the unit names come from the manifest that load_results leaves in df.attrs
+    assert list(A.layer_sensitivity(df)["unit_name"][:4]) == ["layer1.0", "layer1.1", "layer1.2", "layer2.0"]
 
 
 def test_budget_and_top_trials(df):
@@ -289,8 +291,12 @@ def test_plots_are_sensible_pngs_and_svgs(df, exp_dir, tmp_path):
         svg = (tmp_path / f"{stem}.svg").read_text()
         assert svg.lstrip().startswith("<?xml") and "</svg>" in svg
     tradeoff = (tmp_path / "tradeoff.svg").read_text()
-    for label in ("validation accuracy (%)", "MACs", "Pareto front", f"[0.6]*{N_UNITS}", "retrained"):
+    for label in ("validation accuracy (%)", "MACs (millions)", "Pareto front", f"[0.6]*{N_UNITS}", "retrained",
+                  "unpruned baseline"):
         assert label in tradeoff, label
+    # a bare DataFrame from load_results plots the same (its manifest travels in df.attrs)
+    plots.save_figure(plots.plot_tradeoff(df[df["status"] != "failed"]), tmp_path, "from_df", ["svg"])
+    assert "unpruned baseline" in (tmp_path / "from_df.svg").read_text()
 
 
 # ---------------------------------------------------------------- the command line
