@@ -199,7 +199,7 @@ def test_narrow_model_runs_forward_on_real_tensors(cfg):
     assert all(p.grad is not None for p in model.parameters())
 
 
-def _index(spec, kept: dict[int, torch.Tensor], full_n: int | None = None) -> torch.Tensor:
+def _index(spec, kept: dict[int, torch.Tensor]) -> torch.Tensor:
     """Indices of the kept input channels (features) of ``spec`` in the full model."""
     parts, base = [], 0
     for seg in spec.inputs:
