@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import launch
-from analysis_synthetic import BASE_FLOPS, write_experiment
-from search import analysis as A
-from sketch_core.rates import parse_rates
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside this file, however pytest imports
+
+import launch  # noqa: E402
+from analysis_synthetic import BASE_FLOPS, write_experiment  # noqa: E402
+from search import analysis as A  # noqa: E402
+from sketch_core.rates import parse_rates  # noqa: E402
 
 N_UNITS = 9
 
