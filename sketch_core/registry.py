@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib
 import re
 from dataclasses import dataclass
-from typing import Callable
-
 from torch import nn
 
 from .errors import UserError
@@ -73,8 +71,9 @@ class ArchEntry:
         return self._mod.plan(self.cfg, start_conv=1 if start_conv is None else start_conv)
 
     @property
-    def builder(self) -> Callable[..., nn.Module]:
-        return self.build
+    def unit_groups(self) -> tuple[int, ...] | None:
+        """Group sizes when a shorter vector (one rate per group of units) is accepted."""
+        return getattr(self._mod, "UNIT_GROUPS", None)
 
 
 def family_of(data_set: str) -> str:

@@ -1,0 +1,228 @@
+"""Checkpoints: the original FilterSketch files, torchvision's files, sketchtune's own.
+
+Every file is read with ``torch.load(..., weights_only=True)``: a pickle that would run
+code is refused, never executed. sketchtune's format is a plain dict: the model's
+description (family, cfg, num_classes, in_channels, rates, widths) plus a state_dict of
+plain tensors and metrics; no pickled modules. Widths of a pruned original-format file
+follow from its tensor shapes. Saving is atomic: a temporary file, then a rename.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .registry import get_arch, family_of
+
+__all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "atomic_save",
+           "FORMAT"]
+
+FORMAT = "sketchtune"
+VERSION = 1
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """torch.load with weights_only=True and one clear error for every way a file is bad."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"checkpoint {p} does not exist")
+    if not p.is_file():
+        raise UserError(f"checkpoint {p} is not a file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            raise UserError(f"checkpoint {p} holds Python objects that would run code when loaded "
+                            f"(refused; expected plain tensors and a state_dict)") from None
+        raise UserError(f"{p} is not a checkpoint ({first or 'unreadable pickle'})") from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{p} is truncated or not a checkpoint ({first})") from None
+
+
+def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _state_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state_dict (expected a dict of tensors, or a dict with "
+                        f"'state_dict')")
+    return _strip_prefix(dict(obj))
+
+
+def _check_match(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise UserError(f"checkpoint does not match {what}: key {k} (shape {tuple(v.shape)}) is "
+                            f"missing from the file")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise UserError(f"checkpoint does not match {what}: {k} has shape "
+                            f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UserError(f"checkpoint does not match {what}: unexpected key {extra[0]} in the file")
+
+
+def _classifier(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _first_conv(model: nn.Module) -> str:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][0]
+
+
+def _torchvision_fixups(state: dict[str, torch.Tensor], entry) -> tuple[dict[str, torch.Tensor], dict]:
+    """Released torchvision files: DenseNet's legacy keys, GoogLeNet's aux heads."""
+    notes: dict[str, Any] = {}
+    if entry.family != "imagenet":
+        return state, notes
+    if entry.arch == "densenet" and any(".norm.1" in k or ".conv.1" in k for k in state):
+        from .models.imagenet_densenet import remap_legacy_keys
+
+        state = remap_legacy_keys(state)
+        notes["legacy_keys"] = True
+    if entry.arch == "googlenet" and any(k.startswith(("aux1.", "aux2.")) for k in state):
+        state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+        notes["transform_input"] = True
+    return state, notes
+
+
+def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: str = "cifar10",
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    transform_input: bool | None = None) -> LoadedModel:
+    """Build the model a checkpoint describes and load it strictly.
+
+    sketchtune files describe themselves; original-project and torchvision files need
+    ``cfg`` (and ``data_set`` for the family); their widths come from tensor shapes.
+    """
+    p = Path(path)
+    obj = read_checkpoint(p)
+    meta: dict[str, Any] = {"path": str(p)}
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        fam, file_cfg = obj["family"], obj["cfg"]
+        if cfg is not None and cfg != file_cfg:
+            raise UserError(f"{p} holds a {fam} {file_cfg}, not a {cfg}")
+        if cfg is not None and family_of(data_set) != fam:
+            raise UserError(f"{p} holds a {fam}-family {file_cfg}; data set {data_set} uses the "
+                            f"{family_of(data_set)} family")
+        entry = get_arch(file_cfg, fam)
+        state = obj["state_dict"]
+        widths = list(obj.get("widths") or entry.plan().full_widths())
+        ncls, inch = int(obj["num_classes"]), int(obj.get("in_channels", 3))
+        if num_classes is not None and num_classes != ncls:
+            raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
+        meta.update({k: obj.get(k) for k in ("rates", "metrics", "extra", "sketch_options")})
+        meta["format"] = FORMAT
+        tin = obj.get("transform_input")
+    else:
+        if cfg is None:
+            raise UserError(f"{p} is not a sketchtune checkpoint; say which model it holds with --cfg")
+        entry = get_arch(cfg, data_set)
+        state = _state_of(obj, p)
+        state, notes = _torchvision_fixups(state, entry)
+        meta.update(notes)
+        meta["format"] = "state_dict"
+        plan = entry.plan()
+        widths = []
+        for s in plan.slots:
+            key = s.producer + ".weight"
+            if key not in state:
+                raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {key} is missing "
+                                f"from the file")
+            widths.append(int(state[key].shape[0]))
+        with torch.device("meta"):
+            probe = entry.build(widths, 10, 3)
+        cls_key, conv_key = _classifier(probe) + ".weight", _first_conv(probe) + ".weight"
+        if cls_key not in state or conv_key not in state:
+            missing = cls_key if cls_key not in state else conv_key
+            raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {missing} is "
+                            f"missing from the file")
+        ncls, inch = int(state[cls_key].shape[0]), int(state[conv_key].shape[1])
+        if num_classes is not None and num_classes != ncls:
+            raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
+        tin = notes.get("transform_input")
+        rates = []
+        for slots in plan.units:
+            s = slots[0]
+            rates.append(round(widths[s] / plan.slots[s].n, 6))
+        meta["rates"] = rates
+    if in_channels is not None and in_channels != inch:
+        raise UserError(f"{p} takes {inch} input channels; the data set has {in_channels}")
+    model = entry.build(widths, ncls, inch)
+    if transform_input is not None:
+        tin = transform_input
+    if tin and hasattr(model, "transform_input"):
+        model.transform_input = True
+    what = f"{entry.family} {entry.cfg}"
+    _check_match(model, state, what)
+    model.load_state_dict(state, strict=True)
+    meta.update({"family": entry.family, "cfg": entry.cfg, "arch": entry.arch, "num_classes": ncls,
+                 "in_channels": inch, "widths": widths,
+                 "pruned": widths != entry.plan().full_widths()})
+    return LoadedModel(model, meta)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: str, data_set: str = "cifar10",
+                    num_classes: int | None = None, in_channels: int | None = None,
+                    rates: list[float] | None = None, widths: list[int] | None = None,
+                    metrics: dict | None = None, extra: dict | None = None,
+                    sketch_options: dict | None = None) -> None:
+    """Write a sketchtune checkpoint atomically (description + plain tensors)."""
+    entry = get_arch(cfg, data_set)
+    if widths is None:
+        widths = getattr(model, "sketch_widths", None) or [
+            int(model.state_dict()[s.producer + ".weight"].shape[0]) for s in entry.plan().slots]
+    from .prune import model_io
+
+    inch, ncls = model_io(model)
+    obj = {
+        "format": FORMAT, "version": VERSION, "family": entry.family, "cfg": entry.cfg,
+        "arch": entry.arch, "num_classes": int(num_classes or ncls), "in_channels": int(in_channels or inch),
+        "rates": [float(r) for r in rates] if rates is not None else None,
+        "widths": [int(w) for w in widths],
+        "transform_input": bool(getattr(model, "transform_input", False)),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        "metrics": metrics or {}, "extra": extra or {}, "sketch_options": sketch_options or {},
+    }
+    atomic_save(obj, path)

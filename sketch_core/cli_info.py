@@ -1,0 +1,109 @@
+"""``launch.py info``: what a rate vector costs (unit count, FLOPs as MACs, params)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .checkpoint import load_checkpoint
+from .errors import UserError
+from .flops import count_arch, count_flops, input_shape
+from .rates import parse_rates, rates_to_widths
+from .registry import get_arch
+
+__all__ = ["add_arguments", "run", "info"]
+
+ARCHES = ("vgg", "resnet", "googlenet", "densenet")
+
+
+def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
+    p.add_argument("--arch", default=None, help=f"model family member: {', '.join(ARCHES)}")
+    p.add_argument("--cfg", default=None, help="architecture, e.g. resnet56, vgg16, resnet50")
+    p.add_argument("--data_set", default="cifar10",
+                   help="selects the model family: imagenet/folder -> ImageNet models, else CIFAR")
+    p.add_argument("--sketch_rate", default=None, help="rate vector, e.g. '[0.6]*27'")
+    p.add_argument("--sketch_model", default=None, help="a checkpoint to describe (loaded strictly)")
+    p.add_argument("--start_conv", type=int, default=None, help="VGG only: first conv with a rate")
+    p.add_argument("--sketch_lastconv", default="True", help="sketch the last unit (True/False)")
+    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--in_channels", type=int, default=3)
+    p.add_argument("--input_size", type=int, default=None, help="input height/width (default: 32 or 224)")
+    p.add_argument("--round_to", type=int, default=1, help="round kept widths up to a multiple")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _bool(text: str, name: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise UserError(f"{name} takes True or False, got {text!r}")
+
+
+def info(cfg: str | None, data_set: str = "cifar10", sketch_rate: str | None = None,
+         sketch_model: str | None = None, arch: str | None = None, start_conv: int | None = None,
+         sketch_lastconv: bool = True, num_classes: int | None = None, in_channels: int = 3,
+         input_size: int | None = None, round_to: int = 1) -> dict:
+    if arch is not None and arch not in ARCHES:
+        raise UserError(f"unknown --arch {arch!r}; valid: {', '.join(ARCHES)}")
+    out: dict = {}
+    loaded = None
+    if sketch_model:
+        loaded = load_checkpoint(sketch_model, cfg, data_set, num_classes=num_classes)
+        cfg = loaded.meta["cfg"]
+        data_set = loaded.meta["family"]
+        num_classes, in_channels = loaded.meta["num_classes"], loaded.meta["in_channels"]
+        out["checkpoint"] = {"path": sketch_model, "loaded": "strict", "format": loaded.meta["format"],
+                             "pruned": loaded.meta["pruned"]}
+    if cfg is None:
+        raise UserError("--cfg is required (e.g. --cfg resnet56), or give --sketch_model")
+    entry = get_arch(cfg, data_set, arch)
+    plan = entry.plan(start_conv)
+    size = input_size or entry.input_size
+    base_flops, base_params = count_arch(cfg, entry.family, None, num_classes, in_channels, size)
+    out.update({"cfg": cfg, "arch": entry.arch, "family": entry.family, "num_rates": plan.num_units,
+                "input": list(input_shape(entry.family, in_channels, size)),
+                "base_flops": base_flops, "base_params": base_params, "flops_unit": "MACs"})
+    rates = widths = None
+    if sketch_rate is not None:
+        rates = parse_rates(sketch_rate, cfg, entry.family, start_conv)
+        widths = rates_to_widths(cfg, rates, entry.family, start_conv, sketch_lastconv, round_to)
+        flops, params = count_arch(cfg, entry.family, widths, num_classes, in_channels, size)
+    elif loaded is not None:
+        rates, widths = loaded.meta.get("rates"), loaded.meta["widths"]
+        flops, params = count_flops(loaded.model, input_shape(entry.family, in_channels, size))
+    else:
+        flops, params = base_flops, base_params
+    out.update({"rates": rates, "widths": widths, "flops": flops, "params": params,
+                "flops_ratio": flops / base_flops, "params_ratio": params / base_params,
+                "flops_reduction_pct": 100 * (1 - flops / base_flops),
+                "params_reduction_pct": 100 * (1 - params / base_params)})
+    return out
+
+
+def _human(x: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(int(x))
+
+
+def run(args: argparse.Namespace) -> int:
+    res = info(args.cfg, args.data_set, args.sketch_rate, args.sketch_model, args.arch, args.start_conv,
+               _bool(args.sketch_lastconv, "--sketch_lastconv"), args.num_classes, args.in_channels,
+               args.input_size, args.round_to)
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    if "checkpoint" in res:
+        c = res["checkpoint"]
+        print(f"loaded {c['path']} ({c['format']}, strict){' - pruned' if c['pruned'] else ''}")
+    print(f"{res['family']} {res['cfg']}: {res['num_rates']} sketch rates, input "
+          f"{'x'.join(map(str, res['input']))}")
+    print(f"{'':10}{'FLOPs (MACs)':>14}{'params':>12}")
+    print(f"{'unpruned':10}{_human(res['base_flops']):>14}{_human(res['base_params']):>12}")
+    if res["rates"] is not None:
+        print(f"{'sketched':10}{_human(res['flops']):>14}{_human(res['params']):>12}")
+        print(f"{'reduction':10}{res['flops_reduction_pct']:>13.2f}%{res['params_reduction_pct']:>11.2f}%")
+    return 0

@@ -1,0 +1,71 @@
+"""FLOPs (multiply-accumulates of conv and linear layers) and parameter counts.
+
+Convention: ``flops`` everywhere in sketchtune means MACs of Conv2d and Linear layers
+at the data set's input size; params are all learnable parameters. Counting runs the
+model on the ``meta`` device: shapes only, no memory, no arithmetic, so ResNet-152
+counts in milliseconds. ``torch.utils.flop_counter.FlopCounterMode`` counts 2 FLOPs
+per MAC: halve it to cross-check.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["count_flops", "count_arch", "input_shape"]
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    if all(p.device.type == "meta" for p in model.parameters()):
+        return model
+    clone = copy.deepcopy(model, memo={id(t): torch.empty_like(t, device="meta")
+                                       for t in list(model.parameters()) + list(model.buffers())})
+    return clone
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
+    """(MACs, params) of ``model`` for one input of shape ``input_size`` = (C, H, W)."""
+    params = sum(p.numel() for p in model.parameters())
+    meta = _on_meta(model)
+    macs = 0
+
+    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal macs
+        if isinstance(mod, nn.Conv2d):
+            per_out = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+            macs += out.numel() // out.shape[0] * per_out
+        elif isinstance(mod, nn.Linear):
+            macs += out.numel() // out.shape[0] * mod.in_features
+
+    handles = [m.register_forward_hook(hook) for m in meta.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = meta.training
+    try:
+        meta.eval()
+        with torch.no_grad():
+            meta(torch.empty(1, *input_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+        meta.train(was_training)
+    return int(macs), int(params)
+
+
+def input_shape(family: str, in_channels: int = 3, input_size: int | None = None) -> tuple[int, int, int]:
+    size = input_size or (224 if family == "imagenet" else 32)
+    return (in_channels, size, size)
+
+
+def count_arch(cfg: str, data_set: str = "cifar10", widths: list[int] | None = None,
+               num_classes: int | None = None, in_channels: int = 3,
+               input_size: int | None = None) -> tuple[int, int]:
+    """(MACs, params) of an architecture at some widths, built on the meta device."""
+    from .registry import get_arch
+
+    entry = get_arch(cfg, data_set)
+    with torch.device("meta"):
+        model = entry.build(widths, num_classes, in_channels)
+    return count_flops(model, input_shape(entry.family, in_channels, input_size or entry.input_size))
