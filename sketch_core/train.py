@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import atomic_save, read_checkpoint
 from .errors import UserError
 
 __all__ = ["fit", "evaluate", "FitResult", "TrainingInterrupted", "TrainingDiverged",
-           "save_state", "load_state", "resolve_device", "atomic_write_bytes", "STATE_FORMAT"]
+           "save_state", "load_state", "resolve_device", "atomic_write_text", "STATE_FORMAT"]
 
 log = logging.getLogger("sketchtune")
 STATE_FORMAT = "sketchtune-train-state-v1"
@@ -84,16 +85,14 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, then rename it over ``path``."""
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -102,19 +101,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Save a training state atomically."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save(state, path)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training state written by :func:`fit`; a UserError if it is not one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"training state {path} does not exist") from None
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable training state: {exc}") from None
+    state = read_checkpoint(path)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"{path} is not a sketchtune training state (expected one written by "
                         f"a sketch/pretrain run, e.g. JOB_DIR/checkpoint/train_state.pt)")
@@ -181,7 +173,7 @@ def _write_metrics(job_dir: Path, history: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(history)
-    atomic_write_bytes(job_dir / "metrics.csv", buf.getvalue().encode())
+    atomic_write_text(job_dir / "metrics.csv", buf.getvalue())
 
 
 def _tensorboard(job_dir: Path | None):
