@@ -189,6 +189,17 @@ class SketchSearch(OptunaSearch):
 
     # ------------------------------------------------------------------ resume
 
+    def restore(self, checkpoint_path: str) -> None:
+        """Tune's restore of the pickled searcher, then :meth:`reconcile` with the study.
+
+        The pickle is from Tune's last experiment snapshot, as are the trials Tune will
+        continue: those suggested but not completed at that time.
+        """
+        super().restore(checkpoint_path)
+        resumable = set(self._ot_trials) - set(self._completed_trials)
+        summary = self.reconcile(resumable)
+        log.info("study reconciled with the restored experiment: %s", summary)
+
     def reconcile(self, resumable: set[str]) -> dict[str, int]:
         """Square the study with a restored Tune experiment.
 

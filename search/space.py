@@ -204,7 +204,7 @@ class RateSpace:
     # ---------------------------------------------------------------- sampling
 
     def __call__(self, trial: Any) -> dict:
-        values = [trial.suggest_float(name, self.low, self.high, step=self.step)
+        values = [round(trial.suggest_float(name, self.low, self.high, step=self.step), 10)
                   for name in self.param_names]
         return {"rates": self.expand(values)}
 

@@ -1,0 +1,186 @@
+"""The unpruned baseline a search sketches: loaded from ``model.pretrained`` or pretrained.
+
+With ``model.pretrained`` the checkpoint must match the config (architecture, classes,
+input channels, unpruned widths). Without one, small data sets (digits, synthetic) get
+a baseline trained with ``model.pretrain`` and cached under a hash of that recipe, so
+the next search with the same recipe starts at once. Either way the experiment folder
+receives ``baseline.pt`` (sketchtune format) and the manifest its FLOPs, parameters
+and validation/test accuracy. Runs in the driver; no Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from search.config import SearchConfig, recipe_hash
+from sketch_core.errors import UserError
+
+__all__ = ["Baseline", "prepare_baseline", "cache_dir", "load_search_data", "load_baseline_file",
+           "set_cpu_threads"]
+
+log = logging.getLogger("sketchtune.search")
+PRETRAINABLE = ("digits", "synthetic")
+
+
+@dataclass
+class Baseline:
+    state: dict[str, torch.Tensor]
+    num_classes: int
+    in_channels: int
+    input_size: int
+    flops: int
+    params: int
+    val_acc: float | None
+    test_acc: float | None
+    source: str
+    pretrain_s: float = 0.0
+    transform_input: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {"flops": self.flops, "params": self.params, "val_acc": self.val_acc,
+                "test_acc": self.test_acc, "source": self.source,
+                "num_classes": self.num_classes, "in_channels": self.in_channels,
+                "input_size": self.input_size}
+
+
+def cache_dir(config: SearchConfig) -> Path:
+    if config.model.pretrain.cache_dir:
+        return Path(config.model.pretrain.cache_dir).expanduser()
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "sketchtune" / "baselines"
+
+
+def load_search_data(config: SearchConfig, batch_size: int | None = None, device: str = "cpu"):
+    """The data set with the search's validation split (same fraction and seed everywhere)."""
+    from sketch_core.data import load_data
+
+    m, t = config.model, config.trial
+    return load_data(m.data_set, m.data_path, batch_size=batch_size or t.batch_size,
+                     eval_batch_size=t.eval_batch_size, val_fraction=t.val_fraction,
+                     seed=t.seed, device=device, download=m.download,
+                     input_size=m.input_size, synthetic=m.synthetic)
+
+
+def set_cpu_threads(config: SearchConfig, data: Any) -> None:
+    """CPU threads for the driver's own training (pretrain, retrain).
+
+    ``trial.threads`` when set; otherwise one thread for tiny inputs (digits' 8x8), where
+    measured: one thread ran an epoch 2.7x faster than two on a 2-core machine, since
+    the per-op work is too small to split. Larger inputs keep torch's default.
+    """
+    if config.trial.threads:
+        torch.set_num_threads(config.trial.threads)
+    elif data.input_size <= 16:
+        torch.set_num_threads(1)
+
+
+def _evaluate(model: torch.nn.Module, data: Any) -> tuple[float | None, float | None]:
+    from sketch_core.train import evaluate
+
+    if data.family == "imagenet":  # too slow for the driver on a CPU: the trials measure it
+        return None, None
+    val = evaluate(model, data.val, "cpu")["acc"] if data.val is not None else None
+    return val, evaluate(model, data.test, "cpu")["acc"]
+
+
+def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classes: int,
+                       in_channels: int) -> Any:
+    """Load a checkpoint and check that it is the config's unpruned architecture."""
+    from sketch_core.checkpoint import load_checkpoint
+    from sketch_core.registry import get_arch
+
+    m = config.model
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"model.pretrained {path}: no such file")
+    loaded = load_checkpoint(str(Path(path).expanduser()), cfg=m.cfg, data_set=m.data_set,
+                             num_classes=num_classes, in_channels=in_channels)
+    plan = get_arch(m.cfg, m.data_set).plan(config.sketch.start_conv)
+    state = loaded.model.state_dict()
+    for slot in plan.slots:
+        w = state.get(slot.producer + ".weight")
+        if w is None or w.shape[0] != slot.n:
+            have = "missing" if w is None else f"{w.shape[0]} filters"
+            raise UserError(f"model.pretrained {path} does not match the config: {slot.producer} "
+                            f"is {have}, an unpruned {m.cfg} has {slot.n}; the search needs the "
+                            f"unpruned baseline")
+    return loaded
+
+
+def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -> None:
+    from sketch_core.checkpoint import save_checkpoint
+    from sketch_core.registry import get_arch
+    from sketch_core.train import fit
+
+    m, p = config.model, config.model.pretrain
+    model = get_arch(m.cfg, m.data_set).build(None, num_classes, data.in_channels)
+    print(f"[pretrain] no baseline for {m.cfg} on {m.data_set} with this recipe yet: training "
+          f"one ({p.epochs} epochs, lr {p.lr}); cached as {target}", flush=True)
+    result = fit(model, data, epochs=p.epochs, lr=p.lr, lr_decay_step=p.lr_decay_step,
+                 weight_decay=p.weight_decay, seed=p.seed, device="cpu",
+                 progress=sys.stderr.isatty())
+    model.load_state_dict(result.best_state)  # best epoch on the validation split
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(str(target), model, cfg=m.cfg, data_set=m.data_set, num_classes=num_classes,
+                    in_channels=data.in_channels,
+                    metrics={"val_acc": result.best_val_acc, "epochs": p.epochs},
+                    extra={"recipe_hash": recipe_hash(config)})
+
+
+def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
+    """Load or pretrain the baseline, measure it, and write ``exp_dir/baseline.pt``."""
+    from sketch_core.checkpoint import save_checkpoint
+    from sketch_core.flops import count_flops
+
+    m = config.model
+    t0 = time.time()
+    data = load_search_data(config, batch_size=m.pretrain.batch_size)
+    set_cpu_threads(config, data)
+    num_classes = m.num_classes or data.num_classes
+    if m.pretrained:
+        source = str(Path(m.pretrained).expanduser().resolve())
+        loaded = load_baseline_file(source, config, num_classes, data.in_channels)
+        pretrain_s = 0.0
+    else:
+        if m.data_set not in PRETRAINABLE:
+            raise UserError(f"model.pretrained is empty: give the checkpoint of a trained "
+                            f"{m.cfg} on {m.data_set} (or train one with `launch.py pretrain`); "
+                            f"only {', '.join(PRETRAINABLE)} baselines are pretrained on the fly")
+        target = cache_dir(config) / f"{m.cfg}-{m.data_set}-{recipe_hash(config)}.pt"
+        if not target.is_file():
+            _pretrain(config, data, num_classes, target)
+        else:
+            print(f"[pretrain] cached baseline {target}", flush=True)
+        source = str(target)
+        loaded = load_baseline_file(target, config, num_classes, data.in_channels)
+        pretrain_s = time.time() - t0
+    model = loaded.model.cpu().eval()
+    flops, params = count_flops(model, data.shape)
+    val_acc, test_acc = _evaluate(model, data)
+    if test_acc is None:
+        metrics = (loaded.meta or {}).get("metrics") or {}
+        val_acc, test_acc = metrics.get("val_acc"), metrics.get("test_acc")
+    if exp_dir is not None:
+        save_checkpoint(str(exp_dir / "baseline.pt"), model, cfg=m.cfg, data_set=m.data_set,
+                        num_classes=num_classes, in_channels=data.in_channels,
+                        metrics={"val_acc": val_acc, "test_acc": test_acc},
+                        extra={"source": source})
+    return Baseline(state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                    num_classes=num_classes, in_channels=data.in_channels,
+                    input_size=data.input_size, flops=flops, params=params, val_acc=val_acc,
+                    test_acc=test_acc, source=source, pretrain_s=pretrain_s,
+                    transform_input=bool(getattr(model, "transform_input", False)))
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    tmp = Path(str(dst) + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

@@ -1,0 +1,251 @@
+"""The final run: pick a configuration of a search and retrain it on the full schedule.
+
+:func:`retrain_experiment` reads the experiment folder (config.yaml, manifest.json,
+trials.jsonl, baseline.pt), picks a trial (:mod:`search.picks`: ``knee``, ``best``,
+``flops<=F``, ``trial=ID``), sketches the baseline at the trial's exact widths with
+the search's sketch options, recalibrates BN and fine-tunes with ``retrain``'s
+schedule (the original's 150 epochs with decay at 50 and 100 for CIFAR), keeping the
+best epoch on the validation split. It writes ``retrain/<pick>/``: ``model.pt`` (a
+sketchtune checkpoint that ``sketch --test_only --refine`` and ``info
+--sketch_model`` read), ``metrics.csv`` (one row per epoch), ``train_state.pt`` (an
+interrupted retrain continues from it) and ``result.json`` (test accuracy, FLOPs,
+params and their reductions). ``workers > 1`` trains data-parallel through Ray
+Train's TorchTrainer (:mod:`search.distributed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from search.config import SearchConfig, config_from_dict
+from search.picks import Pick, parse_pick, select_record
+from search.records import read_records
+from sketch_core.errors import UserError
+
+__all__ = ["retrain_experiment", "load_experiment_config"]
+
+STATE_FILE = "train_state.pt"
+
+
+def load_experiment_config(exp_dir: Path) -> SearchConfig:
+    path = exp_dir / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{exp_dir} holds no experiment (no config.yaml); expected the folder "
+                        f"a `launch.py search` wrote") from None
+    return config_from_dict(data, source=str(path))
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest: dict,
+            epochs: int, quiet: bool) -> dict[str, Any]:
+    """Retrain in this process on its best device; resumes from job/train_state.pt."""
+    import torch
+
+    from search.baseline import load_baseline_file, load_search_data, set_cpu_threads
+    from sketch_core.bn import recalibrate_bn
+    from sketch_core.checkpoint import save_checkpoint
+    from sketch_core.flops import count_flops
+    from sketch_core.prune import sketch
+    from sketch_core.registry import get_arch
+    from sketch_core.train import evaluate, fit, load_state, resolve_device
+
+    m, s, rt = config.model, config.sketch, config.retrain
+    b = manifest["baseline"]
+    device = resolve_device(None)
+    data = load_search_data(config, batch_size=rt.batch_size, device=str(device))
+    if device.type == "cpu":
+        set_cpu_threads(config, data)
+    rates = [float(r) for r in rec["rates"]]
+    widths = rec.get("widths")
+    state_path = job / STATE_FILE
+    start_state = None
+    if state_path.is_file():
+        start_state = load_state(state_path)
+        same = [round(r, 6) for r in start_state["meta"].get("rates", [])] == \
+            [round(r, 6) for r in rates] and start_state.get("epochs") == epochs
+        if not same:
+            start_state = None
+    if start_state is not None:
+        widths = start_state["meta"]["widths"]
+        model = get_arch(m.cfg, m.data_set).build(widths, b["num_classes"], b["in_channels"])
+        _say(quiet, f"[retrain] continuing from {state_path} (epoch {start_state['epoch']})")
+        after = start_state["meta"].get("val_acc_sketched")
+    else:
+        full = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
+                                  b["in_channels"]).model.to(device)
+        calib = data.calibration_batches(max(1, config.trial.bn_batches))
+        model = sketch(full, m.cfg, rates, m.data_set, mode=s.mode,
+                       weight_norm_method=s.weight_norm_method, filter_norm=s.filter_norm,
+                       sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
+                       start_conv=s.start_conv, random_rule=s.random_rule,
+                       round_to=config.space.round_to, seed=config.trial.seed, batches=calib,
+                       widths=list(widths) if widths else None)
+        widths = list(model.sketch_widths)
+        recalibrate_bn(model, calib, device)
+        after = evaluate(model, data.val, device)["acc"] if data.val is not None else None
+        del full
+    flops, params = count_flops(model, data.shape)
+    meta = {"rates": rates, "widths": list(widths), "val_acc_sketched": after}
+    result = fit(model, data, epochs=epochs, lr=rt.lr, momentum=rt.momentum,
+                 weight_decay=rt.weight_decay, lr_decay_step=rt.lr_decay_step,
+                 label_smoothing=config.trial.label_smoothing, device=device, job_dir=job,
+                 seed=config.trial.seed, progress=not quiet, start_state=start_state,
+                 state_path=state_path, state_meta=meta)
+    model.load_state_dict(result.best_state)
+    test = evaluate(model, data.test, device)
+    metrics = {"test_acc": test["acc"], "val_acc": result.best_val_acc, "flops": flops,
+               "params": params, "best_epoch": result.best_epoch, "epochs": epochs}
+    save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=m.cfg, data_set=m.data_set,
+                    num_classes=b["num_classes"], in_channels=b["in_channels"], rates=rates,
+                    widths=list(widths), metrics=metrics,
+                    extra={"sketch_mode": s.mode, "trial_id": rec.get("trial_id"),
+                           "experiment": str(exp_dir)})
+    return {"test_acc": test["acc"], "test_top5": test["top5"], "val_acc": result.best_val_acc,
+            "best_epoch": result.best_epoch, "flops": flops, "params": params,
+            "widths": list(widths), "val_acc_sketched": after}
+
+
+def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epochs: int,
+                 workers: int, address: str | None) -> dict[str, Any]:
+    """Data-parallel retrain through the single-shot command's Ray Train path."""
+    from search.distributed import run_distributed
+    from sketch_core.cli_train import add_arguments
+    from sketch_core.rates import format_rates
+
+    m, s, rt = config.model, config.sketch, config.retrain
+    if config.space.round_to > 1:
+        raise UserError("retrain --workers > 1 cannot reproduce widths rounded by "
+                        "space.round_to > 1; retrain with --workers 1")
+    if m.synthetic and set(m.synthetic) - {"num_classes"}:
+        raise UserError("retrain --workers > 1 supports synthetic data only with default "
+                        "options (model.synthetic other than num_classes); use --workers 1")
+    argv = ["--data_set", m.data_set, "--sketch_model", str(exp_dir / "baseline.pt"),
+            "--job_dir", str(job / "distributed"), "--cfg", m.cfg,
+            "--sketch_rate", format_rates(rec["rates"]), "--num_epochs", str(epochs),
+            "--lr", str(rt.lr), "--momentum", str(rt.momentum),
+            "--weight_decay", str(rt.weight_decay), "--train_batch_size", str(rt.batch_size),
+            "--sketch_mode", s.mode, "--random_rule", s.random_rule,
+            "--sketch_bn", str(s.sketch_bn), "--filter_norm", str(s.filter_norm),
+            "--sketch_lastconv", str(s.sketch_lastconv),
+            "--val_fraction", str(config.trial.val_fraction), "--seed", str(config.trial.seed),
+            "--calibration_batches", str(max(1, config.trial.bn_batches)), "--no_progress",
+            "--reset"]
+    if rt.lr_decay_step:
+        argv += ["--lr_decay_step", *map(str, rt.lr_decay_step)]
+    if s.weight_norm_method:
+        argv += ["--weight_norm_method", s.weight_norm_method]
+    if s.start_conv is not None:
+        argv += ["--start_conv", str(s.start_conv)]
+    if m.data_path:
+        argv += ["--data_path", m.data_path]
+    if m.input_size:
+        argv += ["--input_size", str(m.input_size)]
+    if m.synthetic and "num_classes" in m.synthetic:
+        argv += ["--num_classes", str(m.synthetic["num_classes"])]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, "sketch")
+    args = parser.parse_args(argv)
+    use_gpu = rt.gpus_per_worker > 0 or config.resources.gpu > 0
+    if use_gpu:
+        args.gpus = list(range(workers))
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    out = run_distributed(args, use_gpu=use_gpu, num_workers=workers)
+    src = Path(out.get("checkpoint") or job / "distributed" / "checkpoint" / "model_best.pt")
+    tmp = job / ".model.pt.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, job / "model.pt")
+    metrics_csv = job / "distributed" / "metrics.csv"
+    if metrics_csv.is_file():
+        shutil.copyfile(metrics_csv, job / "metrics.csv")
+    return {"test_acc": out.get("test_acc"), "test_top5": out.get("test_top5"),
+            "val_acc": out.get("best_val_acc"), "best_epoch": out.get("best_epoch"),
+            "flops": out.get("flops"), "params": out.get("params"), "widths": out.get("widths"),
+            "val_acc_sketched": out.get("acc_after_sketch")}
+
+
+def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
+                       workers: int | None = None, epochs: int | None = None,
+                       quiet: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Retrain the configuration ``pick`` names; returns (and writes) its result.json."""
+    from search.tuner import read_manifest
+
+    exp_dir = Path(exp_dir).expanduser().resolve()
+    if not exp_dir.is_dir():
+        raise UserError(f"--experiment {exp_dir}: no such folder")
+    manifest = read_manifest(exp_dir)
+    config = load_experiment_config(exp_dir)
+    pick = parse_pick(pick) if isinstance(pick, str) else pick
+    records = read_records(exp_dir / "trials.jsonl")
+    rec = select_record(records, pick)
+    workers = workers or config.retrain.workers
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    epochs = config.retrain.epochs if epochs is None else epochs
+    if epochs < 0:
+        raise UserError(f"--epochs must be >= 0, got {epochs}")
+    job = exp_dir / "retrain" / pick.label
+    job.mkdir(parents=True, exist_ok=True)
+    base = manifest["baseline"]
+    _say(quiet, f"[retrain] {pick.label}: trial {rec.get('trial_id')} (val acc "
+                f"{_pct(rec.get('val_acc'))} after {rec.get('epochs')} epochs, FLOPs "
+                f"{_pct(rec.get('flops_ratio'))} of the baseline), {epochs} epochs"
+                f"{f' on {workers} workers' if workers > 1 else ''}")
+    t0 = time.time()
+    if workers > 1:
+        out = _distributed(config, exp_dir, job, rec, epochs, workers, address)
+    else:
+        out = _single(config, exp_dir, job, rec, manifest, epochs, quiet)
+    bf, bp = base.get("flops"), base.get("params")
+    result = {
+        "trial_id": rec.get("trial_id"), "pick": pick.label, "rates": rec.get("rates"),
+        "widths": out.get("widths") or rec.get("widths"), "test_acc": out.get("test_acc"),
+        "test_top5": out.get("test_top5"), "val_acc": out.get("val_acc"),
+        "best_epoch": out.get("best_epoch"), "epochs": epochs,
+        "flops": out.get("flops"), "params": out.get("params"),
+        "flops_ratio": out["flops"] / bf if bf and out.get("flops") else None,
+        "params_ratio": out["params"] / bp if bp and out.get("params") else None,
+        "flops_reduction": 1 - out["flops"] / bf if bf and out.get("flops") else None,
+        "params_reduction": 1 - out["params"] / bp if bp and out.get("params") else None,
+        "baseline_test_acc": base.get("test_acc"), "baseline_val_acc": base.get("val_acc"),
+        "baseline_flops": bf, "baseline_params": bp,
+        "search_val_acc": rec.get("val_acc"), "val_acc_sketched": out.get("val_acc_sketched"),
+        "workers": workers, "time_s": round(time.time() - t0, 3),
+        "model": str(job / "model.pt"), "lr": config.retrain.lr,
+        "lr_decay_step": list(config.retrain.lr_decay_step),
+    }
+    _atomic_json(job / "result.json", result)
+    _say(quiet, f"[retrain] test acc {_pct(result['test_acc'])} (baseline "
+                f"{_pct(base.get('test_acc'))}), FLOPs {_m(result['flops'])} (-"
+                f"{_pct(result['flops_reduction'])}), params {_m(result['params'])} (-"
+                f"{_pct(result['params_reduction'])}) in {result['time_s']:.0f}s; model "
+                f"{job / 'model.pt'}")
+    return result
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _m(x: Any) -> str:
+    return "-" if x is None else f"{float(x) / 1e6:.2f}M"

@@ -1,0 +1,208 @@
+"""One Ray Tune trial: sketch the baseline, recalibrate BN, fine-tune briefly, report.
+
+:func:`run_trial` is a plain function trainable (``config["rates"]`` is the proposal).
+The baseline's weights come through ``tune.with_parameters`` (stored once in Ray's
+object store, so each node receives them once) and, like the data set, are cached per
+worker process, so reused actors pay for neither again. Every epoch reports
+``val_acc``, ``flops``, ``flops_ratio``, ``params``, ``params_ratio``, ``epoch``
+(epochs done) and the node id, with a ``tune.Checkpoint`` of the full training state;
+a trial that Tune moves or restarts continues from it.
+
+Errors inside the trial (a NaN loss, a bad vector, any exception of the training
+code) are deterministic: the trial reports ``failed: True`` with the message and
+ends, so Tune does not retry it. Only the loss of a worker (node death) reaches Tune's
+``FailureConfig`` retries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["TrialSetup", "run_trial", "trial_data", "baseline_model"]
+
+STATE_FILE = "train_state.pt"
+_CACHE: dict[str, Any] = {}
+
+
+@dataclass
+class TrialSetup:
+    """Everything a trial needs besides its rates; plain data, pickled to the workers."""
+
+    cfg: str
+    data_set: str
+    num_classes: int
+    in_channels: int
+    data_path: str | None = None
+    input_size: int | None = None
+    synthetic: dict | None = None
+    mode: str = "select"
+    weight_norm_method: str | None = None
+    filter_norm: bool = False
+    sketch_bn: bool = False
+    sketch_lastconv: bool = True
+    start_conv: int | None = None
+    random_rule: str = "default"
+    round_to: int = 1
+    epochs: int = 3
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_step: list[int] = field(default_factory=list)
+    label_smoothing: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    bn_batches: int = 8
+    val_fraction: float = 0.1
+    seed: int = 0
+    threads: int | None = None
+    use_gpu: bool = False
+    baseline_key: str = ""
+    baseline_flops: int = 1
+    baseline_params: int = 1
+    transform_input: bool = False
+    ended: dict[str, dict] = field(default_factory=dict)  # trial id -> final report (resume)
+
+
+def trial_data(setup: TrialSetup, device: str):
+    """The data set, loaded once per worker process and device."""
+    from sketch_core.data import load_data
+
+    key = repr(("data", setup.data_set, setup.data_path, setup.input_size, setup.synthetic,
+                setup.batch_size, setup.eval_batch_size, setup.val_fraction, setup.seed, device))
+    if key not in _CACHE:
+        _CACHE[key] = load_data(setup.data_set, setup.data_path, batch_size=setup.batch_size,
+                                eval_batch_size=setup.eval_batch_size,
+                                val_fraction=setup.val_fraction, seed=setup.seed, device=device,
+                                input_size=setup.input_size, synthetic=setup.synthetic)
+    return _CACHE[key]
+
+
+def baseline_model(setup: TrialSetup, state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
+    """The unpruned model with the baseline's weights, built once per worker process."""
+    from sketch_core.registry import get_arch
+
+    key = repr(("model", setup.baseline_key, device))
+    if key not in _CACHE:
+        for k in [k for k in _CACHE if k.startswith("('model'")]:
+            del _CACHE[k]  # one baseline per process at a time
+        model = get_arch(setup.cfg, setup.data_set).build(None, setup.num_classes,
+                                                          setup.in_channels)
+        model.load_state_dict(state)
+        if setup.transform_input:
+            model.transform_input = True
+        _CACHE[key] = model.to(device).eval()
+    return _CACHE[key]
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
+def _error_text(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" (at {Path(last[0].filename).name}:{last[0].lineno})" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
+def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]) -> None:
+    """The function trainable: one rate vector, start to end (or from its checkpoint)."""
+    from ray import tune
+
+    from sketch_core.bn import recalibrate_bn
+    from sketch_core.flops import count_flops
+    from sketch_core.prune import sketch
+    from sketch_core.rates import rates_to_widths
+    from sketch_core.registry import get_arch
+    from sketch_core.train import TrainingDiverged, evaluate, fit, load_state
+
+    trial_id = tune.get_context().get_trial_id()
+    node = _node_id()
+    started = time.time()
+    if trial_id in setup.ended:  # finished before the driver was killed: report it again
+        tune.report({**setup.ended[trial_id], "node": node, "resumed_finished": True})
+        return
+    cpus = setup.threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    torch.set_num_threads(cpus)
+    device = "cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu"
+    rates = [float(r) for r in config["rates"]]
+    base: dict[str, Any] = {"rates": rates, "node": node, "failed": False, "flops": None,
+                            "flops_ratio": None, "params": None, "params_ratio": None}
+    epoch_done = 0
+    try:
+        data = trial_data(setup, device)
+        widths = rates_to_widths(setup.cfg, rates, setup.data_set, setup.start_conv,
+                                 setup.sketch_lastconv, setup.round_to)
+        checkpoint = tune.get_checkpoint()
+        start_state = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                start_state = load_state(Path(d) / STATE_FILE)
+        if start_state is not None:
+            entry = get_arch(setup.cfg, setup.data_set)
+            narrow = entry.build(widths, setup.num_classes, setup.in_channels).to(device)
+            val_sketched = start_state["meta"].get("val_acc_sketched")
+            epoch_done = int(start_state["epoch"])
+        else:
+            full = baseline_model(setup, baseline, device)
+            calib = data.calibration_batches(max(1, setup.bn_batches))
+            narrow = sketch(full, setup.cfg, rates, setup.data_set, mode=setup.mode,
+                            weight_norm_method=setup.weight_norm_method,
+                            filter_norm=setup.filter_norm, sketch_bn=setup.sketch_bn,
+                            sketch_lastconv=setup.sketch_lastconv, start_conv=setup.start_conv,
+                            random_rule=setup.random_rule, round_to=setup.round_to,
+                            seed=setup.seed, batches=calib, widths=widths)
+            if setup.bn_batches:
+                recalibrate_bn(narrow, calib, device)
+            val_sketched = evaluate(narrow, data.val, device)["acc"] if data.val is not None else None
+        flops, params = count_flops(narrow, data.shape)
+        base.update(widths=widths, flops=flops, params=params,
+                    flops_ratio=flops / setup.baseline_flops,
+                    params_ratio=params / setup.baseline_params,
+                    val_acc_sketched=val_sketched)
+        if setup.epochs == 0:
+            tune.report({**base, "val_acc": val_sketched, "epoch": 0,
+                         "time_total_s_trial": time.time() - started})
+            return
+        work = Path(tempfile.mkdtemp(prefix="sketchtune-trial-"))
+        state_path = work / STATE_FILE
+
+        def on_epoch(epoch: int, metrics: dict) -> None:
+            nonlocal epoch_done
+            epoch_done = epoch + 1
+            ckdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
+            os.replace(state_path, ckdir / STATE_FILE)
+            report = {**base, "val_acc": metrics["val_acc"], "epoch": epoch + 1,
+                      "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+                      "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]}
+            try:
+                tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
+            finally:
+                shutil.rmtree(ckdir, ignore_errors=True)
+
+        try:
+            fit(narrow, data, epochs=setup.epochs, lr=setup.lr, momentum=setup.momentum,
+                weight_decay=setup.weight_decay, lr_decay_step=setup.lr_decay_step,
+                label_smoothing=setup.label_smoothing, device=device, seed=setup.seed,
+                progress=False, start_state=start_state, state_path=state_path,
+                state_meta={"val_acc_sketched": val_sketched, "rates": rates},
+                on_epoch=on_epoch)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    except Exception as exc:  # deterministic: report it, do not let Tune retry it
+        message = str(exc) if isinstance(exc, TrainingDiverged) else _error_text(exc)
+        tune.report({**base, "val_acc": 0.0, "epoch": epoch_done, "failed": True,
+                     "error": message})

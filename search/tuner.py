@@ -1,0 +1,495 @@
+"""Run a search: Ray, the experiment folder, Tuner + SketchSearch + ASHA, resume.
+
+:func:`run_search` is the whole ``launch.py search``: it connects to a cluster (or
+starts a local Ray instance bound to 127.0.0.1 with usage statistics off), prepares
+the experiment folder (manifest.json, config.yaml, baseline.pt, study.db,
+trials.jsonl), builds the ``Tuner`` (function trainable with the baseline in the
+object store, resources per trial, ``SketchSearch``, ASHA on ``val_acc``, the time
+budget, one checkpoint kept per trial, retries for lost workers), runs it or restores
+it (``--resume``), and records how long each phase took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import yaml
+
+from search.config import SearchConfig, config_from_dict, config_to_dict, format_duration
+from search.records import read_records
+from sketch_core.errors import UserError
+
+__all__ = ["SearchOutcome", "run_search", "experiment_location", "ray_session",
+           "read_manifest", "write_manifest", "REPO_ROOT"]
+
+log = logging.getLogger("sketchtune.search")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONNECT_TIMEOUT_S = 25.0
+
+
+def _quiet_ray_env() -> None:
+    """Before Ray starts: local instance on 127.0.0.1, no usage statistics."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # one checkpoint kept per trial forces a state snapshot at each report: that is wanted
+    # (a fresh snapshot for --resume), the warning about it is not
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+@dataclass
+class SearchOutcome:
+    exp_dir: Path
+    records: list[dict]
+    phases: dict[str, float]
+    baseline: dict[str, Any]
+    retrain: dict | None = None
+    resumed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- folders
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def experiment_location(config: SearchConfig, resume: bool = False) -> tuple[Path, str, str]:
+    """(local experiment folder, Ray storage_path, name) for a config."""
+    storage = config.storage.storage_path
+    name = config.storage.name
+    if not name:
+        if resume:
+            raise UserError("--resume needs --name (the experiment to continue) "
+                            "and the --storage_path it was written to")
+        stem = Path(config.source or "search").stem
+        name = f"{stem}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if _is_uri(storage):
+        local = Path("experiments").resolve() / name  # our files; Ray's go to the URI
+        return local, storage, name
+    root = Path(storage).expanduser().resolve()
+    return root / name, str(root), name
+
+
+def read_manifest(exp_dir: str | os.PathLike) -> dict:
+    path = Path(exp_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{exp_dir} holds no experiment (no manifest.json); expected the folder "
+                        f"a `launch.py search` wrote") from None
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_manifest(exp_dir: Path, manifest: dict) -> None:
+    _atomic_text(exp_dir / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import optuna
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "optuna": optuna.__version__, "sketchtune": "0.1.0"}
+
+
+# --------------------------------------------------------------------------- Ray
+
+def _probe(address: str) -> None:
+    """Fail fast when nothing listens at host:port (Ray would retry for a long time)."""
+    target = address.split("://", 1)[-1]
+    if ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_no = int(port)
+    except ValueError:
+        raise UserError(f"--address {address!r}: expected auto, host:port or "
+                        f"ray://host:port") from None
+    try:
+        with socket.create_connection((host, port_no), timeout=5):
+            pass
+    except OSError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
+                        f"start one with `ray start --head` or leave --address out for a local "
+                        f"instance") from None
+
+
+def _import_path_env() -> dict[str, str]:
+    """Workers must import sketchtune: add the source tree when it is not installed."""
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("search")
+        installed = spec is not None and "site-packages" in str(spec.origin)
+    except Exception:
+        installed = False
+    if installed:
+        return {}
+    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bool]:
+    """Connect to ``address`` or start a local instance; yields True if we started it."""
+    _quiet_ray_env()
+    import ray
+
+    if ray.is_initialized():
+        yield False
+        return
+    env = _import_path_env()
+    if env:  # local instance: its processes inherit the driver's environment
+        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
+    if address:
+        _probe(address)
+        done = threading.Event()
+
+        def watchdog() -> None:
+            if not done.wait(CONNECT_TIMEOUT_S):
+                print(f"error: --address {address}: no answer from the Ray cluster within "
+                      f"{CONNECT_TIMEOUT_S:.0f} s", file=sys.stderr, flush=True)
+                os._exit(2)
+
+        threading.Thread(target=watchdog, daemon=True).start()
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                     log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address {address}: cannot connect to a Ray cluster "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                            ) from None
+        finally:
+            done.set()
+        try:
+            yield False
+        finally:
+            ray.shutdown()
+        return
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=True)
+    try:
+        yield True
+    finally:
+        ray.shutdown()
+
+
+def check_resources(cpu: float, gpu: float) -> None:
+    """UserError when no node of the cluster could ever run one trial."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    max_gpu = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
+    if cpu > max_cpu or gpu > max_gpu:
+        raise UserError(f"a trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu/gpu), but "
+                        f"the largest of the cluster's {len(nodes)} node(s) has {max_cpu:g} CPU "
+                        f"and {max_gpu:g} GPU; lower the request or add such a node")
+
+
+# --------------------------------------------------------------------------- Tune pieces
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _study_storage(config: SearchConfig, exp_dir: Path) -> tuple[Any, str]:
+    import optuna
+
+    url = config.storage.study_storage or f"sqlite:///{exp_dir / 'study.db'}"
+    try:
+        return optuna.storages.RDBStorage(url), url
+    except Exception as exc:
+        raise UserError(f"--study_storage {url}: cannot open it as an Optuna RDB storage "
+                        f"({str(exc).splitlines()[0]})") from None
+
+
+def _make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> Any:
+    from search.trainable import TrialSetup
+
+    m, s, t, r = config.model, config.sketch, config.trial, config.resources
+    setup = TrialSetup(
+        cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
+        in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
+        synthetic=m.synthetic, mode=s.mode, weight_norm_method=s.weight_norm_method,
+        filter_norm=s.filter_norm, sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
+        start_conv=s.start_conv, random_rule=s.random_rule, round_to=config.space.round_to,
+        epochs=t.epochs, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+        lr_decay_step=list(t.lr_decay_step), label_smoothing=t.label_smoothing,
+        batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, bn_batches=t.bn_batches,
+        val_fraction=t.val_fraction, seed=t.seed, threads=t.threads or max(1, int(r.cpu or 1)),
+        use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
+        baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),
+        ended=ended, transform_input=bool(baseline.get("transform_input")))
+    return setup
+
+
+def _ended_reports(records: list[dict]) -> dict[str, dict]:
+    """Final reports of trials that ended (for a resumed Tune that restarts them)."""
+    out = {}
+    for r in records:
+        if r.get("status") not in ("completed", "stopped", "failed"):
+            continue
+        failed = r["status"] == "failed"
+        out[str(r["trial_id"])] = {
+            "val_acc": 0.0 if failed or r.get("val_acc") is None else r["val_acc"],
+            "flops": r.get("flops"), "flops_ratio": r.get("flops_ratio"),
+            "params": r.get("params"), "params_ratio": r.get("params_ratio"),
+            "epoch": int(r.get("epochs") or 0), "rates": r.get("rates"),
+            "widths": r.get("widths"), "failed": failed, "error": r.get("error"),
+            "val_acc_sketched": r.get("val_acc_sketched")}
+    return out
+
+
+def _space(config: SearchConfig, baseline: dict) -> Any:
+    from search.space import RateSpace
+
+    m, sp = config.model, config.space
+    return RateSpace(cfg=m.cfg, data_set=m.data_set, low=sp.low, high=sp.high, step=sp.step,
+                     grouping=sp.grouping, round_to=sp.round_to, start_conv=config.sketch.start_conv,
+                     sketch_lastconv=config.sketch.sketch_lastconv,
+                     num_classes=baseline["num_classes"], in_channels=baseline["in_channels"],
+                     input_size=baseline["input_size"])
+
+
+def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: str,
+                baseline: dict, quiet: bool, study_storage: Any, points: list) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from search.progress import SearchCallback
+    from search.records import TrialLog
+    from search.searcher import SketchSearch, make_sampler
+
+    b, t, r = config.budget, config.trial, config.resources
+    space = _space(config, baseline)
+    space.check_budget(b.flops_budget)
+    sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
+                           config.sampler.population_size,
+                           constrained=b.flops_budget is not None)
+    searcher = SketchSearch(space, sampler=sampler, storage=study_storage, study_name=name,
+                            full_epochs=t.epochs, num_samples=b.num_samples,
+                            flops_budget=b.flops_budget, flops_policy=b.flops_policy,
+                            points=points, trial_log=TrialLog(exp_dir / "trials.jsonl"))
+    sc = config.scheduler
+    if sc.name == "asha" and t.epochs > sc.grace_period:
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
+                                  max_t=t.epochs, grace_period=sc.grace_period,
+                                  reduction_factor=sc.reduction_factor)
+    else:
+        scheduler = FIFOScheduler()
+    callback = SearchCallback(str(exp_dir / "trials.jsonl"), full_epochs=t.epochs,
+                              num_samples=b.num_samples, time_budget_s=config.time_budget_s,
+                              flops_budget=b.flops_budget, quiet=quiet)
+    tune_config = tune.TuneConfig(
+        search_alg=searcher, scheduler=scheduler, num_samples=-1,
+        max_concurrent_trials=r.max_concurrent_trials, time_budget_s=config.time_budget_s,
+        reuse_actors=r.reuse_actors, trial_dirname_creator=trial_dirname)
+    run_config = tune.RunConfig(
+        name=name, storage_path=storage_path, callbacks=[callback], verbose=0,
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        failure_config=tune.FailureConfig(max_failures=r.max_failures))
+    return {"tune_config": tune_config, "run_config": run_config, "searcher": searcher}
+
+
+def _trainable(config: SearchConfig, setup: Any, state: dict, fn: Callable | None) -> Any:
+    from ray import tune
+
+    from search.trainable import run_trial
+
+    r = config.resources
+    wrapped = tune.with_parameters(fn or run_trial, setup=setup, baseline=state)
+    return tune.with_resources(wrapped, {"cpu": r.cpu, "gpu": r.gpu})
+
+
+# --------------------------------------------------------------------------- the search
+
+def _baseline_dict(b: Any) -> dict:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(b.state):
+        h.update(k.encode())
+        h.update(str(tuple(b.state[k].shape)).encode())
+        h.update(b.state[k].float().sum().item().hex().encode() if b.state[k].numel() else b"")
+    d = b.summary()
+    d.update(key=h.hexdigest()[:16], transform_input=b.transform_input)
+    return d
+
+
+def _print(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def run_search(config: SearchConfig, *, address: str | None = None, resume: bool = False,
+               command: str = "", quiet: bool = False, trainable: Callable | None = None,
+               run_retrain: bool | None = None) -> SearchOutcome:
+    """The whole search (see the module docstring); returns what it produced."""
+    from search.baseline import load_baseline_file, prepare_baseline
+
+    exp_dir, storage_path, name = experiment_location(config, resume)
+    t_start = time.time()
+    if resume:
+        manifest = read_manifest(exp_dir)
+        saved = yaml.safe_load((exp_dir / "config.yaml").read_text())
+        config = config_from_dict(saved, source=str(exp_dir / "config.yaml"))
+        config.storage.name = name
+    else:
+        if exp_dir.exists() and any(exp_dir.iterdir()):
+            raise UserError(f"experiment folder {exp_dir} already exists; continue it with "
+                            f"--resume, or choose another --name")
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        _atomic_text(exp_dir / "config.yaml",
+                     yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    study_storage, study_url = _study_storage(config, exp_dir)
+
+    # ---- phase 1: the baseline
+    if resume:
+        b = manifest["baseline"]
+        loaded = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
+                                    b["in_channels"])
+        state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+        baseline = dict(b)
+        pretrain_s = 0.0
+    else:
+        import optuna
+
+        if config.storage.study_storage:
+            try:
+                names = optuna.study.get_all_study_names(study_storage)
+            except Exception:
+                names = []
+            if name in names:
+                raise UserError(f"study {name!r} already exists in --study_storage; continue it "
+                                f"with --resume, or choose another --name")
+        b = prepare_baseline(config, exp_dir)
+        baseline = _baseline_dict(b)
+        state = b.state
+        pretrain_s = b.pretrain_s
+        _print(quiet, f"[pretrain] baseline {config.model.cfg} on {config.model.data_set}: "
+                      f"val acc {_pct(b.val_acc)}, test acc {_pct(b.test_acc)}, "
+                      f"{b.flops / 1e6:.2f}M MACs, {b.params / 1e6:.3f}M params "
+                      f"({format_duration(pretrain_s)})")
+        space = _space(config, baseline)
+        paper = space.paper_points(config.space.paper_rates)
+        manifest = {
+            "name": name, "command": command, "config": config_to_dict(config),
+            "cfg": config.model.cfg, "data_set": config.model.data_set,
+            "family": "imagenet" if config.model.data_set in ("imagenet", "folder") else "cifar",
+            "num_units": space.num_units, "unit_names": space.unit_names,
+            "param_names": space.param_names, "baseline": baseline,
+            "paper_rates": {text: space.rates_from_params(p) for text, p in paper},
+            "started": time.time(), "ended": None,
+            "phases": {"pretrain_s": round(pretrain_s, 3), "search_s": None, "retrain_s": None},
+            "versions": _versions(), "git_commit": _git_commit(),
+            "seeds": {"sampler": config.sampler.seed, "trial": config.trial.seed,
+                      "split": config.trial.seed, "pretrain": config.model.pretrain.seed},
+            "study_storage": study_url if config.storage.study_storage is None
+            else "(given by --study_storage)", "study_name": name,
+            "storage_path": storage_path, "experiment_dir": str(exp_dir), "address": address,
+        }
+        write_manifest(exp_dir, manifest)
+
+    # ---- phase 2: the search
+    records_before = read_records(exp_dir / "trials.jsonl")
+    setup = _make_setup(config, baseline, _ended_reports(records_before) if resume else {})
+    r = config.resources
+    with ray_session(address, None) as started_here:
+        check_resources(r.cpu, r.gpu)
+        from ray import tune
+
+        fn = _trainable(config, setup, state, trainable)
+        t_search = time.time()
+        if resume:
+            path = str(exp_dir) if not _is_uri(storage_path) else f"{storage_path}/{name}"
+            if not tune.Tuner.can_restore(path):
+                raise UserError(f"--resume: {path} holds no Ray Tune experiment state to "
+                                f"restore")
+            _print(quiet, f"[search] resuming {name}: {len(records_before)} trials already ended")
+            tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+        else:
+            paper = _space(config, baseline).paper_points(config.space.paper_rates)
+            parts = _tune_parts(config, exp_dir, storage_path, name, baseline, quiet,
+                                study_storage, paper)
+            budget = config.budget
+            _print(quiet, f"[search] {name}: {budget.num_samples or 'unlimited'} trials"
+                          f"{', budget ' + budget.time if budget.time else ''}"
+                          f"{', FLOPs <= ' + format(budget.flops_budget, 'g') if budget.flops_budget else ''}"
+                          f", sampler {config.sampler.name}, "
+                          f"{'local Ray on 127.0.0.1' if started_here else 'cluster ' + str(address)}")
+            tuner = tune.Tuner(fn, tune_config=parts["tune_config"],
+                               run_config=parts["run_config"])
+        grid = tuner.fit()
+        search_s = time.time() - t_search
+        errors = [str(e) for e in getattr(grid, "errors", [])][:3]
+    records = read_records(exp_dir / "trials.jsonl")
+    manifest = read_manifest(exp_dir)
+    phases = dict(manifest.get("phases") or {})
+    phases["search_s"] = round((phases.get("search_s") or 0.0) + search_s, 3) if resume \
+        else round(search_s, 3)
+    manifest["phases"] = phases
+    manifest["ended"] = time.time()
+    if resume:
+        manifest.setdefault("resumes", []).append({"at": t_start, "command": command})
+    write_manifest(exp_dir, manifest)
+    _print(quiet, f"[search] phases: pretrain {format_duration(phases.get('pretrain_s') or 0)}, "
+                  f"search {format_duration(phases['search_s'])}")
+    outcome = SearchOutcome(exp_dir, records, phases, manifest["baseline"], resumed=resume,
+                            extra={"tune_errors": errors})
+    do_retrain = config.retrain.enabled if run_retrain is None else run_retrain
+    if do_retrain:
+        from search.retrain import retrain_experiment
+
+        t_re = time.time()
+        try:
+            outcome.retrain = retrain_experiment(exp_dir, config.retrain.pick,
+                                                 workers=config.retrain.workers, quiet=quiet,
+                                                 address=address)
+        except UserError as exc:
+            _print(quiet, f"[retrain] skipped: {exc}")
+        manifest = read_manifest(exp_dir)
+        manifest["phases"]["retrain_s"] = round(time.time() - t_re, 3)
+        manifest["ended"] = time.time()
+        write_manifest(exp_dir, manifest)
+        outcome.phases = manifest["phases"]
+    return outcome
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
