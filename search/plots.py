@@ -68,14 +68,17 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
     fig, ax = plt.subplots(figsize=(8.0, 5.4), layout="constrained")
     many = len(exps) > 1
     annotated: set[tuple[str, float, float]] = set()
+    paper_legend = False
     for k, exp in enumerate(exps):
         color = _COLORS[k % len(_COLORS)]
         df = exp.trials
         tag = f"{exp.name}: " if many else ""
         done = df[(df["status"] == "completed") & df["val_acc"].notna()]
         stopped = df[(df["status"] == "stopped") & df["val_acc"].notna()]
-        ax.scatter(_pct(done["flops_ratio"]), _pct(done["val_acc"]), s=12, color=color, alpha=0.35,
-                   linewidths=0, rasterized=True, label=f"{tag}completed trials ({len(done)})")
+        few = len(done) < 100  # a handful of trials: bigger, darker dots
+        ax.scatter(_pct(done["flops_ratio"]), _pct(done["val_acc"]), s=28 if few else 12, color=color,
+                   alpha=0.7 if few else 0.35, linewidths=0, rasterized=True,
+                   label=f"{tag}completed trials ({len(done)})")
         if len(stopped) and not many:
             ax.scatter(_pct(stopped["flops_ratio"]), _pct(stopped["val_acc"]), s=10, marker="x",
                        color="0.6", alpha=0.5, linewidths=0.8, rasterized=True,
@@ -89,14 +92,17 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
             ax.scatter(x, y, s=42, color=color, edgecolors="black", linewidths=0.7, zorder=3,
                        label=f"{tag}Pareto front ({len(front)})")
         paper = df[df["paper_rate"].notna() & df["val_acc"].notna()] if "paper_rate" in df.columns else df.iloc[0:0]
-        for i, (_, row) in enumerate(paper.iterrows()):
-            ax.scatter(_pct(row["flops_ratio"]), _pct(row["val_acc"]), s=140, marker="*", color="gold",
-                       edgecolors="black", linewidths=0.8, zorder=4,
-                       label="paper's uniform rates" if (i == 0 and k == 0) else None)
+        for _, row in paper.iterrows():
+            finished = row["status"] == "completed"
+            ax.scatter(_pct(row["flops_ratio"]), _pct(row["val_acc"]), s=140, marker="*",
+                       color="gold" if finished else "none", edgecolors="black", linewidths=0.8, zorder=4,
+                       label=None if paper_legend else "paper's uniform rates (hollow: stopped early)")
+            paper_legend = True
             spot = (str(row["paper_rate"]), round(row["flops_ratio"], 2), round(row["val_acc"], 2))
             if spot not in annotated:  # the same vector in several experiments: label it once
                 annotated.add(spot)
-                ax.annotate(row["paper_rate"], (row["flops_ratio"] * 100, row["val_acc"] * 100),
+                text = row["paper_rate"] + ("" if finished else f" ({row['status']})")
+                ax.annotate(text, (row["flops_ratio"] * 100, row["val_acc"] * 100),
                             textcoords="offset points", xytext=(6, -12), fontsize=8)
         retrained = df[df["test_acc"].notna()] if "test_acc" in df.columns else df.iloc[0:0]
         for i, (_, row) in enumerate(retrained.iterrows()):
