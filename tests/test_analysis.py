@@ -382,3 +382,55 @@ def test_analyze_10000_trials_is_fast(tmp_path, capsys):
     for stem in ("tradeoff", "front_rates", "convergence", "sensitivity"):
         assert _png_size(tmp_path / "big" / "analysis" / f"{stem}.png")[0] >= 500
     shutil.rmtree(tmp_path / "big")
+
+
+# ---------------------------------------------------------------- a real quickstart experiment
+
+
+def _experiment_path(value) -> Path:
+    """The folder behind whatever the shared fixture returns (a path, or an object/dict holding one)."""
+    if isinstance(value, (str, Path)):
+        return Path(value)
+    for key in ("exp_dir", "path", "folder", "experiment"):
+        inner = value.get(key) if isinstance(value, dict) else getattr(value, key, None)
+        if isinstance(inner, (str, Path)) and (Path(inner) / "manifest.json").is_file():
+            return Path(inner)
+    raise AssertionError(f"cannot find the experiment folder in {value!r}")
+
+
+@pytest.mark.slow
+def test_real_quickstart_experiment(request, tmp_path, capsys):
+    try:
+        folder = _experiment_path(request.getfixturevalue("quickstart_experiment"))
+    except pytest.FixtureLookupError:
+        pytest.skip("no quickstart_experiment fixture in tests/conftest.py")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    lines = [json.loads(x) for x in (folder / "trials.jsonl").read_text().splitlines() if x.strip()]
+    df = A.load_results(folder)
+    ended = df[df["status"].isin(A.ENDED_STATUSES)]
+    assert sorted(ended["trial_id"]) == sorted(str(r["trial_id"]) for r in lines)
+    assert len(A.rate_columns(df)) == manifest["num_units"]
+    for _, row in ended.iterrows():
+        rec = next(r for r in lines if str(r["trial_id"]) == row["trial_id"])
+        if rec.get("rates"):
+            assert A.rates_of(row) == [float(x) for x in rec["rates"]]
+    done = df[df["status"] == "completed"]
+    front = A.pareto_front(df)
+    assert len(front) >= 1
+    for (_, a), (_, b) in itertools.permutations(front.iterrows(), 2):
+        assert not dominates(a["val_acc"], a["flops"], b["val_acc"], b["flops"])
+    for _, row in done[~done["trial_id"].isin(front["trial_id"])].iterrows():
+        assert any(dominates(f["val_acc"], f["flops"], row["val_acc"], row["flops"]) for _, f in front.iterrows())
+    points = list(zip(done["val_acc"], done["flops_ratio"]))
+    assert A.hypervolume(df) == pytest.approx(_brute_hypervolume(points, 0.0, 1.0), rel=1e-12, abs=1e-15)
+    for fmt in ("csv", "parquet"):
+        pd.testing.assert_frame_equal(A.read_export(A.export(df, tmp_path, fmt)), df, check_exact=True)
+
+    out = tmp_path / "out"
+    assert launch.main(["analyze", str(folder), "--flops_budget", "1.0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    printed = re.search(r"--sketch_rate '([^']+)'", text.split("best trial within")[1]).group(1)
+    best = A.best_under_budget(df, "1.0")
+    assert parse_rates(printed, manifest["cfg"], manifest["data_set"]) == A.rates_of(best)
+    w, h = _png_size(out / "tradeoff.png")
+    assert w >= 500 and h >= 300
