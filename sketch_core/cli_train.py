@@ -243,18 +243,19 @@ def prepare_job_dir(args: argparse.Namespace) -> Path:
 
 @contextlib.contextmanager
 def _logging_to(job: Path | None, enabled: bool = True) -> Iterator[None]:
-    """Log lines to stdout and JOB_DIR/logger.log for the duration of a run."""
-    if not enabled:
-        yield
-        return
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if job is not None:
-        handlers.append(logging.FileHandler(job / "logger.log"))
-    old_level = log.level
-    log.setLevel(logging.INFO)
+    """Log lines to stdout and JOB_DIR/logger.log for the duration of a run (or nowhere)."""
+    handlers: list[logging.Handler] = []
+    if enabled:
+        handlers.append(logging.StreamHandler(sys.stdout))
+        handlers[0].setFormatter(logging.Formatter("%(message)s"))
+        if job is not None:
+            handlers.append(logging.FileHandler(job / "logger.log"))
+            handlers[1].setFormatter(logging.Formatter("%(asctime)s %(message)s",
+                                                       "%Y-%m-%d %H:%M:%S"))
+    old = log.level, log.propagate
+    log.setLevel(logging.INFO if enabled else logging.WARNING)
+    log.propagate = False  # not twice through a root logger that a host (Ray) configured
     for h in handlers:
-        h.setFormatter(fmt if isinstance(h, logging.FileHandler) else logging.Formatter("%(message)s"))
         log.addHandler(h)
     try:
         yield
@@ -262,7 +263,8 @@ def _logging_to(job: Path | None, enabled: bool = True) -> Iterator[None]:
         for h in handlers:
             log.removeHandler(h)
             h.close()
-        log.setLevel(old_level)
+        log.setLevel(old[0])
+        log.propagate = old[1]
 
 
 @contextlib.contextmanager

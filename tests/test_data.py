@@ -1,0 +1,199 @@
+"""Data sources: splits, batches on the device, batch augmentation, on-disk formats, errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sketch_core.data import (CIFAR10_FILES, TensorLoader, _batch_crop, _shard, load_data)
+from sketch_core.errors import UserError
+
+
+def write_cifar10(root, n_train_per_batch=40, n_test=50, seed=0):
+    """A CIFAR-10 folder in torchvision's real on-disk format (pickled dicts, N x 3072 uint8)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    batches = {}
+    for name in CIFAR10_FILES:
+        n = n_test if name == "test_batch" else n_train_per_batch
+        labels = rng.integers(0, 10, n)
+        # images carry their label as brightness so that a network can learn them
+        data = rng.integers(0, 60, (n, 3072), dtype=np.uint8) + (labels * 19).astype(np.uint8)[:, None]
+        entry = {"batch_label": name, "labels": labels.tolist(), "data": data,
+                 "filenames": [f"{name}_{i}.png" for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+        batches[name] = entry
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return batches
+
+
+def write_image_folder(root, classes=("ants", "bees", "cats"), n_train=6, n_val=2, size=40):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = rng.integers(0, 80, (size, size + 8, 3), dtype=np.uint8) + 60 * c
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.jpg")
+    return root
+
+
+def test_digits_splits_are_fixed_seeded_and_disjoint():
+    a = load_data("digits", seed=0)
+    b = load_data("digits", seed=1)
+    assert (a.num_classes, a.in_channels, a.input_size, a.family) == (10, 1, 8, "cifar")
+    assert len(a.test.y) == 360 and len(a.train.y) + len(a.val.y) == 1797 - 360
+    assert len(a.val.y) == round(0.1 * (1797 - 360))
+    # the test split never depends on the seed; the validation split does
+    assert torch.equal(a.test.x, b.test.x)
+    assert not torch.equal(a.val.x, b.val.x)
+    # validation images are held out of the training images
+    train_rows = {tuple(r.tolist()) for r in a.train.x.flatten(1)}
+    assert not any(tuple(r.tolist()) in train_rows for r in a.val.x.flatten(1)[:50])
+    # normalised: about zero mean, unit variance
+    x, _ = next(iter(a.test))
+    assert abs(float(x.mean())) < 0.3 and 0.7 < float(x.std()) < 1.3
+
+
+def test_train_batches_reshuffle_each_epoch_and_set_epoch_replays():
+    d = load_data("digits", batch_size=64)
+    first = [y for _, y in d.train]
+    second = [y for _, y in d.train]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))
+    d.train.set_epoch(0)
+    replay = [(x, y) for x, y in d.train]
+    assert all(torch.equal(a, y) for a, (_, y) in zip(first, replay))
+    d.train.set_epoch(0, start_batch=3)
+    tail = list(d.train)
+    assert len(tail) == len(replay) - 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, replay[3:]))
+    # every training sample appears once per epoch
+    assert sum(len(y) for _, y in replay) == len(d.train.y)
+
+
+def test_batch_crop_is_a_shift_of_the_zero_padded_image():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    shifts = torch.tensor([[0, 4], [2, 1]])  # rows: dy, dx per sample
+    out = _batch_crop(x, shifts, pad=2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    assert torch.equal(out[0], padded[0, :, 0:6, 2:8])
+    assert torch.equal(out[1], padded[1, :, 4:10, 1:7])
+
+
+def test_augmented_batches_are_crops_and_flips_of_the_originals():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 255, (20, 3, 8, 8), generator=g, dtype=torch.uint8)
+    y = torch.arange(20)
+    loader = TensorLoader(x, y, batch_size=20, mean=(0.0,), std=(1.0,), shuffle=True, pad=2,
+                          flip=True)
+    xb, yb = next(iter(loader))
+    padded = torch.nn.functional.pad(x[yb].float(), (2, 2, 2, 2))
+    flips = 0
+    for i in range(20):
+        views = [padded[i, :, a:a + 8, b:b + 8] for a in range(5) for b in range(5)]
+        plain = any(torch.equal(xb[i], v) for v in views)
+        flipped = any(torch.equal(xb[i], v.flip(-1)) for v in views)
+        assert plain or flipped
+        flips += flipped and not plain
+    assert 0 < flips < 20
+
+
+def test_cifar10_reads_torchvisions_format(tmp_path):
+    batches = write_cifar10(tmp_path)
+    d = load_data("cifar10", tmp_path, val_fraction=0.25, batch_size=32)
+    assert (d.num_classes, d.in_channels, d.input_size) == (10, 3, 32)
+    assert len(d.train.y) + len(d.val.y) == 5 * 40 and len(d.test.y) == 50
+    raw = torch.tensor(batches["test_batch"]["data"][:4]).view(4, 3, 32, 32).float() / 255
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
+    std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
+    x, y = next(iter(d.test))
+    torch.testing.assert_close(x[:4], (raw - mean) / std)
+    assert y[:4].tolist() == batches["test_batch"]["labels"][:4]
+    # the folder itself (cifar-10-batches-py) is accepted as --data_path too
+    assert len(load_data("cifar10", tmp_path / "cifar-10-batches-py").test.y) == 50
+
+
+def test_cifar10_missing_or_broken_says_the_expected_layout(tmp_path):
+    with pytest.raises(UserError, match="cifar-10-batches-py.*data_batch_1"):
+        load_data("cifar10", tmp_path)
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="data_batch_3 is not a CIFAR-10 batch"):
+        load_data("cifar10", tmp_path)
+
+
+def test_image_folder_set(tmp_path):
+    write_image_folder(tmp_path)
+    d = load_data("folder", tmp_path, input_size=32, batch_size=4, eval_batch_size=5,
+                  val_fraction=0.2, num_workers=0)
+    assert (d.num_classes, d.in_channels, d.input_size, d.family) == (3, 3, 32, "imagenet")
+    assert d.classes == ["ants", "bees", "cats"]
+    xb, yb = next(iter(d.train))
+    assert xb.shape == (4, 3, 32, 32) and yb.dtype == torch.int64
+    assert sum(len(y) for _, y in d.test) == 6
+    assert sum(len(y) for _, y in d.val) + sum(len(y) for _, y in d.train) == 18
+    assert len(d.calibration_batches(2)) == 2
+
+
+def test_image_folder_layout_errors(tmp_path):
+    with pytest.raises(UserError, match="train/<class>"):
+        load_data("folder", tmp_path / "nowhere", num_workers=0)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(UserError, match="val/"):
+        load_data("folder", tmp_path, num_workers=0)
+    with pytest.raises(UserError, match="needs --data_path"):
+        load_data("imagenet", None, num_workers=0)
+
+
+def test_synthetic_shapes_and_options():
+    d = load_data("synthetic", synthetic=dict(n_train=100, n_test=30, num_classes=4, channels=2,
+                                              size=12), batch_size=16, val_fraction=0.0)
+    assert (d.num_classes, d.in_channels, d.input_size) == (4, 2, 12)
+    assert d.val is None
+    xb, yb = next(iter(d.train))
+    assert xb.shape == (16, 2, 12, 12) and int(yb.max()) < 4
+    again = load_data("synthetic", synthetic=dict(n_train=100, n_test=30, num_classes=4,
+                                                  channels=2, size=12), val_fraction=0.0)
+    assert torch.equal(d.test.x, again.test.x)
+    with pytest.raises(UserError, match="unknown synthetic option"):
+        load_data("synthetic", synthetic=dict(pixels=3))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(val_fraction=1.0), "val_fraction"),
+    (dict(batch_size=0), "batch sizes"),
+    (dict(eval_batch_size=-1), "batch sizes"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        load_data("digits", **kwargs)
+    with pytest.raises(UserError, match="unknown data set"):
+        load_data("mnist")
+
+
+def test_shard_gives_every_rank_an_equal_share_covering_all():
+    order = torch.randperm(10)
+    shares = [_shard(order, r, 3) for r in range(3)]
+    assert {len(s) for s in shares} == {4}
+    assert set(torch.cat(shares).tolist()) == set(range(10))
+
+
+def test_calibration_batches_are_unaugmented_and_fixed():
+    d = load_data("digits", batch_size=50)
+    a, b = d.calibration_batches(3), d.calibration_batches(3)
+    assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    # un-augmented: each calibration image is exactly a normalised training image
+    train = {tuple(r.tolist()) for r in d.train.x.flatten(1)}
+    raw = a[0][0] * d.train._mul.view(1, 1, 1, 1).reciprocal() \
+        - d.train._add.view(1, 1, 1, 1) / d.train._mul.view(1, 1, 1, 1)
+    hits = sum(tuple(r.round().tolist()) in train for r in raw.flatten(1))
+    assert hits == len(raw)
