@@ -37,9 +37,12 @@ log = logging.getLogger("sketchtune")
 # what a run writes into --job_dir (and what --reset removes; nothing else is touched)
 JOB_FILES = ("checkpoint", "metrics.csv", "logger.log", "result.json", "tensorboard")
 STATE_FILE = "train_state.pt"
+# what makes a job folder hold a run (a failed start leaves none of these)
+RUN_MARKERS = ("checkpoint/" + STATE_FILE, "checkpoint/model_last.pt", "checkpoint/model_best.pt",
+               "metrics.csv", "result.json")
 # pretrain defaults per data set (sketch keeps the original's 150 epochs at lr 0.01)
 PRETRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": {"num_epochs": 30, "lr": 0.1, "lr_decay_step": [15, 25]},
+    "digits": {"num_epochs": 40, "lr": 0.1, "lr_decay_step": [20, 30]},
     "synthetic": {"num_epochs": 30, "lr": 0.1, "lr_decay_step": [15, 25]},
     "default": {"num_epochs": 200, "lr": 0.1, "lr_decay_step": [100, 150]},
 }
@@ -95,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
       help="Detail architecture of model. default:vgg16 (or the checkpoint's)")
     a("--num_epochs", type=int, default=None,
       help="The num of epochs to train. default:" + (
-          "30 for digits and synthetic, 200 otherwise" if pre else "150"))
+          "40 for digits, 30 for synthetic, 200 otherwise" if pre else "150"))
     a("--train_batch_size", type=int, default=128, help="Batch size for training. default:128")
     a("--eval_batch_size", type=int, default=100, help="Batch size for validation. default:100")
     a("--momentum", type=float, default=0.9, help="Momentum for MomentumOptimizer. default:0.9")
@@ -103,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
       help="Learning rate for train. default:" + ("0.1" if pre else "1e-2"))
     a("--lr_decay_step", type=int, nargs="+", default=None,
       help="The epochs at which the learning rate is multiplied by 0.1. default:" + (
-          "15 25 for digits and synthetic, 100 150 otherwise" if pre else "50 100"))
+          "20 30 for digits, 15 25 for synthetic, 100 150 otherwise" if pre else "50 100"))
     a("--weight_decay", type=float, default=5e-4, help="The weight decay of loss. default:5e-4")
     if not pre:
         a("--start_conv", type=int, default=1,
@@ -197,7 +200,7 @@ def select_devices(gpus: list[int] | None) -> list[torch.device]:
         raise UserError(f"--gpus lists a GPU twice: {' '.join(map(str, ids))}")
     if count == 0:
         if ids == [0]:
-            print("no CUDA device found: running on the CPU", file=sys.stderr)
+            print("no CUDA device found: running on the CPU")
             return [torch.device("cpu")]
         raise UserError(f"--gpus {' '.join(map(str, ids))}: this machine has no CUDA device "
                         f"(the default --gpus 0 runs on the CPU)")
@@ -225,12 +228,15 @@ def _state_path(resume: str) -> Path:
 def prepare_job_dir(args: argparse.Namespace) -> Path:
     """Refuse to overwrite an earlier run; ``--reset`` removes this tool's files first."""
     job = Path(args.job_dir).expanduser()
-    present = [name for name in JOB_FILES if (job / name).exists()]
-    if present and args.reset:
-        for name in present:
+    if args.reset:
+        for name in JOB_FILES:
             path = job / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    elif present and not args.resume:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    present = [name for name in RUN_MARKERS if (job / name).exists()]
+    if present and not args.resume:
         raise UserError(f"--job_dir {job} already holds a run ({', '.join(present)}); pass "
                         f"--resume {job / 'checkpoint' / STATE_FILE} to continue it, --reset to "
                         f"start over, or another --job_dir")

@@ -2,49 +2,13 @@
 
 from __future__ import annotations
 
-import pickle
+import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from sketch_core.data import (CIFAR10_FILES, TensorLoader, _batch_crop, _shard, load_data)
+from sketch_core.data import TensorLoader, _batch_crop, _shard, load_data
 from sketch_core.errors import UserError
-
-
-def write_cifar10(root, n_train_per_batch=40, n_test=50, seed=0):
-    """A CIFAR-10 folder in torchvision's real on-disk format (pickled dicts, N x 3072 uint8)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    batches = {}
-    for name in CIFAR10_FILES:
-        n = n_test if name == "test_batch" else n_train_per_batch
-        labels = rng.integers(0, 10, n)
-        # images carry their label as brightness so that a network can learn them
-        data = rng.integers(0, 60, (n, 3072), dtype=np.uint8) + (labels * 19).astype(np.uint8)[:, None]
-        entry = {"batch_label": name, "labels": labels.tolist(), "data": data,
-                 "filenames": [f"{name}_{i}.png" for i in range(n)]}
-        with open(folder / name, "wb") as f:
-            pickle.dump(entry, f, protocol=2)
-        batches[name] = entry
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
-    return batches
-
-
-def write_image_folder(root, classes=("ants", "bees", "cats"), n_train=6, n_val=2, size=40):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, name in enumerate(classes):
-            d = root / split / name
-            d.mkdir(parents=True)
-            for i in range(n):
-                img = rng.integers(0, 80, (size, size + 8, 3), dtype=np.uint8) + 60 * c
-                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.jpg")
-    return root
 
 
 def test_digits_splits_are_fixed_seeded_and_disjoint():
@@ -107,9 +71,9 @@ def test_augmented_batches_are_crops_and_flips_of_the_originals():
     assert 0 < flips < 20
 
 
-def test_cifar10_reads_torchvisions_format(tmp_path):
-    batches = write_cifar10(tmp_path)
-    d = load_data("cifar10", tmp_path, val_fraction=0.25, batch_size=32)
+def test_cifar10_reads_torchvisions_format(cifar10_folder):
+    root, batches = cifar10_folder
+    d = load_data("cifar10", root, val_fraction=0.25, batch_size=32)
     assert (d.num_classes, d.in_channels, d.input_size) == (10, 3, 32)
     assert len(d.train.y) + len(d.val.y) == 5 * 40 and len(d.test.y) == 50
     raw = torch.tensor(batches["test_batch"]["data"][:4]).view(4, 3, 32, 32).float() / 255
@@ -119,21 +83,20 @@ def test_cifar10_reads_torchvisions_format(tmp_path):
     torch.testing.assert_close(x[:4], (raw - mean) / std)
     assert y[:4].tolist() == batches["test_batch"]["labels"][:4]
     # the folder itself (cifar-10-batches-py) is accepted as --data_path too
-    assert len(load_data("cifar10", tmp_path / "cifar-10-batches-py").test.y) == 50
+    assert len(load_data("cifar10", root / "cifar-10-batches-py").test.y) == 50
 
 
-def test_cifar10_missing_or_broken_says_the_expected_layout(tmp_path):
+def test_cifar10_missing_or_broken_says_the_expected_layout(tmp_path, cifar10_folder):
     with pytest.raises(UserError, match="cifar-10-batches-py.*data_batch_1"):
         load_data("cifar10", tmp_path)
-    write_cifar10(tmp_path)
+    shutil.copytree(cifar10_folder[0] / "cifar-10-batches-py", tmp_path / "cifar-10-batches-py")
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
     with pytest.raises(UserError, match="data_batch_3 is not a CIFAR-10 batch"):
         load_data("cifar10", tmp_path)
 
 
-def test_image_folder_set(tmp_path):
-    write_image_folder(tmp_path)
-    d = load_data("folder", tmp_path, input_size=32, batch_size=4, eval_batch_size=5,
+def test_image_folder_set(image_folder):
+    d = load_data("folder", image_folder, input_size=32, batch_size=4, eval_batch_size=5,
                   val_fraction=0.2, num_workers=0)
     assert (d.num_classes, d.in_channels, d.input_size, d.family) == (3, 3, 32, "imagenet")
     assert d.classes == ["ants", "bees", "cats"]
@@ -168,16 +131,15 @@ def test_synthetic_shapes_and_options():
         load_data("synthetic", synthetic=dict(pixels=3))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(val_fraction=1.0), "val_fraction"),
-    (dict(batch_size=0), "batch sizes"),
-    (dict(eval_batch_size=-1), "batch sizes"),
+@pytest.mark.parametrize("data_set, kwargs, match", [
+    ("digits", dict(val_fraction=1.0), "val_fraction"),
+    ("digits", dict(batch_size=0), "batch sizes"),
+    ("digits", dict(eval_batch_size=-1), "batch sizes"),
+    ("mnist", {}, "unknown data set"),
 ])
-def test_bad_options(kwargs, match):
+def test_bad_options(data_set, kwargs, match):
     with pytest.raises(UserError, match=match):
-        load_data("digits", **kwargs)
-    with pytest.raises(UserError, match="unknown data set"):
-        load_data("mnist")
+        load_data(data_set, **kwargs)
 
 
 def test_shard_gives_every_rank_an_equal_share_covering_all():
