@@ -1,0 +1,75 @@
+"""Whole-model sketch time vs one exact thin SVD of every matrix the sketch reads.
+
+For ImageNet ResNet-50 at [0.5]*16 and CIFAR ResNet-56 at [0.5]*27 (random weights: the
+cost does not depend on the values), time ``sketch_core.sketch`` (mode ``sketch``: every
+filter sketch and channel sketch, model rebuild included) and, in the same run,
+``torch.linalg.svd(A, full_matrices=False)`` of every matrix the sketch decomposes.
+Last line: ``ratio=<sketch time / SVD time for ResNet-50>``; goal <= 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from sketch_core import get_arch, sketch
+from sketch_core.plans import Seg
+from sketch_core.rates import rates_to_widths
+
+
+def matrices(model, cfg, data_set, rates):
+    """The matrices the sketch decomposes: filter matrices and transposed channel blocks."""
+    entry = get_arch(cfg, data_set)
+    plan = entry.plan()
+    widths = rates_to_widths(cfg, rates, data_set)
+    state = model.state_dict()
+    pruned = {s for s, w in enumerate(widths) if w < plan.slots[s].n}
+    out = []
+    for spec in plan.modules:
+        if spec.kind == "bn":
+            continue
+        w = state[spec.path + ".weight"]
+        if spec.out_slot in pruned:
+            out.append(w.reshape(w.shape[0], -1))
+        off = 0
+        for seg in spec.inputs:
+            span = seg.n * seg.repeat
+            if seg.slot in pruned:
+                part = w.narrow(1, off, span).transpose(0, 1)
+                out.append(part.reshape(seg.n, -1))
+            off += span
+    return out
+
+
+def best_of(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    ratios = {}
+    for cfg, data_set, rates in (("resnet56", "cifar10", [0.5] * 27), ("resnet50", "imagenet", [0.5] * 16)):
+        model = get_arch(cfg, data_set).build().eval()
+        mats = matrices(model, cfg, data_set, rates)
+        t_sketch = best_of(lambda: sketch(model, cfg, rates, data_set), args.repeat)
+        t_svd = best_of(lambda: [torch.linalg.svd(m, full_matrices=False) for m in mats],
+                        args.repeat)
+        ratios[cfg] = t_sketch / t_svd
+        print(f"{data_set:9} {cfg:9} {len(mats):3d} matrices  sketch {t_sketch:7.3f} s  "
+              f"thin SVD {t_svd:7.3f} s  ratio {ratios[cfg]:.3f}")
+    print(f"threads={torch.get_num_threads()}")
+    print(f"ratio={ratios['resnet50']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
