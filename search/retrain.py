@@ -168,9 +168,10 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
     use_gpu = rt.gpus_per_worker > 0 or config.resources.gpu > 0
     if use_gpu:
         args.gpus = list(range(workers))
-    if address:
-        os.environ["RAY_ADDRESS"] = address
-    out = run_distributed(args, use_gpu=use_gpu, num_workers=workers)
+    from search.tuner import ray_session
+
+    with ray_session(address) as _:  # run_distributed uses the instance it finds running
+        out = run_distributed(args, use_gpu=use_gpu, num_workers=workers)
     src = Path(out.get("checkpoint") or job / "distributed" / "checkpoint" / "model_best.pt")
     tmp = job / ".model.pt.tmp"
     shutil.copyfile(src, tmp)

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -163,7 +164,7 @@ def _import_path_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bool]:
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
     """Connect to ``address`` or start a local instance; yields True if we started it."""
     _quiet_ray_env()
     import ray
@@ -199,7 +200,9 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[bo
         finally:
             ray.shutdown()
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+    # "local": a new instance, never one found on the machine (ray.init() without an
+    # address would join the cluster named in /tmp/ray/ray_current_cluster)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
     try:
         yield True
@@ -355,91 +358,114 @@ def _print(quiet: bool, text: str) -> None:
         print(text, flush=True)
 
 
+def _check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[SearchConfig, dict | None]:
+    """Before anything starts: the folder to continue exists, or the new one is free."""
+    if resume:
+        if not (exp_dir / "manifest.json").is_file() or not (exp_dir / "config.yaml").is_file():
+            raise UserError(f"--resume: {exp_dir} holds no experiment (no manifest.json and "
+                            f"config.yaml); check --name and --storage_path")
+        manifest = read_manifest(exp_dir)
+        saved = yaml.safe_load((exp_dir / "config.yaml").read_text())
+        resumed = config_from_dict(saved, source=str(exp_dir / "config.yaml"))
+        resumed.storage.name = config.storage.name
+        return resumed, manifest
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        raise UserError(f"experiment folder {exp_dir} already exists; continue it with "
+                        f"--resume, or choose another --name")
+    return config, None
+
+
+def _new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path: str,
+                    study_storage: Any, study_url: str, address: str | None, command: str,
+                    quiet: bool) -> tuple[dict, dict, dict]:
+    """Phase 1 of a new search: baseline, config.yaml, manifest.json. (manifest, baseline, state)"""
+    import optuna
+
+    from search.baseline import prepare_baseline
+
+    if config.storage.study_storage:
+        try:
+            names = optuna.study.get_all_study_names(study_storage)
+        except Exception:
+            names = []
+        if name in names:
+            raise UserError(f"study {name!r} already exists in --study_storage; continue it "
+                            f"with --resume, or choose another --name")
+    space_check = _space(config, {"num_classes": config.model.num_classes, "in_channels": 3,
+                                  "input_size": None})
+    space_check.paper_points(config.space.paper_rates)  # bad vectors fail before pretraining
+    _atomic_text(exp_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    b = prepare_baseline(config, exp_dir)
+    baseline = _baseline_dict(b)
+    _print(quiet, f"[pretrain] baseline {config.model.cfg} on {config.model.data_set}: "
+                  f"val acc {_pct(b.val_acc)}, test acc {_pct(b.test_acc)}, "
+                  f"{b.flops / 1e6:.2f}M MACs, {b.params / 1e6:.3f}M params "
+                  f"({format_duration(b.pretrain_s)})")
+    space = _space(config, baseline)
+    space.check_budget(config.budget.flops_budget)
+    paper = space.paper_points(config.space.paper_rates)
+    manifest = {
+        "name": name, "command": command, "config": config_to_dict(config),
+        "cfg": config.model.cfg, "data_set": config.model.data_set,
+        "family": "imagenet" if config.model.data_set in ("imagenet", "folder") else "cifar",
+        "num_units": space.num_units, "unit_names": space.unit_names,
+        "param_names": space.param_names, "baseline": baseline,
+        "paper_rates": {text: space.rates_from_params(p) for text, p in paper},
+        "started": time.time(), "ended": None,
+        "phases": {"pretrain_s": round(b.pretrain_s, 3), "search_s": None, "retrain_s": None},
+        "versions": _versions(), "git_commit": _git_commit(),
+        "seeds": {"sampler": config.sampler.seed, "trial": config.trial.seed,
+                  "split": config.trial.seed, "pretrain": config.model.pretrain.seed},
+        "study_storage": study_url if config.storage.study_storage is None
+        else "(given by --study_storage)", "study_name": name,
+        "storage_path": storage_path, "experiment_dir": str(exp_dir), "address": address,
+    }
+    write_manifest(exp_dir, manifest)
+    return manifest, baseline, b.state
+
+
 def run_search(config: SearchConfig, *, address: str | None = None, resume: bool = False,
                command: str = "", quiet: bool = False, trainable: Callable | None = None,
                run_retrain: bool | None = None) -> SearchOutcome:
     """The whole search (see the module docstring); returns what it produced."""
-    from search.baseline import load_baseline_file, prepare_baseline
+    from search.baseline import load_baseline_file
 
     exp_dir, storage_path, name = experiment_location(config, resume)
+    config, manifest = _check_folder(config, exp_dir, resume)
     t_start = time.time()
-    if resume:
-        manifest = read_manifest(exp_dir)
-        saved = yaml.safe_load((exp_dir / "config.yaml").read_text())
-        config = config_from_dict(saved, source=str(exp_dir / "config.yaml"))
-        config.storage.name = name
-    else:
-        if exp_dir.exists() and any(exp_dir.iterdir()):
-            raise UserError(f"experiment folder {exp_dir} already exists; continue it with "
-                            f"--resume, or choose another --name")
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        _atomic_text(exp_dir / "config.yaml",
-                     yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    study_storage, study_url = _study_storage(config, exp_dir)
-
-    # ---- phase 1: the baseline
-    if resume:
-        b = manifest["baseline"]
-        loaded = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
-                                    b["in_channels"])
-        state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-        baseline = dict(b)
-        pretrain_s = 0.0
-    else:
-        import optuna
-
-        if config.storage.study_storage:
-            try:
-                names = optuna.study.get_all_study_names(study_storage)
-            except Exception:
-                names = []
-            if name in names:
-                raise UserError(f"study {name!r} already exists in --study_storage; continue it "
-                                f"with --resume, or choose another --name")
-        b = prepare_baseline(config, exp_dir)
-        baseline = _baseline_dict(b)
-        state = b.state
-        pretrain_s = b.pretrain_s
-        _print(quiet, f"[pretrain] baseline {config.model.cfg} on {config.model.data_set}: "
-                      f"val acc {_pct(b.val_acc)}, test acc {_pct(b.test_acc)}, "
-                      f"{b.flops / 1e6:.2f}M MACs, {b.params / 1e6:.3f}M params "
-                      f"({format_duration(pretrain_s)})")
-        space = _space(config, baseline)
-        paper = space.paper_points(config.space.paper_rates)
-        manifest = {
-            "name": name, "command": command, "config": config_to_dict(config),
-            "cfg": config.model.cfg, "data_set": config.model.data_set,
-            "family": "imagenet" if config.model.data_set in ("imagenet", "folder") else "cifar",
-            "num_units": space.num_units, "unit_names": space.unit_names,
-            "param_names": space.param_names, "baseline": baseline,
-            "paper_rates": {text: space.rates_from_params(p) for text, p in paper},
-            "started": time.time(), "ended": None,
-            "phases": {"pretrain_s": round(pretrain_s, 3), "search_s": None, "retrain_s": None},
-            "versions": _versions(), "git_commit": _git_commit(),
-            "seeds": {"sampler": config.sampler.seed, "trial": config.trial.seed,
-                      "split": config.trial.seed, "pretrain": config.model.pretrain.seed},
-            "study_storage": study_url if config.storage.study_storage is None
-            else "(given by --study_storage)", "study_name": name,
-            "storage_path": storage_path, "experiment_dir": str(exp_dir), "address": address,
-        }
-        write_manifest(exp_dir, manifest)
-
-    # ---- phase 2: the search
-    records_before = read_records(exp_dir / "trials.jsonl")
-    setup = _make_setup(config, baseline, _ended_reports(records_before) if resume else {})
     r = config.resources
     with ray_session(address, None) as started_here:
         check_resources(r.cpu, r.gpu)
         from ray import tune
 
-        fn = _trainable(config, setup, state, trainable)
-        t_search = time.time()
         if resume:
+            study_storage, study_url = _study_storage(config, exp_dir)
             path = str(exp_dir) if not _is_uri(storage_path) else f"{storage_path}/{name}"
             if not tune.Tuner.can_restore(path):
                 raise UserError(f"--resume: {path} holds no Ray Tune experiment state to "
                                 f"restore")
+            b = manifest["baseline"]
+            loaded = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
+                                        b["in_channels"])
+            state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+            baseline = dict(b)
+        else:
+            created = not exp_dir.exists()
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                study_storage, study_url = _study_storage(config, exp_dir)
+                manifest, baseline, state = _new_experiment(config, exp_dir, name, storage_path,
+                                                            study_storage, study_url, address,
+                                                            command, quiet)
+            except BaseException:
+                if created:  # nothing of this run is worth keeping: leave no half folder
+                    shutil.rmtree(exp_dir, ignore_errors=True)
+                raise
+        records_before = read_records(exp_dir / "trials.jsonl")
+        setup = _make_setup(config, baseline, _ended_reports(records_before) if resume else {})
+        fn = _trainable(config, setup, state, trainable)
+        t_search = time.time()
+        if resume:
             _print(quiet, f"[search] resuming {name}: {len(records_before)} trials already ended")
             tuner = tune.Tuner.restore(path, trainable=fn, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -469,7 +495,7 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
         manifest.setdefault("resumes", []).append({"at": t_start, "command": command})
     write_manifest(exp_dir, manifest)
     _print(quiet, f"[search] phases: pretrain {format_duration(phases.get('pretrain_s') or 0)}, "
-                  f"search {format_duration(phases['search_s'])}")
+                  f"search {format_duration(phases['search_s'])} ({phases['search_s']:.1f}s)")
     outcome = SearchOutcome(exp_dir, records, phases, manifest["baseline"], resumed=resume,
                             extra={"tune_errors": errors})
     do_retrain = config.retrain.enabled if run_retrain is None else run_retrain
