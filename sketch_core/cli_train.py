@@ -139,6 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
     a("--seed", type=int, default=0, help="Seed of the split, the shuffling and the init. default:0")
     a("--label_smoothing", type=float, default=0.0, help="Label smoothing. default:0")
     a("--compile", action="store_true", help="torch.compile the model (CUDA).")
+    a("--amp", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
+      help="bf16 autocast. default: True on CUDA, False on the CPU")
     a("--download", action="store_true", help="Download CIFAR-10 into --data_path if missing.")
     a("--input_size", type=int, default=None,
       help="Image side for folder, imagenet and synthetic data. default:224 (32 synthetic)")
@@ -304,7 +306,6 @@ def _load_data(args: argparse.Namespace, device: torch.device):
                      eval_batch_size=args.eval_batch_size, val_fraction=args.val_fraction,
                      seed=args.seed, device=device, download=args.download,
                      input_size=args.input_size, num_workers=args.num_workers,
-                     channels_last=device.type == "cuda",
                      synthetic=synthetic if args.data_set == "synthetic" else None)
     if args.num_classes and args.num_classes != data.num_classes:
         raise UserError(f"--num_classes {args.num_classes} but {args.data_set} has "
@@ -501,14 +502,14 @@ def execute(args: argparse.Namespace, device: torch.device, *,
     result = fit(model, data, epochs=args.num_epochs, lr=args.lr, momentum=args.momentum,
                  weight_decay=args.weight_decay, lr_decay_step=args.lr_decay_step,
                  label_smoothing=args.label_smoothing, device=device, job_dir=job,
-                 seed=args.seed, compile=args.compile, progress=not args.no_progress,
+                 seed=args.seed, compile=args.compile, amp=args.amp, progress=not args.no_progress,
                  start_state=start_state, state_path=ckpt / STATE_FILE, state_meta=meta,
                  on_epoch=on_epoch, stop=stop)
     model.load_state_dict(result.best_state)
     if args.num_epochs == 0 and rank0:
         sc.save_checkpoint(ckpt / "model_best.pt", model, metrics={}, extra=extra, **save_kw)
         sc.save_checkpoint(ckpt / "model_last.pt", model, metrics={}, extra=extra, **save_kw)
-    test = evaluate(model, data.test, device)
+    test = evaluate(model, data.test, device, amp=args.amp)
     out = {"cfg": meta["cfg"], "data_set": args.data_set, "rates": meta.get("rates"),
            "widths": meta.get("widths"), "flops": macs, "params": params,
            "base_flops": base_macs, "base_params": base_params,
@@ -552,7 +553,7 @@ def _test_only(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
                         "--sketch_model")
     model = model.to(device)
     _check_forward(model, data, args.cfg or "the model")
-    test = evaluate(model, data.test, device)
+    test = evaluate(model, data.test, device, amp=args.amp)
     macs, params = sc.count_flops(model, data.shape)
     print(f"{source}: test acc {_pct(test['acc'])} (top-5 {_pct(test['top5'])}, loss "
           f"{test['loss']:.4f}) on {test['n']} images; FLOPs (MACs) {_human(macs)}, params "

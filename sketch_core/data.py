@@ -73,14 +73,12 @@ class TensorLoader:
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], scale: float = 1.0,
-                 shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0,
-                 channels_last: bool = False) -> None:
+                 shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.x, self.y = x, y
         self.batch_size, self.shuffle, self.pad, self.flip, self.seed = (
             batch_size, shuffle, pad, flip, seed)
-        self.channels_last = channels_last
         c = x.shape[1]
         mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).expand(c)
         std_t = torch.tensor(std, dtype=torch.float32, device=x.device).expand(c)
@@ -127,10 +125,7 @@ class TensorLoader:
                 xb = _batch_crop(xb, shifts[:, sl], self.pad)
             if self.shuffle and self.flip:
                 xb = torch.where(flips[sl].view(-1, 1, 1, 1), xb.flip(-1), xb)
-            xb = xb.mul_(self._mul).add_(self._add)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, self.y[order[sl]]
+            yield xb.mul_(self._mul).add_(self._add), self.y[order[sl]]
 
 
 def _batch_crop(x: torch.Tensor, shifts: torch.Tensor, pad: int) -> torch.Tensor:
@@ -147,13 +142,12 @@ class FolderLoader:
     """Batches of an ``ImageFolder`` subset, decoded by ``DataLoader`` worker processes."""
 
     def __init__(self, dataset: Any, indices: torch.Tensor, *, batch_size: int,
-                 shuffle: bool, seed: int, num_workers: int, device: torch.device,
-                 channels_last: bool = False) -> None:
+                 shuffle: bool, seed: int, num_workers: int, device: torch.device) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.dataset, self.indices = dataset, indices
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.num_workers, self.device, self.channels_last = num_workers, device, channels_last
+        self.num_workers, self.device = num_workers, device
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
@@ -179,10 +173,7 @@ class FolderLoader:
                             shuffle=False, num_workers=self.num_workers, generator=g,
                             pin_memory=self.device.type == "cuda")
         for xb, yb in loader:
-            xb = xb.to(self.device, non_blocking=True)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb.to(self.device, non_blocking=True)
+            yield xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -237,7 +228,7 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
               batch_size: int = 128, eval_batch_size: int = 100, val_fraction: float = 0.1,
               seed: int = 0, device: str | torch.device = "cpu", download: bool = False,
               input_size: int | None = None, num_workers: int | None = None,
-              channels_last: bool = False, synthetic: dict | None = None) -> Data:
+              synthetic: dict | None = None) -> Data:
     """Load ``data_set`` (one of :data:`DATA_SETS`) with its train/val/test batches on ``device``.
 
     ``val_fraction`` of the training set (chosen with ``seed``) becomes the validation
@@ -248,8 +239,7 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
     _check_common(data_set, batch_size, eval_batch_size, val_fraction)
     device = torch.device(device)
     opts = dict(batch_size=batch_size, eval_batch_size=eval_batch_size,
-                val_fraction=val_fraction, seed=seed, device=device,
-                channels_last=channels_last)
+                val_fraction=val_fraction, seed=seed, device=device)
     if data_set in ("imagenet", "folder"):
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
@@ -283,11 +273,11 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
 def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor,
                  yte: torch.Tensor, num_classes: int, norm: dict, aug: dict, *,
                  batch_size: int, eval_batch_size: int, val_fraction: float, seed: int,
-                 device: torch.device, channels_last: bool) -> Data:
+                 device: torch.device) -> Data:
     keep, held = _split(len(ytr), val_fraction, seed)
     xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
     keep, held = keep.to(device), held.to(device)
-    common = dict(channels_last=channels_last, seed=seed, **norm)
+    common = dict(seed=seed, **norm)
     xk, yk = xtr[keep], ytr[keep]
     train = TensorLoader(xk, yk, batch_size=batch_size, shuffle=True, **aug, **common)
     val = (TensorLoader(xtr[held], ytr[held], batch_size=eval_batch_size, **common)
@@ -364,7 +354,7 @@ def _synthetic(n_train: int, n_test: int, num_classes: int, channels: int, size:
 
 def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_size: int | None,
                  num_workers: int, batch_size: int, eval_batch_size: int, val_fraction: float,
-                 seed: int, device: torch.device, channels_last: bool) -> Data:
+                 seed: int, device: torch.device) -> Data:
     from torchvision import datasets, transforms
 
     layout = ("class folders under DATA_PATH/train/<class>/*.jpg and DATA_PATH/val/<class>/*.jpg "
@@ -395,8 +385,7 @@ def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_si
     train_eval = copy.copy(train_set)
     train_eval.transform = eval_tf
     keep, held = _split(len(train_set), val_fraction, seed)
-    common = dict(seed=seed, num_workers=num_workers, device=device,
-                  channels_last=channels_last)
+    common = dict(seed=seed, num_workers=num_workers, device=device)
     train = FolderLoader(train_set, keep, batch_size=batch_size, shuffle=True, **common)
     val = (FolderLoader(train_eval, held, batch_size=eval_batch_size, shuffle=False, **common)
            if len(held) else None)

@@ -2,9 +2,11 @@
 
 :func:`fit` trains a model on a :class:`sketch_core.data.Data`, tracks the best epoch
 on the validation split and returns a :class:`FitResult`. One screen holds the loop:
-data is already on the device, so a step is forward, backward, update. On CUDA it
-runs under bf16 autocast in channels_last (optionally ``torch.compile``d); on the CPU
-in fp32 NCHW, which measured faster there. Under a seed it is deterministic on the CPU.
+data is already on the device, so a step is forward, backward, update. Models and
+batches are channels_last (on a 2-core AVX-512 CPU it trained CIFAR ResNets 1.2-1.6x
+faster than NCHW, VGG-16 as fast); CUDA adds bf16 autocast and optional
+``torch.compile``; the CPU stays in fp32 unless ``amp=True``. Under a seed it is
+deterministic on the CPU.
 
 Training state (weights, optimizer, scheduler, epoch and batch position, RNG, best
 so far, history) is a plain dict of tensors and numbers: :func:`fit` writes it to
@@ -217,7 +219,7 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
     device = resolve_device(device)
     cuda = device.type == "cuda"
     amp = cuda if amp is None else amp
-    channels_last = cuda if channels_last is None else channels_last
+    channels_last = True if channels_last is None else channels_last
     rank0 = _rank() == 0
     job_dir = Path(job_dir) if job_dir is not None and rank0 else None
     state_path = str(state_path) if state_path is not None and rank0 else None
@@ -271,6 +273,8 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
                         f"epoch {epoch + 1}/{epochs}")
         for batch, (x, y) in enumerate(data.train, start=start_batch):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with _autocast(device, amp):
                 out = net(x)
                 loss = criterion(out, y)
