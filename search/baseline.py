@@ -25,7 +25,7 @@ from search.config import SearchConfig, recipe_hash
 from sketch_core.errors import UserError
 
 __all__ = ["Baseline", "prepare_baseline", "cache_dir", "load_search_data", "load_baseline_file",
-           "set_cpu_threads"]
+           "check_pretrained", "set_cpu_threads"]
 
 log = logging.getLogger("sketchtune.search")
 PRETRAINABLE = ("digits", "synthetic")
@@ -92,8 +92,8 @@ def _evaluate(model: torch.nn.Module, data: Any) -> tuple[float | None, float | 
     return val, evaluate(model, data.test, "cpu")["acc"]
 
 
-def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classes: int,
-                       in_channels: int) -> Any:
+def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classes: int | None,
+                       in_channels: int | None) -> Any:
     """Load a checkpoint and check that it is the config's unpruned architecture."""
     from sketch_core.checkpoint import load_checkpoint
     from sketch_core.registry import get_arch
@@ -113,6 +113,11 @@ def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classe
                             f"is {have}, an unpruned {m.cfg} has {slot.n}; the search needs the "
                             f"unpruned baseline")
     return loaded
+
+
+def check_pretrained(config: SearchConfig) -> None:
+    """The checkpoint exists and holds the config's unpruned architecture (no data needed)."""
+    load_baseline_file(config.model.pretrained, config, None, None)
 
 
 def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -> None:

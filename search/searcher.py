@@ -32,7 +32,7 @@ from search.records import TrialLog
 from search.space import RateSpace
 
 __all__ = ["SketchSearch", "make_sampler", "population_size", "FlopsConstraint",
-           "METRICS", "MODES"]
+           "close_unstarted", "outcome", "METRICS", "MODES"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -48,6 +48,16 @@ class FlopsConstraint:
         return [float(trial.user_attrs.get("constraint", 0.0))]
 
 
+_HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
+
+
+def _constrain(trial: optuna.Trial, value: float) -> None:
+    """Record ``flops_ratio - budget`` (<= 0 feasible) where the sampler reads it."""
+    trial.set_user_attr("constraint", value)
+    if _HAS_SET_CONSTRAINT:
+        trial.set_constraint("flops_budget", value)
+
+
 def population_size(num_samples: int | None, requested: int | None = None) -> int:
     """NSGA-II population sized to the trial budget: about a quarter of it, 4..50."""
     if requested:
@@ -61,7 +71,8 @@ def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
                  population: int | None = None, constrained: bool = False
                  ) -> optuna.samplers.BaseSampler:
     """``nsga2`` (default), ``tpe`` or ``random``, seeded; constrained when a budget is set."""
-    cons = FlopsConstraint() if constrained else None
+    # Optuna 5 reads constraints set on the trial; older versions need constraints_func
+    cons = FlopsConstraint() if constrained and not _HAS_SET_CONSTRAINT else None
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=population_size(num_samples, population),
                                              seed=seed, constraints_func=cons)
@@ -134,23 +145,22 @@ class SketchSearch(OptunaSearch):
                 fixed = space.repair(rates, budget)
                 fixed_params = space.params_from_rates(fixed) if fixed is not None else None
                 if fixed_params is not None:
+                    ot_trial.set_user_attr("status", "repaired")
                     self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
-                    self._ot_study._storage.set_trial_user_attr(
-                        ot_trial._trial_id, "status", "repaired")
                     self._ot_study.enqueue_trial(
                         fixed_params, user_attrs={"proposed_rates": rates,
                                                   "repaired_from": ot_trial.number})
                     continue
             if over:
                 why = (f"flops_ratio {cost.flops_ratio:.4f} above flops_budget {budget}")
-                ot_trial.set_user_attr("constraint", cost.flops_ratio - budget)
+                _constrain(ot_trial, cost.flops_ratio - budget)
                 ot_trial.set_user_attr("status", "rejected")
                 ot_trial.set_user_attr("flops_ratio", cost.flops_ratio)
                 self._ot_study.tell(ot_trial, [0.0, float(cost.flops)], state=TrialState.COMPLETE)
                 self._record_rejection(ot_trial, rates, cost, why)
                 continue
             if budget is not None:
-                ot_trial.set_user_attr("constraint", cost.flops_ratio - budget)
+                _constrain(ot_trial, cost.flops_ratio - budget)
             ot_trial.set_user_attr("tune_trial_id", trial_id)
             ot_trial.set_user_attr("flops_ratio", cost.flops_ratio)
             self._ot_trials[trial_id] = ot_trial
@@ -214,6 +224,10 @@ class SketchSearch(OptunaSearch):
         for ft in self._ot_study.get_trials(deepcopy=False):
             tid = ft.user_attrs.get("tune_trial_id")
             if tid is None:
+                if ft.state == TrialState.RUNNING:  # asked, never became a Tune trial
+                    storage.set_trial_user_attr(ft._trial_id, "status", "lost")
+                    storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+                    lost += 1
                 continue
             if ft.state == TrialState.RUNNING:
                 if tid in resumable:
@@ -231,6 +245,17 @@ class SketchSearch(OptunaSearch):
                 self._completed_trials.add(tid)
         self._n_started = started
         return {"started": started, "resumable": kept, "lost": lost}
+
+
+def close_unstarted(study: optuna.Study) -> int:
+    """After a search that ended (not interrupted): trials Tune created but never started
+    (the time budget ran out first) are closed as FAIL, so none stays RUNNING."""
+    n = 0
+    for ft in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(ft._trial_id, "status", "unstarted")
+        study._storage.set_trial_state_values(ft._trial_id, TrialState.FAIL)
+        n += 1
+    return n
 
 
 def outcome(result: dict | None, error: bool, full_epochs: int

@@ -23,11 +23,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["TrialSetup", "run_trial", "trial_data", "baseline_model"]
+__all__ = ["TrialSetup", "run_trial", "train_trial", "trial_data", "baseline_model"]
 
 STATE_FILE = "train_state.pt"
 _CACHE: dict[str, Any] = {}
@@ -118,27 +118,26 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
-def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]) -> None:
-    """The function trainable: one rate vector, start to end (or from its checkpoint)."""
-    from ray import tune
+def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch.Tensor],
+                report: Callable[[dict, Path | None], None],
+                start_state: dict | None = None, node: str | None = None) -> None:
+    """One trial's work, whatever runs it: sketch (or continue ``start_state``), fine-tune.
 
+    ``report(metrics, state_file)`` receives each epoch's metrics and the file holding
+    the full training state (None when there is none); a failure becomes one last
+    report with ``failed: True``.
+    """
     from sketch_core.bn import recalibrate_bn
     from sketch_core.flops import count_flops
     from sketch_core.prune import sketch
     from sketch_core.rates import rates_to_widths
     from sketch_core.registry import get_arch
-    from sketch_core.train import TrainingDiverged, evaluate, fit, load_state
+    from sketch_core.train import TrainingDiverged, evaluate, fit
 
-    trial_id = tune.get_context().get_trial_id()
-    node = _node_id()
     started = time.time()
-    if trial_id in setup.ended:  # finished before the driver was killed: report it again
-        tune.report({**setup.ended[trial_id], "node": node, "resumed_finished": True})
-        return
-    cpus = setup.threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    torch.set_num_threads(cpus)
+    torch.set_num_threads(setup.threads or 1)
     device = "cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu"
-    rates = [float(r) for r in config["rates"]]
+    rates = [float(r) for r in rates]
     base: dict[str, Any] = {"rates": rates, "node": node, "failed": False, "flops": None,
                             "flops_ratio": None, "params": None, "params_ratio": None}
     epoch_done = 0
@@ -146,11 +145,6 @@ def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]
         data = trial_data(setup, device)
         widths = rates_to_widths(setup.cfg, rates, setup.data_set, setup.start_conv,
                                  setup.sketch_lastconv, setup.round_to)
-        checkpoint = tune.get_checkpoint()
-        start_state = None
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                start_state = load_state(Path(d) / STATE_FILE)
         if start_state is not None:
             entry = get_arch(setup.cfg, setup.data_set)
             narrow = entry.build(widths, setup.num_classes, setup.in_channels).to(device)
@@ -174,8 +168,8 @@ def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]
                     params_ratio=params / setup.baseline_params,
                     val_acc_sketched=val_sketched)
         if setup.epochs == 0:
-            tune.report({**base, "val_acc": val_sketched, "epoch": 0,
-                         "time_total_s_trial": time.time() - started})
+            report({**base, "val_acc": val_sketched, "epoch": 0,
+                    "time_total_s_trial": time.time() - started}, None)
             return
         work = Path(tempfile.mkdtemp(prefix="sketchtune-trial-"))
         state_path = work / STATE_FILE
@@ -183,15 +177,9 @@ def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]
         def on_epoch(epoch: int, metrics: dict) -> None:
             nonlocal epoch_done
             epoch_done = epoch + 1
-            ckdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=work))
-            os.replace(state_path, ckdir / STATE_FILE)
-            report = {**base, "val_acc": metrics["val_acc"], "epoch": epoch + 1,
-                      "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-                      "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]}
-            try:
-                tune.report(report, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
-            finally:
-                shutil.rmtree(ckdir, ignore_errors=True)
+            report({**base, "val_acc": metrics["val_acc"], "epoch": epoch + 1,
+                    "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+                    "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]}, state_path)
 
         try:
             fit(narrow, data, epochs=setup.epochs, lr=setup.lr, momentum=setup.momentum,
@@ -204,5 +192,36 @@ def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]
             shutil.rmtree(work, ignore_errors=True)
     except Exception as exc:  # deterministic: report it, do not let Tune retry it
         message = str(exc) if isinstance(exc, TrainingDiverged) else _error_text(exc)
-        tune.report({**base, "val_acc": 0.0, "epoch": epoch_done, "failed": True,
-                     "error": message})
+        report({**base, "val_acc": 0.0, "epoch": epoch_done, "failed": True,
+                "error": message}, None)
+
+
+def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]) -> None:
+    """The function trainable: one rate vector, start to end (or from its checkpoint)."""
+    from ray import tune
+
+    from sketch_core.train import load_state
+
+    trial_id = tune.get_context().get_trial_id()
+    node = _node_id()
+    if trial_id in setup.ended:  # finished before the driver was killed: report it again
+        tune.report({**setup.ended[trial_id], "node": node, "resumed_finished": True})
+        return
+    start_state = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            start_state = load_state(Path(d) / STATE_FILE)
+
+    def report(metrics: dict, state_file: Path | None) -> None:
+        if state_file is None:
+            tune.report(metrics)
+            return
+        ckdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=state_file.parent))
+        os.replace(state_file, ckdir / STATE_FILE)
+        try:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
+        finally:
+            shutil.rmtree(ckdir, ignore_errors=True)
+
+    train_trial(config["rates"], setup, baseline, report, start_state, node)

@@ -372,6 +372,13 @@ def _check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[Se
     if exp_dir.exists() and any(exp_dir.iterdir()):
         raise UserError(f"experiment folder {exp_dir} already exists; continue it with "
                         f"--resume, or choose another --name")
+    # what can be checked without data or Ray fails before either starts
+    _space(config, {"num_classes": config.model.num_classes, "in_channels": 3,
+                    "input_size": None}).paper_points(config.space.paper_rates)
+    if config.model.pretrained:
+        from search.baseline import check_pretrained
+
+        check_pretrained(config)
     return config, None
 
 
@@ -391,9 +398,6 @@ def _new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path
         if name in names:
             raise UserError(f"study {name!r} already exists in --study_storage; continue it "
                             f"with --resume, or choose another --name")
-    space_check = _space(config, {"num_classes": config.model.num_classes, "in_channels": 3,
-                                  "input_size": None})
-    space_check.paper_points(config.space.paper_rates)  # bad vectors fail before pretraining
     _atomic_text(exp_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     b = prepare_baseline(config, exp_dir)
     baseline = _baseline_dict(b)
@@ -483,6 +487,9 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
                                run_config=parts["run_config"])
         grid = tuner.fit()
         search_s = time.time() - t_search
+        statuses = [t.status for t in getattr(grid, "_experiment_analysis").trials]
+        if not any(st in ("RUNNING", "PAUSED") for st in statuses):  # ended, not interrupted
+            _close_unstarted(name, study_storage)
         errors = [str(e) for e in getattr(grid, "errors", [])][:3]
     records = read_records(exp_dir / "trials.jsonl")
     manifest = read_manifest(exp_dir)
@@ -515,6 +522,16 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
         write_manifest(exp_dir, manifest)
         outcome.phases = manifest["phases"]
     return outcome
+
+
+def _close_unstarted(name: str, study_storage: Any) -> None:
+    import optuna
+
+    from search.searcher import close_unstarted
+
+    n = close_unstarted(optuna.load_study(study_name=name, storage=study_storage))
+    if n:
+        log.info("%d trial(s) created but never started (budget over) closed in the study", n)
 
 
 def _pct(x: float | None) -> str:

@@ -1,0 +1,139 @@
+"""Does the default sampler find better accuracy/FLOPs trade-offs than random search?
+
+Three ways to spend the same number of trials on the quickstart's space (digits,
+ResNet-20, 9 rates on a 0.05 grid in [0.1, 1]):
+
+- ``default``: the search's default sampler (``make_sampler`` as ``search`` builds it:
+  NSGA-II, population sized to the trial count), ask/tell as ``SketchSearch`` does;
+- ``random``: Optuna's RandomSampler over the same space;
+- ``uniform``: a sweep of uniform vectors ``[r]*9``, r evenly spread over the grid.
+
+Each trial is scored as the search scores it (``search.trainable.train_trial``: sketch
+with the config's mode, BN recalibration, ``--epochs`` epochs of fine-tuning, validation
+accuracy; results cached by widths, since the score is deterministic). The quality of
+a method is the hypervolume of its Pareto front in (validation accuracy max, FLOPs
+ratio min) with reference point (0, 1). Over ``--seeds`` seeds (samplers and
+the trial recipe's seed) it prints each method's mean hypervolume and the ratio
+default/random with a bootstrap 90% interval over seeds; last line
+``ratio=<default/random>`` (goal > 1).
+
+    python benchmarks/search_quality.py [--trials 32] [--seeds 5] [--epochs 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def hypervolume(points: list[tuple[float, float]]) -> float:
+    """Area dominated by (acc, flops_ratio) points, acc max / flops min, ref (0, 1)."""
+    best = 0.0
+    area = 0.0
+    for fr, acc in sorted((min(max(fr, 0.0), 1.0), max(acc, 0.0)) for acc, fr in points):
+        if acc > best:
+            area += (1.0 - fr) * (acc - best)
+            best = acc
+    return area
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trials", type=int, default=32)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs per trial")
+    p.add_argument("--cache_dir", default=None, help="baseline cache (default: the user's)")
+    p.add_argument("--boot", type=int, default=10000)
+    args = p.parse_args()
+
+    import optuna
+    import torch
+
+    from search.baseline import prepare_baseline
+    from search.config import load_config
+    from search.searcher import make_sampler
+    from search.space import RateSpace
+    from search.trainable import train_trial
+    from search.tuner import _baseline_dict, _make_setup
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(1)
+    sets = [f"trial.epochs={args.epochs}", "trial.threads=1"]
+    if args.cache_dir:
+        sets.append(f"model.pretrain.cache_dir={args.cache_dir}")
+    config = load_config("quickstart", sets)
+    sp = config.space
+    b = prepare_baseline(config, None)
+    baseline = _baseline_dict(b)
+    space = RateSpace(config.model.cfg, config.model.data_set, low=sp.low, high=sp.high,
+                      step=sp.step, grouping=sp.grouping, in_channels=b.in_channels,
+                      input_size=b.input_size)
+    cache: dict[tuple, tuple[float, float]] = {}
+    t0 = time.time()
+
+    def score(rates: list[float], seed: int) -> tuple[float, float]:
+        key = (tuple(space.cost(rates).widths), seed)
+        if key not in cache:
+            setup = _make_setup(config, baseline, {})
+            setup.seed = seed
+            out: list[dict] = []
+            train_trial(rates, setup, b.state, lambda m, _s: out.append(m))
+            cache[key] = (out[-1]["val_acc"], out[-1]["flops_ratio"])
+        return cache[key]
+
+    def optuna_run(sampler: optuna.samplers.BaseSampler, seed: int) -> list[tuple[float, float]]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        pts = []
+        for _ in range(args.trials):
+            trial = study.ask()
+            rates = space(trial)["rates"]
+            acc, fr = score(rates, seed)
+            study.tell(trial, [acc, space.cost(rates).flops])
+            pts.append((acc, fr))
+        return pts
+
+    grid = space.grid
+    k = min(args.trials, len(grid))
+    sweep = [grid[round(i * (len(grid) - 1) / max(1, k - 1))] for i in range(k)]
+    results: dict[str, list[float]] = {"default": [], "random": [], "uniform": []}
+    for seed in range(args.seeds):
+        default = make_sampler(config.sampler.name, seed, args.trials,
+                               config.sampler.population_size)
+        results["default"].append(hypervolume(optuna_run(default, seed)))
+        results["random"].append(hypervolume(optuna_run(optuna.samplers.RandomSampler(seed),
+                                                        seed)))
+        results["uniform"].append(hypervolume([score([r] * space.num_units, seed)
+                                               for r in sweep]))
+        print(f"seed {seed}: " + "  ".join(f"{m} {v[-1]:.4f}" for m, v in results.items()),
+              flush=True)
+
+    rng = random.Random(0)
+    n = args.seeds
+    boots = []
+    for _ in range(args.boot):
+        idx = [rng.randrange(n) for _ in range(n)]
+        d = statistics.fmean(results["default"][i] for i in idx)
+        r = statistics.fmean(results["random"][i] for i in idx)
+        boots.append(d / r)
+    boots.sort()
+    lo, hi = boots[int(0.05 * len(boots))], boots[int(0.95 * len(boots)) - 1]
+    mean = {m: statistics.fmean(v) for m, v in results.items()}
+    print(f"{args.trials} trials per method, {n} seeds, trials fine-tuned {args.epochs} epoch(s); "
+          f"{len(cache)} distinct evaluations in {time.time() - t0:.0f} s")
+    print(f"{'method':<9} {'mean hypervolume':>17} {'sd':>8}")
+    for m, v in results.items():
+        print(f"{m:<9} {mean[m]:17.4f} {statistics.pstdev(v):8.4f}")
+    print(f"default/random: {mean['default'] / mean['random']:.3f} "
+          f"(bootstrap 90% interval {lo:.3f} .. {hi:.3f}); "
+          f"default/uniform: {mean['default'] / mean['uniform']:.3f}")
+    print(f"ratio={mean['default'] / mean['random']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
