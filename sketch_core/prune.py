@@ -184,6 +184,26 @@ class _Pruner:
         return self.out
 
 
+def _layers(keys: Iterable[str], limit: int = 6) -> str:
+    names = sorted({k.rsplit(".", 1)[0] for k in keys})
+    return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _check_covered(state: dict[str, torch.Tensor], entry, cfg: str, in_ch: int,
+                   classes: int) -> dict[str, torch.Tensor]:
+    """The model's layers must be exactly those of the unpruned ``cfg`` that the plan describes."""
+    with torch.device("meta"):
+        ref = entry.build(None, classes, in_ch).state_dict()
+    missing, extra = set(ref) - set(state), set(state) - set(ref)
+    if missing:
+        also = f"; it also has {_layers(extra)}, which a {cfg} has not" if extra else ""
+        raise UserError(f"the model is not a {entry.family} {cfg}: it lacks {_layers(missing)}{also}")
+    if extra:
+        raise UserError(f"the model has layer(s) that the {entry.family} {cfg} plan does not cover: "
+                        f"{_layers(extra)}; sketch an unmodified {cfg} (as built by sketchtune)")
+    return ref
+
+
 def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = None,
            data_set: str = "cifar10", *, mode: str = "sketch", weight_norm_method: str | None = None,
            filter_norm: bool = False, sketch_bn: bool = False, sketch_lastconv: bool = True,
@@ -217,19 +237,22 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
     if len(widths) != len(plan.slots):
         raise UserError(f"{cfg} has {len(plan.slots)} prunable slots, got {len(widths)} widths")
     state = model.state_dict()
+    in_ch, classes = model_io(model)
+    ref = _check_covered(state, entry, cfg, in_ch, classes)
     for s in plan.slots:
         key = s.producer + ".weight"
-        if key not in state:
-            raise UserError(f"the model has no {key}: it is not a {entry.family} {cfg}")
         if state[key].shape[0] != s.n:
             raise UserError(f"{key} has {state[key].shape[0]} filters, the unpruned {cfg} has {s.n}: "
                             f"sketch an unpruned model (fine-tune a pruned one with --refine)")
+    for key, t in ref.items():
+        if state[key].shape != t.shape:
+            raise UserError(f"{key} has shape {tuple(state[key].shape)}, the unpruned {cfg} has "
+                            f"{tuple(t.shape)}: sketch an unpruned model")
     with torch.no_grad():
         pruner = _Pruner(state, plan, list(widths), mode=mode, random_rule=random_rule,
                          weight_norm_method=weight_norm_method, filter_norm=filter_norm,
                          sketch_bn=sketch_bn, seed=seed)
         changed = pruner.run()
-    in_ch, classes = model_io(model)
     p = next(model.parameters())
     with torch.device("meta"):
         narrow = entry.build(list(widths), classes, in_ch)
