@@ -87,10 +87,12 @@ def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
 
     started = False
     if not ray.is_initialized():
-        if use_gpu and "RAY_ADDRESS" not in os.environ:
+        local = "RAY_ADDRESS" not in os.environ
+        if use_gpu and local:  # the local instance sees only the GPUs named by --gpus
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in args.gpus)
-        ray.init(include_dashboard=False, log_to_driver=True,
-                 **({} if "RAY_ADDRESS" in os.environ else {"_node_ip_address": "127.0.0.1"}))
+        # "local": a new instance of our own, never one that another program started here
+        ray.init(address="local" if local else None, include_dashboard=False,
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
         started = True
     config = {k: v for k, v in vars(args).items() if k != "func"}
     trainer = TorchTrainer(

@@ -328,6 +328,11 @@ def _command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -519,7 +524,7 @@ def execute(args: argparse.Namespace, device: torch.device, *,
            "test_acc": test["acc"], "test_top5": test["top5"], "epochs": args.num_epochs,
            "acc_before_sketch": meta.get("acc_before_sketch"),
            "acc_after_sketch": meta.get("acc_after_sketch"),
-           "checkpoint": str(ckpt / "model_best.pt")}
+           "checkpoint": str(ckpt / "model_best.pt"), "world_size": _world_size()}
     if rank0:
         atomic_write_text(job / "result.json", json.dumps(out, indent=2))
     log.info("best val acc %s (epoch %d); test acc of the best model %s (top-5 %s)",

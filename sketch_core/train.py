@@ -45,7 +45,7 @@ __all__ = ["fit", "evaluate", "FitResult", "TrainingInterrupted", "TrainingDiver
 log = logging.getLogger("sketchtune")
 STATE_FORMAT = "sketchtune-train-state-v1"
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-                 "best_val_acc", "time_s", "img_s")
+                 "best_val_acc", "time_s", "img_s", "train_images")
 
 
 class TrainingInterrupted(Exception):
@@ -317,7 +317,8 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
                    "val_loss": val["loss"] if val else None, "val_acc": val_acc,
                    "val_top5": val["top5"] if val else None, "best_val_acc": best_acc,
                    "time_s": round(train_time, 3),
-                   "img_s": round(seen_now / max(train_time, 1e-9), 1)}
+                   "img_s": round(seen_now / max(train_time, 1e-9), 1),
+                   "train_images": seen}  # this process's share under data parallelism
         history.append(metrics)
         log.info("epoch %d/%d  lr %.4g  loss %.4f  train acc %.2f%%%s  %.0f img/s", epoch + 1,
                  epochs, epoch_lr, metrics["train_loss"], 100 * metrics["train_acc"],

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -233,3 +233,23 @@ def test_job_folder_is_not_overwritten_and_reset_starts_over(tmp_path, capsys):
     rc, out, err = cli([*args, "--num_epochs", 2, "--resume", tmp_path], capsys)
     assert rc == 0, err
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 2
+
+
+@pytest.mark.slow
+def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
+    """The several-GPU path (Ray Train TorchTrainer + DDP), with two CPU workers over gloo."""
+    from search.distributed import run_distributed
+
+    job = tmp_path / "ddp"
+    args = launch.build_parser("pretrain").parse_args(
+        ["pretrain", *DIGITS, "--num_epochs", "1", "--job_dir", str(job)])
+    result = run_distributed(args, use_gpu=False, num_workers=2)
+    assert result["world_size"] == 2
+    assert json.loads((job / "result.json").read_text()) == result
+    rows = list(csv.DictReader(open(job / "metrics.csv")))
+    assert len(rows) == 1
+    # each rank trained on its half of the 1293 training images (rank 0 writes the files)
+    assert int(rows[0]["train_images"]) == 647
+    assert "epoch 1/1" in (job / "logger.log").read_text()
+    model = sc.load_checkpoint(job / "checkpoint" / "model_best.pt").model
+    assert sum(p.numel() for p in model.parameters()) == result["params"]
