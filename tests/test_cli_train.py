@@ -212,8 +212,8 @@ def test_nan_loss_is_reported_with_its_epoch(tmp_path, capsys):
 
 
 def test_job_folder_is_not_overwritten_and_reset_starts_over(tmp_path, capsys):
-    args = ["pretrain", "--data_set", "synthetic", "--arch", "resnet", "--cfg", "resnet20",
-            "--num_epochs", 1, "--num_classes", 3, "--no_progress", "--job_dir", tmp_path]
+    args = ["pretrain", "--data_set", "synthetic", "--input_size", 8, "--arch", "resnet",
+            "--cfg", "resnet20", "--num_epochs", 1, "--num_classes", 3, "--no_progress", "--job_dir", tmp_path]
     rc, _, err = cli(args, capsys)
     assert rc == 0, err
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
