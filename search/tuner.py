@@ -46,8 +46,11 @@ def _quiet_ray_env() -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Tune's result.json and progress.csv are added explicitly (see _tune_parts); its
+    # TensorBoard logger, which cost time on every report, is not
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    # the legacy console output is silent at verbose=0; the progress line is ours
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # one checkpoint kept per trial forces a state snapshot at each report: that is wanted
     # (a fresh snapshot for --resume), the warning about it is not
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -232,8 +235,12 @@ def trial_dirname(trial: Any) -> str:
 def _study_storage(config: SearchConfig, exp_dir: Path) -> tuple[Any, str]:
     import optuna
 
+    from search.searcher import SQLiteStorage
+
     url = config.storage.study_storage or f"sqlite:///{exp_dir / 'study.db'}"
     try:
+        if url.startswith("sqlite:"):
+            return SQLiteStorage(url), url
         return optuna.storages.RDBStorage(url), url
     except Exception as exc:
         raise UserError(f"--study_storage {url}: cannot open it as an Optuna RDB storage "
@@ -321,8 +328,11 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
         search_alg=searcher, scheduler=scheduler, num_samples=-1,
         max_concurrent_trials=r.max_concurrent_trials, time_budget_s=config.time_budget_s,
         reuse_actors=r.reuse_actors, trial_dirname_creator=trial_dirname)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     run_config = tune.RunConfig(
-        name=name, storage_path=storage_path, callbacks=[callback], verbose=0,
+        name=name, storage_path=storage_path, verbose=0,
+        callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=r.max_failures))
     return {"tune_config": tune_config, "run_config": run_config, "searcher": searcher}
