@@ -66,17 +66,21 @@ def _shard(order: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 class TensorLoader:
     """Batches of an in-memory set that lives on the device as one tensor.
 
-    ``x`` holds raw values (uint8 or float, N x C x H x W); a batch is converted with
-    ``x * scale``, augmented (random crop after zero padding by ``pad`` pixels, and a
-    horizontal flip when ``flip``), then normalised with ``mean``/``std``.
+    ``x`` holds raw values (uint8 or float, N x C x H x W); ``index`` (default: all)
+    selects the rows served, in that order, so that splits share one tensor. A batch
+    is converted with ``x * scale``, augmented (random crop after zero padding by
+    ``pad`` pixels, and a horizontal flip when ``flip``), then normalised with
+    ``mean``/``std``.
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                 index: torch.Tensor | None = None,
                  mean: tuple[float, ...], std: tuple[float, ...], scale: float = 1.0,
                  shuffle: bool = False, pad: int = 0, flip: bool = False, seed: int = 0) -> None:
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
         self.x, self.y = x, y
+        self.index = torch.arange(len(y), device=y.device) if index is None else index
         self.batch_size, self.shuffle, self.pad, self.flip, self.seed = (
             batch_size, shuffle, pad, flip, seed)
         c = x.shape[1]
@@ -96,11 +100,14 @@ class TensorLoader:
         # a last batch of one sample would break BatchNorm in training mode
         return full + (1 if rest > 1 or (rest == 1 and not self.shuffle) else 0)
 
+    def __repr__(self) -> str:
+        return f"TensorLoader({len(self.index)} samples, batch {self.batch_size})"
+
     def _per_rank(self) -> int:
         if not self.shuffle:
-            return len(self.y)
+            return len(self.index)
         _, world = _dist_rank_world()
-        return -(-len(self.y) // world)
+        return -(-len(self.index) // world)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next iteration yields epoch ``epoch`` from batch ``start_batch`` on."""
@@ -109,15 +116,15 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self.epoch, self.start_batch
         self.epoch, self.start_batch = epoch + 1, 0
-        n, dev = len(self.y), self.x.device
+        n, dev = len(self.index), self.x.device
         if self.shuffle:
             g = _epoch_generator(self.seed, epoch)
             order = _shard(torch.randperm(n, generator=g), *_dist_rank_world())
             shifts = torch.randint(0, 2 * self.pad + 1, (2, len(order)), generator=g)
             flips = torch.rand(len(order), generator=g) < 0.5
-            order, shifts, flips = order.to(dev), shifts.to(dev), flips.to(dev)
+            order, shifts, flips = self.index[order.to(dev)], shifts.to(dev), flips.to(dev)
         else:
-            order = torch.arange(n, device=dev)
+            order = self.index
         for b in range(start, len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
             xb = self.x[order[sl]].float()
@@ -275,16 +282,16 @@ def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Ten
                  batch_size: int, eval_batch_size: int, val_fraction: float, seed: int,
                  device: torch.device) -> Data:
     keep, held = _split(len(ytr), val_fraction, seed)
-    xtr, ytr, xte, yte = (t.to(device) for t in (xtr, ytr, xte, yte))
-    keep, held = keep.to(device), held.to(device)
+    perm = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + 1))]
+    xtr, ytr, xte, yte, keep, held, perm = (
+        t.to(device) for t in (xtr, ytr, xte, yte, keep, held, perm))
     common = dict(seed=seed, **norm)
-    xk, yk = xtr[keep], ytr[keep]
-    train = TensorLoader(xk, yk, batch_size=batch_size, shuffle=True, **aug, **common)
-    val = (TensorLoader(xtr[held], ytr[held], batch_size=eval_batch_size, **common)
+    train = TensorLoader(xtr, ytr, index=keep, batch_size=batch_size, shuffle=True, **aug,
+                         **common)
+    val = (TensorLoader(xtr, ytr, index=held, batch_size=eval_batch_size, **common)
            if len(held) else None)
     test = TensorLoader(xte, yte, batch_size=eval_batch_size, **common)
-    perm = torch.randperm(len(yk), generator=torch.Generator().manual_seed(seed + 1)).to(device)
-    calibration = TensorLoader(xk[perm], yk[perm], batch_size=batch_size, **common)
+    calibration = TensorLoader(xtr, ytr, index=perm, batch_size=batch_size, **common)
     return Data(name, "cifar", num_classes, xtr.shape[1], xtr.shape[2], train, val, test,
                 calibration)
 

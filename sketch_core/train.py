@@ -334,6 +334,8 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
             save_state(state_path, state(epoch + 1, 0, partial))
         if on_epoch is not None:
             on_epoch(epoch, {**metrics, "is_best": is_best})
+        if stop is not None and stop() and epoch + 1 < epochs:
+            raise TrainingInterrupted(epoch + 1, 0, state_path)
     if tb is not None:
         tb.close()
     if best_state is None:  # zero epochs: the model as it came

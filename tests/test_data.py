@@ -11,18 +11,23 @@ from sketch_core.data import TensorLoader, _batch_crop, _shard, load_data
 from sketch_core.errors import UserError
 
 
+def rows(loader):
+    """The raw images a loader serves, in its order."""
+    return loader.x[loader.index]
+
+
 def test_digits_splits_are_fixed_seeded_and_disjoint():
     a = load_data("digits", seed=0)
     b = load_data("digits", seed=1)
     assert (a.num_classes, a.in_channels, a.input_size, a.family) == (10, 1, 8, "cifar")
-    assert len(a.test.y) == 360 and len(a.train.y) + len(a.val.y) == 1797 - 360
-    assert len(a.val.y) == round(0.1 * (1797 - 360))
+    assert len(a.test.index) == 360 and len(a.train.index) + len(a.val.index) == 1797 - 360
+    assert len(a.val.index) == round(0.1 * (1797 - 360))
     # the test split never depends on the seed; the validation split does
-    assert torch.equal(a.test.x, b.test.x)
-    assert not torch.equal(a.val.x, b.val.x)
+    assert torch.equal(rows(a.test), rows(b.test))
+    assert not torch.equal(rows(a.val), rows(b.val))
     # validation images are held out of the training images
-    train_rows = {tuple(r.tolist()) for r in a.train.x.flatten(1)}
-    assert not any(tuple(r.tolist()) in train_rows for r in a.val.x.flatten(1)[:50])
+    train, val = set(a.train.index.tolist()), set(a.val.index.tolist())
+    assert not train & val and len(train | val) == 1797 - 360
     # normalised: about zero mean, unit variance
     x, _ = next(iter(a.test))
     assert abs(float(x.mean())) < 0.3 and 0.7 < float(x.std()) < 1.3
@@ -41,7 +46,7 @@ def test_train_batches_reshuffle_each_epoch_and_set_epoch_replays():
     assert len(tail) == len(replay) - 3
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, replay[3:]))
     # every training sample appears once per epoch
-    assert sum(len(y) for _, y in replay) == len(d.train.y)
+    assert sum(len(y) for _, y in replay) == len(d.train.index)
 
 
 def test_batch_crop_is_a_shift_of_the_zero_padded_image():
@@ -75,7 +80,7 @@ def test_cifar10_reads_torchvisions_format(cifar10_folder):
     root, batches = cifar10_folder
     d = load_data("cifar10", root, val_fraction=0.25, batch_size=32)
     assert (d.num_classes, d.in_channels, d.input_size) == (10, 3, 32)
-    assert len(d.train.y) + len(d.val.y) == 5 * 40 and len(d.test.y) == 50
+    assert len(d.train.index) + len(d.val.index) == 5 * 40 and len(d.test.index) == 50
     raw = torch.tensor(batches["test_batch"]["data"][:4]).view(4, 3, 32, 32).float() / 255
     mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(1, 3, 1, 1)
     std = torch.tensor((0.2023, 0.1994, 0.2010)).view(1, 3, 1, 1)
@@ -83,7 +88,7 @@ def test_cifar10_reads_torchvisions_format(cifar10_folder):
     torch.testing.assert_close(x[:4], (raw - mean) / std)
     assert y[:4].tolist() == batches["test_batch"]["labels"][:4]
     # the folder itself (cifar-10-batches-py) is accepted as --data_path too
-    assert len(load_data("cifar10", root / "cifar-10-batches-py").test.y) == 50
+    assert len(load_data("cifar10", root / "cifar-10-batches-py").test.index) == 50
 
 
 def test_cifar10_missing_or_broken_says_the_expected_layout(tmp_path, cifar10_folder):
@@ -126,7 +131,7 @@ def test_synthetic_shapes_and_options():
     assert xb.shape == (16, 2, 12, 12) and int(yb.max()) < 4
     again = load_data("synthetic", synthetic=dict(n_train=100, n_test=30, num_classes=4,
                                                   channels=2, size=12), val_fraction=0.0)
-    assert torch.equal(d.test.x, again.test.x)
+    assert torch.equal(rows(d.test), rows(again.test))
     with pytest.raises(UserError, match="unknown synthetic option"):
         load_data("synthetic", synthetic=dict(pixels=3))
 
@@ -154,7 +159,7 @@ def test_calibration_batches_are_unaugmented_and_fixed():
     a, b = d.calibration_batches(3), d.calibration_batches(3)
     assert len(a) == 3 and all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
     # un-augmented: each calibration image is exactly a normalised training image
-    train = {tuple(r.tolist()) for r in d.train.x.flatten(1)}
+    train = {tuple(r.tolist()) for r in rows(d.train).flatten(1)}
     raw = a[0][0] * d.train._mul.view(1, 1, 1, 1).reciprocal() \
         - d.train._add.view(1, 1, 1, 1) / d.train._mul.view(1, 1, 1, 1)
     hits = sum(tuple(r.round().tolist()) in train for r in raw.flatten(1))
