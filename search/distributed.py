@@ -70,27 +70,28 @@ def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
     machines without GPUs). Returns the run's ``result.json``.
     """
     check_args(args)
-    if use_gpu:
-        devices = select_devices(args.gpus)
-        if devices[0].type != "cuda":
-            raise UserError("several --gpus need CUDA devices; this machine has none")
-        num_workers = len(devices)
-    elif not num_workers or num_workers < 1:
-        raise UserError(f"CPU data-parallel training needs num_workers >= 1, got {num_workers}")
-    job = prepare_job_dir(args)
-
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # a new local instance of our own unless one is running here or RAY_ADDRESS names one
+    local = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
+    if use_gpu:
+        ids = list(args.gpus or [0])
+        if local and select_devices(ids)[0].type != "cuda":  # on a cluster, Ray places GPUs
+            raise UserError("several --gpus need CUDA devices; this machine has none")
+        num_workers = num_workers or len(ids)
+    elif not num_workers or num_workers < 1:
+        raise UserError(f"CPU data-parallel training needs num_workers >= 1, got {num_workers}")
+    job = prepare_job_dir(args)
+
     started = False
     if not ray.is_initialized():
-        local = "RAY_ADDRESS" not in os.environ
         if use_gpu and local:  # the local instance sees only the GPUs named by --gpus
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in args.gpus)
-        # "local": a new instance of our own, never one that another program started here
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+        # "local" never joins an instance that another program started on this machine
         ray.init(address="local" if local else None, include_dashboard=False,
                  **({"_node_ip_address": "127.0.0.1"} if local else {}))
         started = True

@@ -35,7 +35,7 @@ __all__ = ["add_arguments", "run", "execute", "prepare_job_dir", "select_devices
 log = logging.getLogger("sketchtune")
 
 # what a run writes into --job_dir (and what --reset removes; nothing else is touched)
-JOB_FILES = ("checkpoint", "metrics.csv", "logger.log", "result.json", "tensorboard")
+JOB_FILES = ("checkpoint", "metrics.csv", "logger.log", "result.json", "tensorboard", "ray")
 STATE_FILE = "train_state.pt"
 # what makes a job folder hold a run (a failed start leaves none of these)
 RUN_MARKERS = ("checkpoint/" + STATE_FILE, "checkpoint/model_last.pt", "checkpoint/model_best.pt",
