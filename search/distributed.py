@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from sketch_core.cli_train import check_args, prepare_job_dir, select_devices
+from sketch_core.cli_train import preflight, prepare_job_dir, select_devices
 from sketch_core.errors import UserError
 
 __all__ = ["run_distributed"]
@@ -69,7 +69,7 @@ def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
     ``use_gpu=False`` runs ``num_workers`` CPU workers over gloo instead (for tests and
     machines without GPUs). Returns the run's ``result.json``.
     """
-    check_args(args)
+    preflight(args)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray

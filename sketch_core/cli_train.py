@@ -30,7 +30,7 @@ import torch
 from .errors import UserError
 
 __all__ = ["add_arguments", "run", "execute", "prepare_job_dir", "select_devices",
-           "check_args", "str2bool", "PRETRAIN_DEFAULTS", "JOB_FILES"]
+           "check_args", "preflight", "str2bool", "PRETRAIN_DEFAULTS", "JOB_FILES"]
 
 log = logging.getLogger("sketchtune")
 
@@ -384,6 +384,30 @@ def _check_resume(meta: dict[str, Any], run: dict[str, Any], path: Path) -> None
                         f"resume with the run's own options, or start a new --job_dir")
 
 
+def _sketch_source(args: argparse.Namespace) -> str:
+    """The checkpoint a (non-resumed) sketch run starts from; a UserError when there is none."""
+    source = args.refine or args.sketch_model
+    if source is None:
+        raise UserError("sketch needs --sketch_model (the pretrained checkpoint to sketch), or "
+                        "--refine (an already sketched checkpoint to fine-tune)")
+    if not Path(source).expanduser().is_file():
+        raise UserError(f"checkpoint {source} does not exist")
+    return source
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """What can be checked before workers start (data-parallel runs), so that the driver
+    says it in one line: the starting checkpoint and the rate count."""
+    import sketch_core as sc
+
+    check_args(args)
+    if args.command_name != "sketch" or args.resume:
+        return
+    _sketch_source(args)
+    if args.sketch_rate and args.cfg and not args.refine:
+        sc.parse_rates(args.sketch_rate, args.cfg, args.data_set, args.start_conv)
+
+
 def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[str, Any]
                ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """The model to train, its description and a start state (for --resume)."""
@@ -419,10 +443,7 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
         return model, {**run, "arch": args.arch, "cfg": args.cfg, "rates": None,
                        "widths": None, "base_flops": base_macs, "base_params": base_params}, None
 
-    source = args.refine or args.sketch_model
-    if source is None:
-        raise UserError("sketch needs --sketch_model (the pretrained checkpoint to sketch), or "
-                        "--refine (an already sketched checkpoint to fine-tune)")
+    source = _sketch_source(args)
     loaded = sc.load_checkpoint(source, cfg=args.cfg, data_set=args.data_set, **kw)
     m = loaded.meta
     args.cfg = args.cfg or m.get("cfg") or "vgg16"

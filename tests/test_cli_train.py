@@ -200,6 +200,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, digits_resnet20_ckpt
                   "--sketch_mode", "bogus"], r"sketch_mode.*valid: sketch, select, select_lsq")
     missing_gpu = torch.cuda.device_count() + 3
     _bad(capsys, ["pretrain", *DIGITS, *job, "--gpus", missing_gpu], r"--gpus")
+    _bad(capsys, ["pretrain", *DIGITS, *job, "--gpus", 0, missing_gpu], r"--gpus")  # Ray Train path
     _bad(capsys, ["pretrain", *DIGITS, *job, "--num_epochs", -1], r"--num_epochs must be >= 0")
     _bad(capsys, ["pretrain", *DIGITS, *job, "--train_batch_size", 0], r"batch sizes must be")
     _bad(capsys, ["pretrain", *DIGITS, *job, "--lr_decay_step", 30, 20], r"increasing order")
@@ -253,3 +254,20 @@ def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     assert "epoch 1/1" in (job / "logger.log").read_text()
     model = sc.load_checkpoint(job / "checkpoint" / "model_best.pt").model
     assert sum(p.numel() for p in model.parameters()) == result["params"]
+
+
+def test_data_parallel_bad_input_is_reported_before_workers_start(tmp_path, digits_resnet20_ckpt):
+    import ray
+
+    from search.distributed import run_distributed
+    from sketch_core.errors import UserError
+
+    args = launch.build_parser("sketch").parse_args(
+        ["sketch", *DIGITS, "--job_dir", str(tmp_path), "--sketch_model", str(digits_resnet20_ckpt),
+         "--sketch_rate", "[0.5]*8"])
+    with pytest.raises(UserError, match="9 sketch rates, got 8"):
+        run_distributed(args, use_gpu=False, num_workers=2)
+    args.sketch_rate, args.sketch_model = "[0.5]*9", str(tmp_path / "missing.pt")
+    with pytest.raises(UserError, match="missing.pt does not exist"):
+        run_distributed(args, use_gpu=False, num_workers=2)
+    assert not ray.is_initialized() and not (tmp_path / "checkpoint").exists()
