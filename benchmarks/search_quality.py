@@ -3,8 +3,9 @@
 Three ways to spend the same number of trials on the quickstart's space (digits,
 ResNet-20, 9 rates on a 0.05 grid in [0.1, 1]):
 
-- ``default``: the search's default sampler (``make_sampler`` as ``search`` builds it:
-  NSGA-II, population sized to the trial count), ask/tell as ``SketchSearch`` does;
+- ``default``: the search's default (``make_sampler`` as ``search`` builds it: NSGA-II,
+  population sized to the trial count, after ``sampler.anchors`` uniform vectors spread
+  over the space), ask/tell as ``SketchSearch`` does;
 - ``random``: Optuna's RandomSampler over the same space;
 - ``uniform``: a sweep of uniform vectors ``[r]*9``, r evenly spread over the grid.
 
@@ -50,6 +51,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs per trial")
     p.add_argument("--cache_dir", default=None, help="baseline cache (default: the user's)")
     p.add_argument("--boot", type=int, default=10000)
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="config override for the default method, e.g. sampler.anchors=8")
     args = p.parse_args()
 
     import optuna
@@ -64,7 +67,7 @@ def main() -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
-    sets = [f"trial.epochs={args.epochs}", "trial.threads=1"]
+    sets = [f"trial.epochs={args.epochs}", "trial.threads=1", *args.overrides]
     if args.cache_dir:
         sets.append(f"model.pretrain.cache_dir={args.cache_dir}")
     config = load_config("quickstart", sets)
@@ -87,8 +90,11 @@ def main() -> None:
             cache[key] = (out[-1]["val_acc"], out[-1]["flops_ratio"])
         return cache[key]
 
-    def optuna_run(sampler: optuna.samplers.BaseSampler, seed: int) -> list[tuple[float, float]]:
+    def optuna_run(sampler: optuna.samplers.BaseSampler, seed: int,
+                   anchors: int = 0) -> list[tuple[float, float]]:
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        for _, params in space.uniform_points(anchors):  # as SketchSearch enqueues them
+            study.enqueue_trial(params, skip_if_exists=True)
         pts = []
         for _ in range(args.trials):
             trial = study.ask()
@@ -105,7 +111,8 @@ def main() -> None:
     for seed in range(args.seeds):
         default = make_sampler(config.sampler.name, seed, args.trials,
                                config.sampler.population_size)
-        results["default"].append(hypervolume(optuna_run(default, seed)))
+        results["default"].append(hypervolume(optuna_run(default, seed,
+                                                         config.sampler.anchors)))
         results["random"].append(hypervolume(optuna_run(optuna.samplers.RandomSampler(seed),
                                                         seed)))
         results["uniform"].append(hypervolume([score([r] * space.num_units, seed)

@@ -101,6 +101,7 @@ class SamplerConfig:
     name: str = "nsga2"
     seed: int = 0
     population_size: int | None = None  # None: sized to the trial budget
+    anchors: int = 4  # uniform vectors [r]*n spread over the space, evaluated first
 
 
 @dataclass
@@ -375,6 +376,7 @@ def _validate(c: SearchConfig) -> None:
     _choice(sp.grouping, GROUPINGS, "space.grouping")
     _positive(sp.round_to, "space.round_to")
     _choice(c.sampler.name, SAMPLERS, "sampler.name")
+    _positive(c.sampler.anchors, "sampler.anchors", allow_zero=True)
     if c.sampler.population_size is not None and c.sampler.population_size < 2:
         raise UserError("config key sampler.population_size: expected at least 2")
     b = c.budget

@@ -74,6 +74,8 @@ def record_from_trial(trial: Any, full_epochs: int, errored: bool, stop_reason: 
         rec["flops_policy"] = "repaired"
     if cfg.get("paper_rates"):
         rec["paper_rates"] = cfg["paper_rates"]
+    if cfg.get("anchor"):
+        rec["anchor"] = cfg["anchor"]
     return rec
 
 

@@ -124,6 +124,7 @@ class SketchSearch(OptunaSearch):
                  full_epochs: int, num_samples: int | None = None,
                  flops_budget: float | None = None, flops_policy: str = "reject",
                  points: list[tuple[str, dict]] | None = None,
+                 anchors: list[tuple[str, dict]] | None = None,
                  trial_log: TrialLog | None = None) -> None:
         self._num_samples = num_samples
         self._full_epochs = full_epochs
@@ -135,6 +136,9 @@ class SketchSearch(OptunaSearch):
                          study_name=study_name, storage=storage)
         for text, params in points or []:  # the paper's vectors run first
             self._ot_study.enqueue_trial(params, user_attrs={"paper_rates": text},
+                                         skip_if_exists=True)
+        for text, params in anchors or []:  # then uniform vectors across the FLOPs range
+            self._ot_study.enqueue_trial(params, user_attrs={"anchor": text},
                                          skip_if_exists=True)
 
     # ------------------------------------------------------------------ state
@@ -202,6 +206,8 @@ class SketchSearch(OptunaSearch):
                 config["proposed_rates"] = frozen.user_attrs["proposed_rates"]
             if "paper_rates" in frozen.user_attrs:
                 config["paper_rates"] = frozen.user_attrs["paper_rates"]
+            if "anchor" in frozen.user_attrs:
+                config["anchor"] = frozen.user_attrs["anchor"]
             config["optuna_number"] = ot_trial.number
             return config
         return None  # unreachable: the last attempt always repairs or runs

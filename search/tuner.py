@@ -313,7 +313,8 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
     searcher = SketchSearch(space, sampler=sampler, storage=study_storage, study_name=name,
                             full_epochs=t.epochs, num_samples=b.num_samples,
                             flops_budget=b.flops_budget, flops_policy=b.flops_policy,
-                            points=points, trial_log=TrialLog(exp_dir / "trials.jsonl"))
+                            points=points, anchors=space.uniform_points(config.sampler.anchors),
+                            trial_log=TrialLog(exp_dir / "trials.jsonl"))
     sc = config.scheduler
     if sc.name == "asha" and t.epochs > sc.grace_period:
         scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",

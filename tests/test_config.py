@@ -254,3 +254,17 @@ def test_trial_log_appends_once_and_readers_skip_a_cut_line(tmp_path):
     assert records[0]["val_acc"] is None  # NaN is not JSON
     assert set(records[0]) >= {"trial_id", "status", "rates", "widths", "flops", "node", "ended"}
     assert read_records(tmp_path / "missing.jsonl") == []
+
+
+def test_uniform_anchor_points_span_the_space():
+    space = RateSpace("resnet56", low=0.2, high=1.0, step=0.05)
+    points = space.uniform_points(4)
+    assert [text for text, _ in points] == ["[0.2]*27", "[0.45]*27", "[0.75]*27", "[1]*27"]
+    for text, params in points:
+        rates = space.rates_from_params(params)
+        assert rates == parse_rates(text, "resnet56") and space.in_space(rates)
+    assert space.uniform_points(0) == []
+    assert len(space.uniform_points(100)) == len(space.grid)
+    staged = RateSpace("resnet56", grouping="per_stage").uniform_points(2)
+    assert [p for _, p in staged] == [{"stage_00": 0.2, "stage_01": 0.2, "stage_02": 0.2},
+                                      {"stage_00": 1.0, "stage_01": 1.0, "stage_02": 1.0}]
