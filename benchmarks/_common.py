@@ -1,0 +1,112 @@
+"""Shared pieces of the pruning benchmarks: a pretrained baseline, hypervolume, statistics.
+
+The baseline is trained by the project's own ``launch.py pretrain`` (kept in a work
+folder so a second run reuses it); the hypervolume is the 2-D area a set of
+(accuracy, MACs ratio) points dominates, accuracy maximised, MACs minimised,
+reference (0, 1); Spearman correlation and bootstrap intervals are plain NumPy/SciPy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+__all__ = ["pretrained", "hypervolume", "spearman", "bootstrap_interval", "mean_sd", "Clock",
+           "ROOT"]
+
+
+def pretrained(work: Path, argv: Sequence[str], quiet: bool = True) -> Path:
+    """``launch.py pretrain ARGV --job_dir WORK/pretrain``; the best checkpoint's path.
+
+    An earlier run's checkpoint in the same folder, made with the same arguments, is reused.
+    """
+    import launch
+
+    job = work / "pretrain"
+    ckpt = job / "checkpoint" / "model_best.pt"
+    stamp = job / "benchmark_args.txt"
+    wanted = " ".join(argv)
+    if ckpt.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return ckpt
+    args = ["pretrain", *argv, "--job_dir", str(job), "--no_progress"]
+    if job.exists():
+        args.append("--reset")
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink) if quiet else contextlib.nullcontext():
+        rc = launch.main(args)
+    if rc != 0 or not ckpt.exists():
+        raise SystemExit(f"pretrain failed (exit {rc}): {' '.join(args)}")
+    stamp.write_text(wanted)
+    return ckpt
+
+
+def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (0.0, 1.0)
+                ) -> float:
+    """Area dominated by ``(acc, macs_ratio)`` points (acc max, MACs min) above ``ref``.
+
+    The area of the union of the rectangles [macs, ref_macs] x [ref_acc, acc]; in [0, 1]
+    for accuracies and ratios in [0, 1].
+    """
+    ref_acc, ref_macs = ref
+    pts = sorted((m, a) for a, m in points if a > ref_acc and m < ref_macs)
+    area, best = 0.0, ref_acc
+    for i, (m, a) in enumerate(pts):
+        best = max(best, a)
+        right = pts[i + 1][0] if i + 1 < len(pts) else ref_macs
+        area += (right - m) * (best - ref_acc)
+    return area
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def bootstrap_interval(stat: Callable[[np.ndarray], float], n: int, *, boot: int = 2000,
+                       level: float = 0.90, seed: int = 0) -> tuple[float, float]:
+    """Percentile interval of ``stat(indices)`` over ``boot`` resamples of range(n)."""
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(boot):
+        v = stat(rng.integers(0, n, n))
+        if np.isfinite(v):
+            vals.append(v)
+    lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    values = list(values)
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+class Clock:
+    """Wall-clock seconds since creation, for progress lines."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> str:
+        return f"{time.perf_counter() - self.t0:6.0f}s"
+
+
+def seeded(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

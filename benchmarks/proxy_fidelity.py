@@ -1,0 +1,274 @@
+"""Does a search trial's short score rank rate vectors the way a full retrain does?
+
+A task where the ranking is measurable (on digits it is not: 360 test images, and
+every reasonable vector retrains to 97-98%): a generated ``teacher`` data set. Inputs
+are smooth random images (``--size`` x ``--size``, ``--channels`` channels: noise at
+half resolution, upsampled, plus fine noise); labels are the argmax of a fixed random
+convolutional teacher network's logits, standardised per class so that the classes are
+balanced. A CIFAR ResNet-20 baseline is trained on it (``sketch_core.train.fit``, the
+loop ``launch.py pretrain`` runs: SGD lr 0.1, decay x0.1 at 1/2 and 3/4 of the epochs,
+best epoch on the validation split). The test set is large (``--n_test``), so test
+accuracy is measured to a fraction of a point.
+
+``--vectors`` random rate vectors (9 rates on the search's 0.05 grid: a level drawn
+uniformly in [``--low``, ``--high``], each rate the level plus uniform jitter of
++-``--jitter``, clipped) are each scored
+
+- by the search's trial recipe, ``search.trainable.train_trial`` itself with the trial
+  defaults of the search config (the sketch mode under test, BN recalibration on 8
+  batches, a 3-epoch fine-tune at lr 0.01, validation accuracy of the last epoch;
+  ``trial_data`` is pointed at the generated set), and
+- by two full retrains with different seeds (the ``retrain`` recipe: the same sketch,
+  BN recalibration, ``--retrain_epochs`` epochs at lr 0.01 decayed x0.1 at 1/3 and 2/3
+  (the original's 150 epochs with decay at 50 and 100, shortened), best epoch on the
+  validation split, then test accuracy).
+
+Printed: per vector the MACs ratio, the trial score (and the score right after the
+sketch, before any fine-tune), both retrains' test accuracies; then the Spearman
+correlation of trial scores with the retrains (mean over the two retrains) with a
+bootstrap 90% interval over vectors, next to the ceiling: the Spearman correlation
+between the two retrains. Last line ``ratio=<first mode's correlation / ceiling>``
+(goal >= 0.9). The first of ``--modes`` is the search's default mode unless given.
+
+    pip install -e ".[bench]"
+    python benchmarks/proxy_fidelity.py [--vectors 20] [--retrain_epochs 12] [--work DIR]
+
+Sizes are options: the defaults fit in about an hour on a 2-core CPU; on a GPU use
+larger sets and the full 150-epoch retrain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from _common import Clock, bootstrap_interval, mean_sd, seeded, spearman
+
+CFG = "resnet20"
+DATA_SET = "synthetic"  # the family (cifar) and name the generated set goes by
+
+
+def teacher_task(n: int, size: int, channels: int, classes: int, seed: int):
+    """(x, y): ``n`` smooth random images labelled by a fixed random conv network."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, channels, max(1, size // 2), max(1, size // 2), generator=g)
+    x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    x = x + 0.3 * torch.randn(n, channels, size, size, generator=g)
+    x = (x - x.mean()) / x.std()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        teacher = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)).eval()
+    with torch.no_grad():
+        logits = torch.cat([teacher(x[i:i + 4096]) for i in range(0, n, 4096)])
+    logits = (logits - logits.mean(0)) / logits.std(0)
+    return x, logits.argmax(1)
+
+
+def teacher_data(args, seed: int = 0):
+    """The generated set as a ``sketch_core.data.Data`` (held-out validation split, as the
+    loaders of the named data sets build it; no augmentation: it would change labels)."""
+    import torch
+
+    from sketch_core.data import Data, TensorLoader
+
+    x, y = teacher_task(args.n_train + args.n_test, args.size, args.channels, args.classes,
+                        args.task_seed)
+    xtr, ytr, xte, yte = x[:args.n_train], y[:args.n_train], x[args.n_train:], y[args.n_train:]
+    perm = torch.randperm(args.n_train, generator=torch.Generator().manual_seed(seed))
+    n_val = int(round(args.val_fraction * args.n_train))
+    held, keep = perm[:n_val].sort().values, perm[n_val:].sort().values
+    common = dict(mean=(0.0,), std=(1.0,), seed=seed)
+    train = TensorLoader(xtr[keep], ytr[keep], batch_size=128, shuffle=True, **common)
+    val = TensorLoader(xtr[held], ytr[held], batch_size=256, **common)
+    test = TensorLoader(xte, yte, batch_size=256, **common)
+    cperm = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + 1))
+    calib = TensorLoader(xtr[keep][cperm], ytr[keep][cperm], batch_size=128, **common)
+    return Data("teacher", "cifar", args.classes, args.channels, args.size, train, val, test, calib)
+
+
+def random_vectors(k: int, low: float, high: float, jitter: float, seed: int,
+                   units: int = 9, step: float = 0.05) -> list[list[float]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(k):
+        level = rng.uniform(low, high)
+        rates = np.clip(level + rng.uniform(-jitter, jitter, units), low, high)
+        out.append([round(round(r / step) * step, 4) for r in rates])
+    return out
+
+
+def pretrain(args, data, work: Path, clock: Clock):
+    """The baseline's state dict, trained once per task and kept in ``work``."""
+    import torch
+
+    from sketch_core import get_arch
+    from sketch_core.train import evaluate, fit
+
+    key = hashlib.sha1(json.dumps([args.n_train, args.size, args.channels, args.classes,
+                                   args.task_seed, args.val_fraction, args.pretrain_epochs]
+                                  ).encode()).hexdigest()[:12]
+    path = work / f"baseline-{key}.pt"
+    model = get_arch(CFG, DATA_SET).build(None, args.classes, args.channels)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        print(f"[{clock()}] pretraining the {CFG} baseline, {args.pretrain_epochs} epochs",
+              flush=True)
+        e = args.pretrain_epochs
+        seeded(0)
+        res = fit(model, data, epochs=e, lr=0.1, lr_decay_step=[e // 2, (3 * e) // 4],
+                  seed=0, progress=False)
+        model.load_state_dict(res.best_state)
+        tmp = path.with_suffix(".tmp")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+    model.eval()
+    acc = evaluate(model, data.test)
+    print(f"[{clock()}] baseline: test acc {100 * acc['acc']:.2f}% on {acc['n']} images "
+          f"({args.classes} classes, chance {100 / args.classes:.0f}%)", flush=True)
+    return model, key
+
+
+def retrain(full, rates, mode, data, epochs: int, seed: int, bn_batches: int) -> float:
+    """The retrain recipe: sketch, recalibrate BN, fine-tune, best on val; test accuracy."""
+    from sketch_core import recalibrate_bn, sketch
+    from sketch_core.train import evaluate, fit
+
+    calib = data.calibration_batches(bn_batches)
+    net = sketch(full, CFG, rates, DATA_SET, mode=mode, batches=calib, seed=0)
+    recalibrate_bn(net, calib)
+    data.train.seed = seed
+    seeded(seed)
+    res = fit(net, data, epochs=epochs, lr=0.01, momentum=0.9, weight_decay=5e-4,
+              lr_decay_step=[epochs // 3, (2 * epochs) // 3], seed=seed, progress=False)
+    net.load_state_dict(res.best_state)
+    data.train.seed = 0
+    return evaluate(net, data.test)["acc"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vectors", type=int, default=20)
+    ap.add_argument("--modes", default=None,
+                    help="comma-separated sketch modes; default: the search config's default")
+    ap.add_argument("--n_train", type=int, default=6000)
+    ap.add_argument("--n_test", type=int, default=10000)
+    ap.add_argument("--size", type=int, default=8)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--task_seed", type=int, default=0)
+    ap.add_argument("--val_fraction", type=float, default=0.1)
+    ap.add_argument("--pretrain_epochs", type=int, default=30)
+    ap.add_argument("--retrain_epochs", type=int, default=12)
+    ap.add_argument("--low", type=float, default=0.2, help="the search space's default low")
+    ap.add_argument("--high", type=float, default=1.0)
+    ap.add_argument("--jitter", type=float, default=0.15)
+    ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--work", default=None, help="folder to keep the baseline in (reused)")
+    args = ap.parse_args()
+
+    import tempfile
+
+    import torch
+
+    import search.trainable as trainable
+    from search.config import SearchConfig
+    from sketch_core import count_flops
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    defaults = SearchConfig()
+    modes = args.modes.split(",") if args.modes else [defaults.sketch.mode]
+    clock = Clock()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="proxy_fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = teacher_data(args)
+    counts = torch.bincount(data.test.y, minlength=args.classes).tolist()
+    print(f"[{clock()}] teacher task: {args.n_train} training images ({len(data.val.y)} held "
+          f"out for validation), {args.n_test} test, {args.channels}x{args.size}x{args.size}, "
+          f"test class counts {counts}", flush=True)
+    full, key = pretrain(args, data, work, clock)
+    base_macs, base_params = count_flops(full, data.shape)
+
+    # the trial recipe, exactly as a search trial runs it, on the generated set
+    trainable.trial_data = lambda setup, device: data
+    t = defaults.trial
+    vectors = random_vectors(args.vectors, args.low, args.high, args.jitter, seed=1)
+    baseline_state = {k: v.clone() for k, v in full.state_dict().items()}
+    results = {}
+    for mode in modes:
+        rows = []
+        for i, rates in enumerate(vectors):
+            setup = trainable.TrialSetup(
+                cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
+                mode=mode, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                weight_decay=t.weight_decay, lr_decay_step=list(t.lr_decay_step),
+                batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+                bn_batches=t.bn_batches, val_fraction=args.val_fraction, seed=t.seed,
+                threads=threads, baseline_key=key, baseline_flops=base_macs,
+                baseline_params=base_params)
+            reports: list[dict] = []
+            trainable.train_trial(rates, setup, baseline_state, lambda m, _s: reports.append(m))
+            last = reports[-1]
+            if last.get("failed"):
+                raise SystemExit(f"trial failed: {last.get('error')}")
+            r1 = retrain(full, rates, mode, data, args.retrain_epochs, 1, t.bn_batches)
+            r2 = retrain(full, rates, mode, data, args.retrain_epochs, 2, t.bn_batches)
+            rows.append((last["flops_ratio"], last["val_acc_sketched"], last["val_acc"], r1, r2))
+            print(f"[{clock()}] {mode} {i + 1:>2}/{len(vectors)} rates {rates}  MACs "
+                  f"{last['flops_ratio']:.3f}  trial: sketched {100 * last['val_acc_sketched']:5.1f}%"
+                  f" -> {100 * last['val_acc']:5.1f}%  retrains {100 * r1:5.2f}% {100 * r2:5.2f}%",
+                  flush=True)
+        results[mode] = np.array(rows)
+        torch.set_num_threads(threads)
+
+    print()
+    print(f"teacher task ({args.n_train} train, {args.n_test} test, {args.channels}x{args.size}"
+          f"x{args.size}), {CFG}; {args.vectors} vectors, trial = {t.epochs}-epoch fine-tune "
+          f"(val acc), retrain = {args.retrain_epochs} epochs (test acc), 2 seeds")
+    print(f"{'mode':<11} {'proxy':<22} {'Spearman':>8} {'90% interval':>16}   "
+          f"{'ceiling':>7} {'90% interval':>16}")
+    first_ratio = math.nan
+    for mode, arr in results.items():
+        def proxy_corr(idx, col):
+            return 0.5 * (spearman(arr[idx, col], arr[idx, 3]) + spearman(arr[idx, col], arr[idx, 4]))
+
+        def ceiling_corr(idx):
+            return spearman(arr[idx, 3], arr[idx, 4])
+
+        n = len(arr)
+        ceil = ceiling_corr(np.arange(n))
+        ceil_iv = bootstrap_interval(ceiling_corr, n, boot=args.boot)
+        for col, label in ((2, f"trial ({t.epochs} epochs)"), (1, "sketched + BN only")):
+            c = proxy_corr(np.arange(n), col)
+            iv = bootstrap_interval(lambda idx: proxy_corr(idx, col), n, boot=args.boot)
+            print(f"{mode:<11} {label:<22} {c:8.3f} {iv[0]:7.3f} .. {iv[1]:5.3f}   "
+                  f"{ceil:7.3f} {ceil_iv[0]:7.3f} .. {ceil_iv[1]:5.3f}")
+            if col == 2 and mode == modes[0]:
+                first_ratio = c / ceil
+        acc_m, acc_sd = mean_sd(arr[:, 3])
+        print(f"{'':<11} retrain test acc {100 * arr[:, 3].min():.1f}..{100 * arr[:, 3].max():.1f}% "
+              f"(mean {100 * acc_m:.1f}, sd {100 * acc_sd:.1f}); |retrain 1 - retrain 2| mean "
+              f"{100 * np.abs(arr[:, 3] - arr[:, 4]).mean():.2f} points")
+    print(f"total time {clock()}")
+    print(f"ratio={first_ratio:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
