@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
         a("--quiet", action="store_true", help="print only the result")
         parser.set_defaults(command_name="retrain")
         return
-    a("--config", required=True,
-      help="a YAML file, or the name of a shipped config (quickstart, cifar10_resnet56, ...)")
+    a("--config", default=None,
+      help="a YAML file, or the name of a shipped config (quickstart, cifar10_resnet56, ...); "
+           "not needed with --resume (the experiment keeps its config)")
     a("--budget", default=None, help="wall-clock budget of the search phase: 90s, 30m, 4h")
     a("--num_samples", type=int, default=None, help="number of trials")
     a("--flops_budget", type=float, default=None,
@@ -126,7 +127,15 @@ def _run_search(args: argparse.Namespace) -> int:
     from search.config import load_config
     from search.tuner import run_search
 
-    config = load_config(args.config, _overrides(args))
+    if args.config:
+        config = load_config(args.config, _overrides(args))
+    elif args.resume:  # only where the experiment is matters: it keeps its own config
+        from search.config import apply_overrides, config_from_dict
+
+        config = config_from_dict(apply_overrides({}, _overrides(args)))
+    else:
+        raise UserError("--config is required: a YAML file or a shipped config's name "
+                        "(quickstart, cifar10_resnet56, ...)")
     command = "launch.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_search(config, address=args.address, resume=args.resume, command=command,
                          quiet=args.quiet, run_retrain=False if args.no_retrain else None)

@@ -498,9 +498,9 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
                                run_config=parts["run_config"])
         grid = tuner.fit()
         search_s = time.time() - t_search
-        statuses = [t.status for t in getattr(grid, "_experiment_analysis").trials]
-        if not any(st in ("RUNNING", "PAUSED") for st in statuses):  # ended, not interrupted
-            _close_unstarted(name, study_storage)
+        budget_s = config.time_budget_s
+        if budget_s is not None and search_s >= budget_s - 1.0:  # the budget ended it
+            _close_unstarted(name, study_storage)  # (an interrupted search stays resumable)
         errors = [str(e) for e in getattr(grid, "errors", [])][:3]
     records = read_records(exp_dir / "trials.jsonl")
     manifest = read_manifest(exp_dir)
@@ -514,10 +514,19 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
     write_manifest(exp_dir, manifest)
     _print(quiet, f"[search] phases: pretrain {format_duration(phases.get('pretrain_s') or 0)}, "
                   f"search {format_duration(phases['search_s'])} ({phases['search_s']:.1f}s)")
+    ended = [r for r in records if r.get("status") != "rejected"]
+    wanted = config.budget.num_samples
+    budget_s = config.time_budget_s
+    interrupted = (wanted is not None and len(ended) < wanted
+                   and not (budget_s is not None and search_s >= budget_s - 1.0))
     outcome = SearchOutcome(exp_dir, records, phases, manifest["baseline"], resumed=resume,
-                            extra={"tune_errors": errors})
+                            extra={"tune_errors": errors, "interrupted": interrupted})
+    if interrupted:
+        _print(False, f"[search] interrupted after {len(ended)} of {wanted} trials; continue "
+                      f"with: launch.py search --name {name} --storage_path {storage_path} "
+                      f"--resume")
     do_retrain = config.retrain.enabled if run_retrain is None else run_retrain
-    if do_retrain:
+    if do_retrain and not interrupted:
         from search.retrain import retrain_experiment
 
         t_re = time.time()
