@@ -445,6 +445,9 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
     """The whole search (see the module docstring); returns what it produced."""
     from search.baseline import load_baseline_file
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says enough
     exp_dir, storage_path, name = experiment_location(config, resume)
     config, manifest = _check_folder(config, exp_dir, resume)
     t_start = time.time()
