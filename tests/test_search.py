@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,13 +17,20 @@ import pytest
 from optuna.trial import TrialState
 
 import launch
-from conftest import run_launch
 from search.config import load_config
 from search.records import read_records
 from search.space import RateSpace
 from sketch_core.rates import rates_to_widths
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_launch(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python launch.py ARGS`` in a subprocess with its own Ray instance."""
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=timeout)
 
 MANIFEST_KEYS = {"name", "command", "config", "cfg", "data_set", "family", "num_units",
                  "unit_names", "baseline", "paper_rates", "started", "ended", "phases",
