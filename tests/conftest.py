@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 
@@ -64,14 +65,36 @@ def image_folder(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with ``n`` intra-op threads: small CPU models train faster on one thread than on
+    two that fight other processes for the cores."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """The test runs with one intra-op thread (see :func:`torch_threads`)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits_pretrain_dir(tmp_path_factory):
     """The job folder of ``launch.py pretrain`` of a CIFAR ResNet-20 on digits, defaults."""
     import launch
 
     job = tmp_path_factory.mktemp("digits_resnet20")
-    rc = launch.main(["pretrain", "--data_set", "digits", "--arch", "resnet", "--cfg", "resnet20",
-                      "--job_dir", str(job), "--no_progress"])
+    with torch_threads(1):
+        rc = launch.main(["pretrain", "--data_set", "digits", "--arch", "resnet", "--cfg",
+                          "resnet20", "--job_dir", str(job), "--no_progress"])
     assert rc == 0
     return job
 

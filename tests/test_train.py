@@ -12,6 +12,7 @@ from sketch_core.data import load_data
 from sketch_core.errors import UserError
 from sketch_core.train import (TrainingDiverged, TrainingInterrupted, evaluate, fit, load_state)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 SYN = dict(n_train=384, n_test=128, num_classes=4, channels=3, size=8)
 
 
