@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader processes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", action="store_true", help="torch.compile sketchtune's model")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for both loops (default: torch's own)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first one is a warm-up)")
     device = resolve_device(args.device)
