@@ -93,9 +93,11 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
         a("--refine", default=None,
           help="Path to an already sketched sketchtune checkpoint to be fine tuned.")
     a("--arch", default=None,
-      help="Architecture of model. default:vgg (or the checkpoint's)")
+      help="Architecture of model. default:" + (
+          "vgg" if pre else "the checkpoint's (sketchtune files describe themselves)"))
     a("--cfg", default=None,
-      help="Detail architecture of model. default:vgg16 (or the checkpoint's)")
+      help="Detail architecture of model. default:" + (
+          "vgg16" if pre else "the checkpoint's; original and torchvision files need it"))
     a("--num_epochs", type=int, default=None,
       help="The num of epochs to train. default:" + (
           "40 for digits, 30 for synthetic, 200 otherwise" if pre else "150"))
@@ -446,8 +448,8 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
     source = _sketch_source(args)
     loaded = sc.load_checkpoint(source, cfg=args.cfg, data_set=args.data_set, **kw)
     m = loaded.meta
-    args.cfg = args.cfg or m.get("cfg") or "vgg16"
-    args.arch = args.arch or sc.get_arch(args.cfg, args.data_set).arch
+    args.cfg = args.cfg or m["cfg"]
+    args.arch = args.arch or m["arch"]
     sc.get_arch(args.cfg, args.data_set, args.arch)
     model = loaded.model.to(device)
     _check_forward(model, data, args.cfg)
