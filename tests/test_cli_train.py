@@ -276,3 +276,29 @@ def test_data_parallel_bad_input_is_reported_before_workers_start(tmp_path, digi
     with pytest.raises(UserError, match="missing.pt does not exist"):
         run_distributed(args, use_gpu=False, num_workers=2)
     assert not ray.is_initialized() and not (tmp_path / "checkpoint").exists()
+
+
+def test_refine_fine_tunes_a_sketched_checkpoint_at_its_own_widths(digits_resnet20_ckpt, tmp_path,
+                                                                   capsys):
+    # zero epochs: sketch, recalibrate BN and save, no training
+    rc, out, err = cli(["sketch", *DIGITS, "--job_dir", tmp_path / "s0", "--num_epochs", 0,
+                        "--sketch_model", digits_resnet20_ckpt, "--sketch_rate", "[0.25]*9",
+                        "--sketch_mode", "select"], capsys)
+    assert rc == 0, err
+    sketched = tmp_path / "s0" / "checkpoint" / "model_best.pt"
+    widths = sc.load_checkpoint(sketched).meta["widths"]
+    assert widths == sc.rates_to_widths("resnet20", [0.25] * 9, "digits")
+    rc, out, err = cli(["sketch", *DIGITS, "--job_dir", tmp_path / "r", "--num_epochs", 1,
+                        "--refine", sketched], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert result["widths"] == widths and result["rates"] == [0.25] * 9
+    refined = sc.load_checkpoint(tmp_path / "r" / "checkpoint" / "model_last.pt")
+    assert refined.meta["widths"] == widths
+    before = state_dict(sketched)
+    after = state_dict(tmp_path / "r" / "checkpoint" / "model_last.pt")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+    # --test_only --resume evaluates the state a run left
+    rc, out, err = cli(["sketch", *DIGITS, "--test_only", "--resume", tmp_path / "r"], capsys)
+    assert rc == 0, err
+    assert re.search(r"test acc [\d.]+%", out)
