@@ -53,8 +53,10 @@ CFG = "resnet20"
 DATA_SET = "synthetic"  # the family (cifar) and name the generated set goes by
 
 
-def teacher_task(n: int, size: int, channels: int, classes: int, seed: int):
-    """(x, y): ``n`` smooth random images labelled by a fixed random conv network."""
+def teacher_task(n: int, size: int, channels: int, classes: int, seed: int, depth: int = 1,
+                 hidden: int = 64):
+    """(x, y): ``n`` smooth random images labelled by a fixed random conv network: ``depth``
+    3x3 conv + ReLU layers of ``hidden`` channels, global average pool, linear."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -66,12 +68,11 @@ def teacher_task(n: int, size: int, channels: int, classes: int, seed: int):
     x = (x - x.mean()) / x.std()
     with torch.random.fork_rng():
         torch.manual_seed(seed + 1)
-        teacher = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, classes)).eval()
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Conv2d(channels if i == 0 else hidden, hidden, 3, padding=1), nn.ReLU()]
+        teacher = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                nn.Linear(hidden, classes)).eval()
     with torch.no_grad():
         logits = torch.cat([teacher(x[i:i + 4096]) for i in range(0, n, 4096)])
     logits = (logits - logits.mean(0)) / logits.std(0)
@@ -79,33 +80,33 @@ def teacher_task(n: int, size: int, channels: int, classes: int, seed: int):
 
 
 def teacher_data(args, seed: int = 0):
-    """The generated set as a ``sketch_core.data.Data`` (held-out validation split, as the
-    loaders of the named data sets build it; no augmentation: it would change labels)."""
+    """The generated set as a ``sketch_core.data.Data``: training, validation (generated
+    apart from the training images, so its size is free) and test splits; no augmentation,
+    which would change the teacher's labels."""
     import torch
 
     from sketch_core.data import Data, TensorLoader
 
-    x, y = teacher_task(args.n_train + args.n_test, args.size, args.channels, args.classes,
-                        args.task_seed)
-    xtr, ytr, xte, yte = x[:args.n_train], y[:args.n_train], x[args.n_train:], y[args.n_train:]
-    perm = torch.randperm(args.n_train, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(args.val_fraction * args.n_train))
-    held, keep = perm[:n_val].sort().values, perm[n_val:].sort().values
+    n_tr, n_va = args.n_train, args.n_val
+    x, y = teacher_task(n_tr + n_va + args.n_test, args.size, args.channels, args.classes,
+                        args.task_seed, args.teacher_depth, args.teacher_hidden)
     common = dict(mean=(0.0,), std=(1.0,), seed=seed)
-    train = TensorLoader(xtr[keep], ytr[keep], batch_size=128, shuffle=True, **common)
-    val = TensorLoader(xtr[held], ytr[held], batch_size=256, **common)
-    test = TensorLoader(xte, yte, batch_size=256, **common)
-    cperm = torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + 1))
-    calib = TensorLoader(xtr[keep][cperm], ytr[keep][cperm], batch_size=128, **common)
+    train = TensorLoader(x[:n_tr], y[:n_tr], batch_size=128, shuffle=True, **common)
+    val = TensorLoader(x[n_tr:n_tr + n_va], y[n_tr:n_tr + n_va], batch_size=256, **common)
+    test = TensorLoader(x[n_tr + n_va:], y[n_tr + n_va:], batch_size=256, **common)
+    cperm = torch.randperm(n_tr, generator=torch.Generator().manual_seed(seed + 1))
+    calib = TensorLoader(x[:n_tr][cperm], y[:n_tr][cperm], batch_size=128, **common)
     return Data("teacher", "cifar", args.classes, args.channels, args.size, train, val, test, calib)
 
 
 def random_vectors(k: int, low: float, high: float, jitter: float, seed: int,
                    units: int = 9, step: float = 0.05) -> list[list[float]]:
+    """``k`` vectors: levels stratified over [low, high] (one uniform draw in each of ``k``
+    equal strata, shuffled), each rate the level plus uniform jitter, on the grid."""
     rng = np.random.default_rng(seed)
+    levels = low + (high - low) * (np.arange(k) + rng.uniform(size=k)) / k
     out = []
-    for _ in range(k):
-        level = rng.uniform(low, high)
+    for level in rng.permutation(levels):
         rates = np.clip(level + rng.uniform(-jitter, jitter, units), low, high)
         out.append([round(round(r / step) * step, 4) for r in rates])
     return out
@@ -118,8 +119,9 @@ def pretrain(args, data, work: Path, clock: Clock):
     from sketch_core import get_arch
     from sketch_core.train import evaluate, fit
 
-    key = hashlib.sha1(json.dumps([args.n_train, args.size, args.channels, args.classes,
-                                   args.task_seed, args.val_fraction, args.pretrain_epochs]
+    key = hashlib.sha1(json.dumps([args.n_train, args.n_val, args.size, args.channels,
+                                   args.classes, args.task_seed, args.teacher_depth,
+                                   args.teacher_hidden, args.pretrain_epochs]
                                   ).encode()).hexdigest()[:12]
     path = work / f"baseline-{key}.pt"
     model = get_arch(CFG, DATA_SET).build(None, args.classes, args.channels)
@@ -165,20 +167,24 @@ def main() -> int:
     ap.add_argument("--vectors", type=int, default=20)
     ap.add_argument("--modes", default=None,
                     help="comma-separated sketch modes; default: the search config's default")
-    ap.add_argument("--n_train", type=int, default=6000)
+    ap.add_argument("--n_train", type=int, default=12000)
+    ap.add_argument("--n_val", type=int, default=10000, help="the trials' validation images")
     ap.add_argument("--n_test", type=int, default=10000)
     ap.add_argument("--size", type=int, default=8)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--task_seed", type=int, default=0)
-    ap.add_argument("--val_fraction", type=float, default=0.1)
-    ap.add_argument("--pretrain_epochs", type=int, default=30)
-    ap.add_argument("--retrain_epochs", type=int, default=12)
+    ap.add_argument("--teacher_depth", type=int, default=1)
+    ap.add_argument("--teacher_hidden", type=int, default=64)
+    ap.add_argument("--pretrain_epochs", type=int, default=20)
+    ap.add_argument("--retrain_epochs", type=int, default=8)
     ap.add_argument("--low", type=float, default=0.2, help="the search space's default low")
     ap.add_argument("--high", type=float, default=1.0)
     ap.add_argument("--jitter", type=float, default=0.15)
     ap.add_argument("--boot", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; default 1 (small 8x8 convolutions: more threads gain "
+                         "little, and on a busy machine they wait on each other)")
     ap.add_argument("--work", default=None, help="folder to keep the baseline in (reused)")
     args = ap.parse_args()
 
@@ -190,7 +196,7 @@ def main() -> int:
     from search.config import SearchConfig
     from sketch_core import count_flops
 
-    threads = args.threads or torch.get_num_threads()
+    threads = args.threads
     torch.set_num_threads(threads)
     defaults = SearchConfig()
     modes = args.modes.split(",") if args.modes else [defaults.sketch.mode]
@@ -199,9 +205,9 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = teacher_data(args)
     counts = torch.bincount(data.test.y, minlength=args.classes).tolist()
-    print(f"[{clock()}] teacher task: {args.n_train} training images ({len(data.val.y)} held "
-          f"out for validation), {args.n_test} test, {args.channels}x{args.size}x{args.size}, "
-          f"test class counts {counts}", flush=True)
+    print(f"[{clock()}] teacher task: {args.n_train} training, {args.n_val} validation, "
+          f"{args.n_test} test images, {args.channels}x{args.size}x{args.size}, test class "
+          f"counts {counts}", flush=True)
     full, key = pretrain(args, data, work, clock)
     base_macs, base_params = count_flops(full, data.shape)
 
@@ -219,7 +225,7 @@ def main() -> int:
                 mode=mode, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                 weight_decay=t.weight_decay, lr_decay_step=list(t.lr_decay_step),
                 batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
-                bn_batches=t.bn_batches, val_fraction=args.val_fraction, seed=t.seed,
+                bn_batches=t.bn_batches, seed=t.seed,
                 threads=threads, baseline_key=key, baseline_flops=base_macs,
                 baseline_params=base_params)
             reports: list[dict] = []

@@ -20,7 +20,8 @@ epoch's model: nothing is chosen on the test set).
 The table gives each method's MACs ratio (identical for all four: same widths) and
 mean accuracies; then each method's hypervolume of its (accuracy, MACs ratio) points,
 accuracy maximised, MACs ratio minimised, reference (0, 1), per seed (mean, sd), after
-BN and after the fine-tune. Last line:
+BN and after the fine-tune, and the mean time of the pruning step and of one fine-tune
+epoch (wall clock, so only comparable within one run). Last line:
 ``ratio=<best sketchtune mode's fine-tuned hypervolume / Torch-Pruning L1's>`` (goal > 1).
 
     pip install -e ".[bench]"
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+import time
 from pathlib import Path
 
 from _common import Clock, hypervolume, mean_sd, pretrained, seeded
@@ -72,7 +74,9 @@ def main() -> int:
     ap.add_argument("--rates", default=",".join(map(str, RATES)))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--bn_batches", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; default 1 (small 8x8 convolutions: more threads gain "
+                         "little, and on a busy machine they wait on each other)")
     ap.add_argument("--work", default=None,
                     help="folder for the pretrained baseline (reused by a later run); "
                          "default: a temporary folder")
@@ -120,72 +124,92 @@ def main() -> int:
     plan = get_arch(CFG, "digits").plan()
     example = calib[0][0][:1]
 
-    # results[method][rate] = (macs_ratio, acc_bn, [acc_ft per seed])
-    results: dict[str, dict[float, tuple[float, float, list[float]]]] = {m: {} for m in methods}
+    # acc[method][rate][seed][e] = test accuracy after e fine-tune epochs (e = 0: after BN)
+    acc: dict[str, dict[float, list[list[float]]]] = {m: {} for m in methods}
+    macs_ratio: dict[str, dict[float, float]] = {m: {} for m in methods}
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for rate in rates:
         vec = [rate] * 9
         widths = rates_to_widths(CFG, vec, "digits")
         for method in methods:
+            t0 = time.perf_counter()
             if method == "tp_l1":
                 net = tp_l1(full, CFG, vec, "digits", example)
             else:
                 net = sketch(full, CFG, vec, "digits", mode=method, batches=calib)
+            t_prune = time.perf_counter() - t0
             got = [net.get_submodule(s.producer).out_channels for s in plan.slots]
             assert got == widths, f"{method} at {rate}: widths {got}, expected {widths}"
             recalibrate_bn(net, calib)
-            macs = count_flops(net, data.shape)[0]
+            macs_ratio[method][rate] = count_flops(net, data.shape)[0] / base_macs
             acc_bn = evaluate(net, data.test)["acc"]
             start = copy.deepcopy(net.state_dict())
-            accs = []
+            acc[method][rate] = []
+            t0 = time.perf_counter()
             for seed in range(args.seeds):
                 net.load_state_dict(start)
                 seeded(seed)
                 data.train.seed = seed  # the fine-tune's shuffle and augmentation; same split
+                curve = [acc_bn]
                 fit(net, data, epochs=args.epochs, lr=0.01, momentum=0.9, weight_decay=5e-4,
-                    lr_decay_step=[], seed=seed, progress=False)
-                accs.append(evaluate(net, data.test)["acc"])
-            results[method][rate] = (macs / base_macs, acc_bn, accs)
-            m, sd = mean_sd(accs)
+                    lr_decay_step=[], seed=seed, progress=False,
+                    on_epoch=lambda e, _m, net=net, curve=curve:
+                        curve.append(evaluate(net, data.test)["acc"]))
+                acc[method][rate].append(curve)
+            t_epoch = (time.perf_counter() - t0) / max(1, args.seeds * args.epochs)
+            times[method].append((t_prune, t_epoch))
+            m, sd = mean_sd([c[-1] for c in acc[method][rate]])
             print(f"[{clock()}] rate {rate:<4} {method:<10} widths {widths}  MACs "
-                  f"{macs / base_macs:.3f}  after BN {100 * acc_bn:6.2f}%  after fine-tune "
-                  f"{100 * m:6.2f}% (sd {100 * sd:.2f})", flush=True)
+                  f"{macs_ratio[method][rate]:.3f}  after BN {100 * acc_bn:6.2f}%  after "
+                  f"fine-tune {100 * m:6.2f}% (sd {100 * sd:.2f})  prune {t_prune:.1f}s, "
+                  f"fine-tune {t_epoch:.1f}s/epoch", flush=True)
 
     # every method prunes to the same widths: the same MACs
     for rate in rates:
-        ratios = {round(results[m][rate][0], 9) for m in methods}
+        ratios = {round(macs_ratio[m][rate], 9) for m in methods}
         assert len(ratios) == 1, f"methods differ in MACs at rate {rate}: {ratios}"
 
+    E = args.epochs
     print()
     print(f"digits, {CFG} (baseline test acc {100 * base_acc:.2f}%), uniform rates, BN "
-          f"recalibrated on {args.bn_batches} batches, {args.epochs}-epoch fine-tune, "
-          f"{args.seeds} seeds; test accuracy %")
-    head = f"{'rate':>5} {'MACs':>6} | " + " | ".join(f"{m:>19}" for m in methods)
-    print(head)
+          f"recalibrated on {args.bn_batches} batches, then a {E}-epoch fine-tune, "
+          f"{args.seeds} seeds; test accuracy % (mean over seeds)")
+    print(f"{'rate':>5} {'MACs':>6} | " + " | ".join(f"{m:>19}" for m in methods))
     print(f"{'':>5} {'ratio':>6} | " + " | ".join(f"{'BN':>7} {'fine-tuned':>11}" for _ in methods))
     for rate in rates:
         cells = []
         for m in methods:
-            _, acc_bn, accs = results[m][rate]
-            cells.append(f"{100 * acc_bn:7.2f} {100 * mean_sd(accs)[0]:11.2f}")
-        print(f"{rate:>5} {results[methods[0]][rate][0]:6.3f} | " + " | ".join(cells))
+            runs = acc[m][rate]
+            cells.append(f"{100 * runs[0][0]:7.2f} {100 * mean_sd([c[-1] for c in runs])[0]:11.2f}")
+        print(f"{rate:>5} {macs_ratio[methods[0]][rate]:6.3f} | " + " | ".join(cells))
+
+    def hv(m: str, seed: int, e: int) -> float:
+        return hypervolume([(acc[m][r][seed][e], macs_ratio[m][r]) for r in rates])
+
     print()
-    print(f"{'method':<11} {'HV after BN':>11} {'HV fine-tuned (mean, sd over seeds)':>37}")
-    hv_ft = {}
+    print("hypervolume of (accuracy, MACs ratio), reference (0, 1), after e fine-tune epochs "
+          "(mean over seeds; sd in brackets); pruning time and time per fine-tune epoch")
+    print(f"{'method':<11} " + " ".join(f"{f'e={e}':>16}" for e in range(E + 1))
+          + f" {'prune s':>8} {'s/epoch':>8}")
+    hvs = {m: [mean_sd([hv(m, s, e) for s in range(args.seeds)]) for e in range(E + 1)]
+           for m in methods}
     for m in methods:
-        hv_bn = hypervolume([(results[m][r][1], results[m][r][0]) for r in rates])
-        per_seed = [hypervolume([(results[m][r][2][s], results[m][r][0]) for r in rates])
-                    for s in range(args.seeds)]
-        hv_ft[m] = mean_sd(per_seed)
-        print(f"{m:<11} {hv_bn:11.4f} {hv_ft[m][0]:28.4f} {hv_ft[m][1]:8.4f}")
+        t_prune = mean_sd([t[0] for t in times[m]])[0]
+        t_epoch = mean_sd([t[1] for t in times[m]])[0]
+        print(f"{m:<11} " + " ".join(f"{v:8.4f} ({sd:.4f})" for v, sd in hvs[m])
+              + f" {t_prune:8.2f} {t_epoch:8.2f}")
     print(f"total time {clock()}")
     modes = [m for m in methods if m in MODES]
     if "tp_l1" not in methods or not modes:
         print("ratio=nan")
         return 0
-    best = max(modes, key=lambda m: hv_ft[m][0])
-    print(f"best sketchtune mode: {best}; its hypervolume / Torch-Pruning L1's "
-          f"= {hv_ft[best][0]:.4f} / {hv_ft['tp_l1'][0]:.4f}")
-    print(f"ratio={hv_ft[best][0] / hv_ft['tp_l1'][0]:.4f}")
+    for e in range(E + 1):
+        best = max(modes, key=lambda m: hvs[m][e][0])
+        print(f"after {e} epoch(s): best mode {best}, hypervolume / Torch-Pruning L1's = "
+              f"{hvs[best][e][0]:.4f} / {hvs['tp_l1'][e][0]:.4f} = "
+              f"{hvs[best][e][0] / hvs['tp_l1'][e][0]:.4f}")
+    best = max(modes, key=lambda m: hvs[m][E][0])
+    print(f"ratio={hvs[best][E][0] / hvs['tp_l1'][E][0]:.4f}")
     if tmp is not None:
         tmp.cleanup()
     return 0
