@@ -71,9 +71,13 @@ def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
+    import warnings
+
     from scipy.stats import spearmanr
 
-    return float(spearmanr(a, b).statistic)
+    with warnings.catch_warnings():  # a constant resample has no correlation: nan, skipped
+        warnings.simplefilter("ignore")
+        return float(spearmanr(a, b).statistic)
 
 
 def bootstrap_interval(stat: Callable[[np.ndarray], float], n: int, *, boot: int = 2000,
