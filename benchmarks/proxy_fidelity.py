@@ -61,6 +61,21 @@ DATA_SET = "synthetic"  # the family (cifar) and name the generated set goes by
 RETRAIN_BN_BATCHES = 8
 
 
+def partial_spearman(a, b, given) -> float:
+    """Spearman correlation of ``a`` and ``b`` with the ranks of ``given`` regressed out."""
+    from scipy.stats import rankdata
+
+    z = np.c_[np.ones(len(given)), rankdata(given)]
+
+    def residual(x):
+        r = rankdata(x)
+        return r - z @ np.linalg.lstsq(z, r, rcond=None)[0]
+
+    ea, eb = residual(a), residual(b)
+    den = math.sqrt(float(ea @ ea) * float(eb @ eb))
+    return float(ea @ eb) / den if den > 0 else math.nan
+
+
 def teacher_task(n: int, size: int, channels: int, classes: int, seed: int, depth: int = 1,
                  hidden: int = 64):
     """(x, y): ``n`` smooth random images labelled by a fixed random conv network: ``depth``
@@ -298,30 +313,43 @@ def main() -> int:
           f"x{args.size}), {CFG}; {args.vectors} vectors, trial = {t.epochs}-epoch fine-tune at "
           f"lr {t.lr} (decay at {list(t.lr_decay_step)}), val acc; retrain = "
           f"{args.retrain_epochs} epochs, test acc, 2 seeds")
-    print(f"{'mode':<11} {'proxy':<22} {'Spearman':>8} {'90% interval':>16}   "
-          f"{'ceiling':>7} {'90% interval':>16}")
+    print("Spearman correlation with the two retrains' test accuracies (mean of the two), and "
+          "partial Spearman given the MACs ratio (how well it ranks vectors of equal cost); "
+          "bootstrap 90% intervals over vectors")
+    print(f"{'mode':<11} {'score':<28} {'Spearman':>8} {'90% interval':>16}  "
+          f"{'given MACs':>10} {'90% interval':>16}")
     first_ratio = math.nan
     for mode, arr in results.items():
-        def proxy_corr(idx, col):
-            return 0.5 * (spearman(arr[idx, col], arr[idx, 3]) + spearman(arr[idx, col], arr[idx, 4]))
-
-        def ceiling_corr(idx):
-            return spearman(arr[idx, 3], arr[idx, 4])
-
         n = len(arr)
-        ceil = ceiling_corr(np.arange(n))
-        ceil_iv = bootstrap_interval(ceiling_corr, n, boot=args.boot)
-        for col, label in ((2, f"trial ({t.epochs} epochs)"), (1, "sketched + BN only")):
-            c = proxy_corr(np.arange(n), col)
-            iv = bootstrap_interval(lambda idx: proxy_corr(idx, col), n, boot=args.boot)
-            print(f"{mode:<11} {label:<22} {c:8.3f} {iv[0]:7.3f} .. {iv[1]:5.3f}   "
-                  f"{ceil:7.3f} {ceil_iv[0]:7.3f} .. {ceil_iv[1]:5.3f}")
-            if col == 2 and mode == modes[0]:
-                first_ratio = c / ceil
-        acc_m, acc_sd = mean_sd(arr[:, 3])
-        print(f"{'':<11} retrain test acc {100 * arr[:, 3].min():.1f}..{100 * arr[:, 3].max():.1f}% "
-              f"(mean {100 * acc_m:.1f}, sd {100 * acc_sd:.1f}); |retrain 1 - retrain 2| mean "
+        everything = np.arange(n)
+
+        def corr(idx, col, partial):
+            f = partial_spearman if partial else (lambda a, b, _z: spearman(a, b))
+            if col == "ceiling":
+                return f(arr[idx, 3], arr[idx, 4], arr[idx, 0])
+            return 0.5 * (f(arr[idx, col], arr[idx, 3], arr[idx, 0])
+                          + f(arr[idx, col], arr[idx, 4], arr[idx, 0]))
+
+        scores = ((2, f"trial ({t.epochs} epochs)"), (1, "sketched + BN (0 epochs)"),
+                  (0, "MACs ratio alone"), ("ceiling", "ceiling: retrain vs retrain"))
+        for col, label in scores:
+            c = corr(everything, col, False)
+            iv = bootstrap_interval(lambda idx: corr(idx, col, False), n, boot=args.boot)
+            if col == 0:  # MACs given MACs: nothing left
+                tail = f"{'':>10} {'':>16}"
+            else:
+                pc = corr(everything, col, True)
+                piv = bootstrap_interval(lambda idx: corr(idx, col, True), n, boot=args.boot)
+                tail = f"{pc:10.3f} {piv[0]:7.3f} .. {piv[1]:5.3f}"
+            print(f"{mode:<11} {label:<28} {c:8.3f} {iv[0]:7.3f} .. {iv[1]:5.3f}  {tail}")
+        ratio = corr(everything, 2, False) / corr(everything, "ceiling", False)
+        partial_ratio = corr(everything, 2, True) / corr(everything, "ceiling", True)
+        print(f"{mode:<11} trial / ceiling: {ratio:.3f} (given MACs: {partial_ratio:.3f}); retrain "
+              f"test acc {100 * arr[:, 3].min():.1f}..{100 * arr[:, 3].max():.1f}% (sd "
+              f"{100 * mean_sd(arr[:, 3])[1]:.2f}), |retrain 1 - retrain 2| mean "
               f"{100 * np.abs(arr[:, 3] - arr[:, 4]).mean():.2f} points")
+        if mode == modes[0]:
+            first_ratio = ratio
     print(f"total time {clock()}")
     print(f"ratio={first_ratio:.4f}")
     return 0
