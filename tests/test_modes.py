@@ -211,10 +211,11 @@ def test_ill_conditioned_solves_fall_back_to_the_plain_subset(digits, monkeypatc
     assert "layer3.2.conv2" in log[-1] and "layer3.2.conv2" in caplog.text
 
 
-# Measured with the conftest baseline (test accuracy 98.6%): `sketch` right after
-# sketching and BN recalibration scores 5-15% at every uniform rate 0.1 ... 0.9 (chance is
-# 10%), `select` 98.6% at 0.9; a 3-epoch fine-tune brings `sketch` at 0.5 to about 90%.
-SKETCH_BEFORE_FINE_TUNE_MAX = 0.20
+# Measured with the conftest baseline (one-thread pretrain, test accuracy 99.2%): `sketch`
+# right after sketching and BN recalibration scores 8-19% at every uniform rate 0.1 ... 0.9
+# (chance is 10%), `select` 99.2% at 0.9; a 3-epoch fine-tune brings `sketch` at 0.5 to
+# about 87% (benchmarks/pruning_quality.py; the README's table).
+SKETCH_BEFORE_FINE_TUNE_MAX = 0.25
 
 
 def test_sketch_mode_is_near_chance_until_fine_tuned(digits):
