@@ -147,6 +147,7 @@ def pretrain(args, data, work: Path, clock: Clock):
                                    args.teacher_hidden, args.pretrain_epochs]
                                   ).encode()).hexdigest()[:12]
     path = work / f"baseline-{key}.pt"
+    seeded(0)  # the initial weights: torch's own generator starts at a random seed
     model = get_arch(CFG, DATA_SET).build(None, args.classes, args.channels)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -186,8 +187,8 @@ def retrain(full, rates, mode, data, epochs: int, seed: int, bn_batches: int) ->
 
 
 class RetrainCache:
-    """Retrain results by (mode, rates, epochs, seed) in a JSON file beside the baseline, so a
-    second run (another trial recipe, another mode) retrains only what it has not."""
+    """Retrain results by (mode, rates, epochs, seed) in a JSON file beside the baseline (one
+    per mode), so a second run (another trial recipe) retrains only what it has not."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -277,11 +278,11 @@ def main() -> int:
 
     # the trial recipe, exactly as a search trial runs it, on the generated set
     trainable.trial_data = lambda setup, device: data
-    cache = RetrainCache(work / f"retrains-{key}.json")
     vectors = random_vectors(args.vectors, args.low, args.high, args.jitter, seed=1)
     baseline_state = {k: v.clone() for k, v in full.state_dict().items()}
     results = {}
     for mode in modes:
+        cache = RetrainCache(work / f"retrains-{key}-{mode}.json")
         rows = []
         for i, rates in enumerate(vectors):
             setup = trainable.TrialSetup(
