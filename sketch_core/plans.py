@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Seg", "ModSpec", "Slot", "Plan", "PlanBuilder"]
+__all__ = ["Seg", "ModSpec", "Slot", "Plan", "PlanBuilder", "require_default_start_conv"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,12 @@ class PlanBuilder:
     def build(self) -> Plan:
         return Plan(tuple(self.slots), tuple(self.units), tuple(self.unit_names),
                     tuple(self.modules))
+
+
+def require_default_start_conv(cfg: str, start_conv: int | None) -> None:
+    """Only VGG has a first conv to choose; every other architecture takes the default 1."""
+    if start_conv not in (None, 1):
+        from .errors import UserError
+
+        raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
+                        f"(got {start_conv})")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import UserError
-from .plans import Plan
+from .plans import Plan, require_default_start_conv
 
 __all__ = ["ArchEntry", "get_arch", "family_of", "list_cfgs", "FAMILIES"]
 
@@ -65,9 +65,8 @@ class ArchEntry:
                                in_channels=in_channels)
 
     def plan(self, start_conv: int | None = None) -> Plan:
-        if start_conv is not None and self.arch != "vgg" and start_conv != 1:
-            raise UserError(f"--start_conv only applies to VGG; {self.cfg} takes no start_conv "
-                            f"(got {start_conv}, expected the default 1)")
+        if self.arch != "vgg":
+            require_default_start_conv(self.cfg, start_conv)
         return self._mod.plan(self.cfg, start_conv=1 if start_conv is None else start_conv)
 
     @property

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg
+from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from .imagenet_resnet import check_widths
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "CONFIGS", "build", "plan",
@@ -157,9 +157,7 @@ def _plan(cfg: str) -> Plan:
 
 def plan(cfg: str, start_conv: int = 1) -> Plan:
     """One slot and one unit per dense layer (its bottleneck width)."""
-    if start_conv != 1:
-        raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
-                        f"(got {start_conv})")
+    require_default_start_conv(cfg, start_conv)
     return _plan(cfg)
 
 

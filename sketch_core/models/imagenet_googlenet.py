@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg
+from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from .imagenet_resnet import check_widths
 
 __all__ = ["BasicConv2d", "Inception", "GoogLeNet", "MODULES", "build", "plan"]
@@ -153,9 +153,7 @@ def _plan(cfg: str) -> Plan:
 
 def plan(cfg: str, start_conv: int = 1) -> Plan:
     """Two slots per Inception module (the two reduce convs), one unit per module."""
-    if start_conv != 1:
-        raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
-                        f"(got {start_conv})")
+    require_default_start_conv(cfg, start_conv)
     return _plan(cfg)
 
 

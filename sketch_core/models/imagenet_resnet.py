@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg
+from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "CONFIGS", "build", "plan", "check_widths"]
 
@@ -176,9 +176,7 @@ def _plan(cfg: str) -> Plan:
 
 def plan(cfg: str, start_conv: int = 1) -> Plan:
     """The prunable slots and units of ImageNet ``cfg``; ``start_conv`` must stay 1."""
-    if start_conv != 1:
-        raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
-                        f"(got {start_conv})")
+    require_default_start_conv(cfg, start_conv)
     return _plan(cfg)
 
 
