@@ -5,6 +5,8 @@ cost does not depend on the values), time ``sketch_core.sketch`` (mode ``sketch`
 filter sketch and channel sketch, model rebuild included) and, in the same run,
 ``torch.linalg.svd(A, full_matrices=False)`` of every matrix the sketch decomposes.
 Last line: ``ratio=<sketch time / SVD time for ResNet-50>``; goal <= 1.0.
+``--device cuda`` runs both on the GPU (the weights and matrices moved there first,
+the device synchronised before each clock read).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import time
 
 import torch
+from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 from sketch_core import get_arch, sketch
 from sketch_core.plans import Seg
@@ -43,11 +46,16 @@ def matrices(model, cfg, data_set, rates):
     return out
 
 
-def best_of(fn, repeat):
+def best_of(fn, repeat, device):
+    """The fastest of ``repeat`` runs after one warm-up run (kernel loading, solver handles)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
     times = []
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t)
     return min(times)
 
@@ -55,19 +63,23 @@ def best_of(fn, repeat):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     args = ap.parse_args()
+    device = torch.device(args.device)
     torch.manual_seed(0)
     ratios = {}
     for cfg, data_set, rates in (("resnet56", "cifar10", [0.5] * 27), ("resnet50", "imagenet", [0.5] * 16)):
-        model = get_arch(cfg, data_set).build().eval()
+        model = get_arch(cfg, data_set).build().eval().to(device)
         mats = matrices(model, cfg, data_set, rates)
-        t_sketch = best_of(lambda: sketch(model, cfg, rates, data_set), args.repeat)
+        t_sketch = best_of(lambda: sketch(model, cfg, rates, data_set), args.repeat, device)
         t_svd = best_of(lambda: [torch.linalg.svd(m, full_matrices=False) for m in mats],
-                        args.repeat)
+                        args.repeat, device)
         ratios[cfg] = t_sketch / t_svd
         print(f"{data_set:9} {cfg:9} {len(mats):3d} matrices  sketch {t_sketch:7.3f} s  "
               f"thin SVD {t_svd:7.3f} s  ratio {ratios[cfg]:.3f}")
-    print(f"threads={torch.get_num_threads()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu, threads={torch.get_num_threads()}"
+    print(f"device: {where}")
     print(f"ratio={ratios['resnet50']:.3f}")
 
 

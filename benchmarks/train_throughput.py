@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="reference DataLoader processes")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile", action="store_true", help="torch.compile sketchtune's model")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                   help="torch.compile sketchtune's model (optionally in MODE, e.g. "
+                        "reduce-overhead)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for both loops (default: torch's own)")
     args = p.parse_args(argv)

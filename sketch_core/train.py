@@ -192,7 +192,7 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
         weight_decay: float = 5e-4, lr_decay_step: Iterable[int] = (50, 100),
         gamma: float = 0.1, label_smoothing: float = 0.0,
         device: str | torch.device | None = None, job_dir: str | os.PathLike | None = None,
-        seed: int = 0, compile: bool = False, progress: bool = True,
+        seed: int = 0, compile: bool | str = False, progress: bool = True,
         start_state: dict[str, Any] | None = None, state_path: str | os.PathLike | None = None,
         state_meta: dict[str, Any] | None = None,
         on_epoch: Callable[[int, dict[str, Any]], Any] | None = None,
@@ -208,7 +208,9 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
     epoch is the best so far. ``start_state`` (a dict from :func:`load_state`) continues
     a run. ``stop`` is polled after every batch: when it returns true, the state is
     saved and :class:`TrainingInterrupted` raised. A NaN loss raises
-    :class:`TrainingDiverged` before anything of that epoch is saved.
+    :class:`TrainingDiverged` before anything of that epoch is saved. ``compile`` is
+    True for ``torch.compile``'s default mode or the name of a mode
+    (``"reduce-overhead"``: CUDA graphs, for small networks that launch-bound a GPU).
     """
     milestones = [int(m) for m in lr_decay_step]
     if epochs < 0:
@@ -218,6 +220,8 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
                         f"got {milestones}")
     device = resolve_device(device)
     cuda = device.type == "cuda"
+    if cuda:  # shapes stay fixed for a whole run: let cuDNN time its algorithms once
+        torch.backends.cudnn.benchmark = True
     amp = cuda if amp is None else amp
     channels_last = True if channels_last is None else channels_last
     rank0 = _rank() == 0
@@ -251,7 +255,7 @@ def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
     if compile:
-        net = torch.compile(net)
+        net = torch.compile(net) if compile is True else torch.compile(net, mode=str(compile))
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     tb = _tensorboard(job_dir)
 

@@ -32,7 +32,7 @@ def weights(model):
 
 
 def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def test_fit_learns_and_returns_the_best_epoch(data, tmp_path):

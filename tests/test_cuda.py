@@ -1,0 +1,116 @@
+"""The CUDA paths give what the CPU paths give. Skipped on a machine without a CUDA GPU.
+
+Every function here runs the same work on the CPU and on the GPU and compares: the
+Frequent Directions sketch, each sketch mode on a CIFAR ResNet, BN recalibration, the
+bf16-autocast training loop on digits, and ``launch.py pretrain`` / ``sketch`` on
+``--gpus 0`` end to end, with checkpoints written from the GPU read back on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sketch_core import get_arch, load_checkpoint, recalibrate_bn, sketch
+from sketch_core.data import load_data
+from sketch_core.sketch import frequent_directions, row_space_energy
+from sketch_core.train import evaluate, fit
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CUDA = torch.device("cuda", 0)
+
+
+def _model(cfg="resnet56", seed=0):
+    torch.manual_seed(seed)
+    model = get_arch(cfg, "cifar10").build().eval()
+    for m in model.modules():  # non-trivial BN so that selection and refits see real scales
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_frequent_directions_on_cuda_matches_the_cpu():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 144, generator=gen) @ torch.randn(144, 144, generator=gen)
+    cpu = frequent_directions(a, 20)
+    gpu = frequent_directions(a.to(CUDA), 20)
+    assert gpu.device.type == "cuda" and gpu.dtype == a.dtype
+    # rows are unique up to sign (and rotation within equal values): compare B^T B
+    ref = cpu.T @ cpu
+    assert torch.allclose((gpu.T @ gpu).cpu(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    e_cpu = row_space_energy(a, cpu)
+    e_gpu = row_space_energy(a.to(CUDA), gpu).cpu()
+    assert torch.allclose(e_gpu, e_cpu, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["sketch", "select"])
+def test_sketch_modes_on_cuda_match_the_cpu(mode):
+    model = _model()
+    rates = [0.5] * 27
+    cpu = sketch(model, "resnet56", rates, mode=mode)
+    gpu = sketch(model.to(CUDA), "resnet56", rates, mode=mode)
+    assert all(p.device.type == "cuda" for p in gpu.parameters())
+    assert gpu.sketch_widths == cpu.sketch_widths
+    a, b = cpu.state_dict(), gpu.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if mode == "select":  # the same filters kept: identical slices
+            assert torch.equal(a[k], b[k].cpu()), k
+        elif a[k].dim() == 4:  # sketched rows are unique up to sign: compare Gram matrices
+            dim = 1 if k.endswith("conv2.weight") else 0  # conv2: its input channels sketched
+            x = a[k].transpose(0, dim).flatten(1)
+            y = b[k].cpu().transpose(0, dim).flatten(1)
+            assert torch.allclose(x.T @ x, y.T @ y, atol=1e-4), k
+
+
+def test_select_lsq_and_bn_recalibration_on_cuda_match_the_cpu():
+    model = _model("resnet20")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(64, 3, 32, 32, generator=gen), torch.zeros(64, dtype=torch.long))
+               for _ in range(4)]
+    rates = [0.4] * 9
+    cpu = sketch(model, "resnet20", rates, mode="select_lsq", batches=batches)
+    gpu = sketch(model.to(CUDA), "resnet20", rates, mode="select_lsq", batches=batches)
+    recalibrate_bn(cpu, batches)
+    recalibrate_bn(gpu, batches)
+    assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
+    x = batches[0][0]
+    with torch.no_grad():
+        ref = cpu.eval()(x)
+        got = gpu.eval()(x.to(CUDA)).cpu()
+    assert torch.linalg.norm(got - ref) / torch.linalg.norm(ref) < 1e-3
+
+
+def test_fit_on_cuda_with_bf16_autocast_learns_digits():
+    data = load_data("digits", batch_size=64, device=CUDA)
+    torch.manual_seed(0)
+    model = get_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
+    chance = evaluate(model.to(CUDA), data.val)["acc"]
+    result = fit(model, data, epochs=4, lr=0.1, lr_decay_step=[3], device=CUDA, progress=False)
+    assert next(model.parameters()).device.type == "cuda"
+    assert all(torch.isfinite(v).all() for v in result.best_state.values())
+    assert result.best_val_acc > max(0.8, chance + 0.5)
+
+
+def test_launch_pretrain_and_sketch_on_gpu0(tmp_path, capsys):
+    import launch
+
+    pre = tmp_path / "pre"
+    assert launch.main(["pretrain", "--data_set", "digits", "--arch", "resnet", "--cfg", "resnet20",
+                        "--num_epochs", "4", "--gpus", "0", "--job_dir", str(pre),
+                        "--no_progress"]) == 0
+    base = pre / "checkpoint" / "model_best.pt"
+    job = tmp_path / "sk"
+    assert launch.main(["sketch", "--data_set", "digits", "--arch", "resnet", "--cfg", "resnet20",
+                        "--sketch_model", str(base), "--sketch_rate", "[0.5]*9",
+                        "--sketch_mode", "select_lsq", "--num_epochs", "2", "--gpus", "0",
+                        "--job_dir", str(job), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert "running on the CPU" not in out and "on digits (cuda" in out
+    loaded = load_checkpoint(job / "checkpoint" / "model_best.pt")  # written from the GPU
+    assert all(t.device.type == "cpu" for t in loaded.model.state_dict().values())
+    assert loaded.meta["widths"] == [8] * 3 + [16] * 3 + [32] * 3
+    data = load_data("digits")
+    assert evaluate(loaded.model, data.test)["acc"] > 0.8
