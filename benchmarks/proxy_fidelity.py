@@ -169,13 +169,21 @@ def pretrain(args, data, work: Path, clock: Clock):
     return model, key
 
 
+def split_mode(name: str) -> tuple[str, str]:
+    """``select`` -> (select, filters); ``select:channels`` -> (select, channels)."""
+    mode, _, select_by = name.partition(":")
+    return mode, select_by or "filters"
+
+
 def retrain(full, rates, mode, data, epochs: int, seed: int, bn_batches: int) -> float:
     """The retrain recipe: sketch, recalibrate BN, fine-tune, best on val; test accuracy."""
     from sketch_core import recalibrate_bn, sketch
     from sketch_core.train import evaluate, fit
 
     calib = data.calibration_batches(bn_batches)
-    net = sketch(full, CFG, rates, DATA_SET, mode=mode, batches=calib, seed=0)
+    mode, select_by = split_mode(mode)
+    net = sketch(full, CFG, rates, DATA_SET, mode=mode, select_by=select_by, batches=calib,
+                 seed=0)
     recalibrate_bn(net, calib)
     data.train.seed = seed
     seeded(seed)
@@ -227,7 +235,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vectors", type=int, default=20)
     ap.add_argument("--modes", default=None,
-                    help="comma-separated sketch modes; default: the search config's default")
+                    help="comma-separated sketch modes, each optionally MODE:SELECT_BY (e.g. "
+                         "select:channels); default: the search config's default")
     ap.add_argument("--n_train", type=int, default=12000)
     ap.add_argument("--n_val", type=int, default=10000, help="the trials' validation images")
     ap.add_argument("--n_test", type=int, default=10000)
@@ -282,12 +291,12 @@ def main() -> int:
     baseline_state = {k: v.clone() for k, v in full.state_dict().items()}
     results = {}
     for mode in modes:
-        cache = RetrainCache(work / f"retrains-{key}-{mode}.json")
+        cache = RetrainCache(work / f"retrains-{key}-{mode.replace(':', '-')}.json")
         rows = []
         for i, rates in enumerate(vectors):
             setup = trainable.TrialSetup(
                 cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
-                mode=mode, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                mode=split_mode(mode)[0], select_by=split_mode(mode)[1], epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                 weight_decay=t.weight_decay, lr_decay_step=list(t.lr_decay_step),
                 batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
                 bn_batches=t.bn_batches, seed=t.seed,

@@ -4,7 +4,10 @@ Digits (scikit-learn's 8x8 images), a CIFAR ResNet-20 pretrained by the project'
 ``launch.py pretrain`` (digits defaults), uniform rates 0.9 0.7 0.5 0.4 0.3 0.2 0.1.
 Each rate vector is pruned by
 
-- ``sketch``, ``select``, ``select_lsq`` (``sketch_core.sketch`` in that mode), and
+- ``sketch``, ``select``, ``select_lsq`` (``sketch_core.sketch`` in that mode; the
+  selection modes rank by the producer's filters, ``select_by="filters"``),
+- ``select_ch``, ``select_lsq_ch``: the same two modes with ``select_by="channels"``
+  (each channel's weights in its consumers, scaled by its BN gain), and
 - ``tp_l1``: Torch-Pruning's L1 magnitude pruning (``MagnitudeImportance(p=1)`` on each
   dependency group, the lowest-scoring channels removed through its ``DependencyGraph``),
   restricted to the same block-internal channels: only each block's conv1 (with its BN
@@ -38,8 +41,11 @@ from pathlib import Path
 
 from _common import Clock, hypervolume, mean_sd, pretrained, seeded
 
-MODES = ("sketch", "select", "select_lsq")
-METHODS = MODES + ("tp_l1",)
+# method -> (sketch mode, select_by)
+MODES = {"sketch": ("sketch", "filters"), "select": ("select", "filters"),
+         "select_lsq": ("select_lsq", "filters"), "select_ch": ("select", "channels"),
+         "select_lsq_ch": ("select_lsq", "channels")}
+METHODS = tuple(MODES) + ("tp_l1",)
 RATES = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1)
 CFG = "resnet20"
 
@@ -136,7 +142,9 @@ def main() -> int:
             if method == "tp_l1":
                 net = tp_l1(full, CFG, vec, "digits", example)
             else:
-                net = sketch(full, CFG, vec, "digits", mode=method, batches=calib)
+                mode, select_by = MODES[method]
+                net = sketch(full, CFG, vec, "digits", mode=mode, select_by=select_by,
+                             batches=calib)
             t_prune = time.perf_counter() - t0
             got = [net.get_submodule(s.producer).out_channels for s in plan.slots]
             assert got == widths, f"{method} at {rate}: widths {got}, expected {widths}"
@@ -189,14 +197,14 @@ def main() -> int:
     print()
     print("hypervolume of (accuracy, MACs ratio), reference (0, 1), after e fine-tune epochs "
           "(mean over seeds; sd in brackets); pruning time and time per fine-tune epoch")
-    print(f"{'method':<11} " + " ".join(f"{f'e={e}':>16}" for e in range(E + 1))
+    print(f"{'method':<13} " + " ".join(f"{f'e={e}':>16}" for e in range(E + 1))
           + f" {'prune s':>8} {'s/epoch':>8}")
     hvs = {m: [mean_sd([hv(m, s, e) for s in range(args.seeds)]) for e in range(E + 1)]
            for m in methods}
     for m in methods:
         t_prune = mean_sd([t[0] for t in times[m]])[0]
         t_epoch = mean_sd([t[1] for t in times[m]])[0]
-        print(f"{m:<11} " + " ".join(f"{v:8.4f} ({sd:.4f})" for v, sd in hvs[m])
+        print(f"{m:<13} " + " ".join(f"{v:8.4f} ({sd:.4f})" for v, sd in hvs[m])
               + f" {t_prune:8.2f} {t_epoch:8.2f}")
     print(f"total time {clock()}")
     modes = [m for m in methods if m in MODES]

@@ -40,6 +40,7 @@ DATA_SETS = ("cifar10", "imagenet", "folder", "digits", "synthetic")
 MODES = ("sketch", "select", "select_lsq")
 NORMS = ("max", "sum", "l2", "l1", "l2_2", "2max")
 RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")
+SELECT_BY = ("filters", "channels")
 SAMPLERS = ("nsga2", "tpe", "random")
 SCHEDULERS = ("asha", "none")
 GROUPINGS = ("per_unit", "per_stage")
@@ -78,6 +79,7 @@ class SketchConfig:
     """The original's sketch options, plus the mode trials use."""
 
     mode: str = "select"
+    select_by: str = "filters"
     weight_norm_method: str | None = None
     filter_norm: bool = False
     sketch_bn: bool = False
@@ -359,6 +361,7 @@ def _validate(c: SearchConfig) -> None:
     _positive(m.pretrain.lr, "model.pretrain.lr")
     s = c.sketch
     _choice(s.mode, MODES, "sketch.mode")
+    _choice(s.select_by, SELECT_BY, "sketch.select_by")
     if s.weight_norm_method is not None:
         _choice(s.weight_norm_method, NORMS, "sketch.weight_norm_method")
     _choice(s.random_rule, RANDOM_RULES, "sketch.random_rule")

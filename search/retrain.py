@@ -99,7 +99,7 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
                        sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
                        start_conv=s.start_conv, random_rule=s.random_rule,
                        round_to=config.space.round_to, seed=config.trial.seed, batches=calib,
-                       widths=list(widths) if widths else None)
+                       widths=list(widths) if widths else None, select_by=s.select_by)
         widths = list(model.sketch_widths)
         recalibrate_bn(model, calib, device)
         after = evaluate(model, data.val, device)["acc"] if data.val is not None else None
@@ -118,7 +118,7 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
     save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=m.cfg, data_set=m.data_set,
                     num_classes=b["num_classes"], in_channels=b["in_channels"], rates=rates,
                     widths=list(widths), metrics=metrics,
-                    extra={"sketch_mode": s.mode, "trial_id": rec.get("trial_id"),
+                    extra={"sketch_mode": s.mode, "select_by": s.select_by, "trial_id": rec.get("trial_id"),
                            "experiment": str(exp_dir)})
     return {"test_acc": test["acc"], "test_top5": test["top5"], "val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch, "flops": flops, "params": params,
@@ -144,7 +144,7 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
             "--sketch_rate", format_rates(rec["rates"]), "--num_epochs", str(epochs),
             "--lr", str(rt.lr), "--momentum", str(rt.momentum),
             "--weight_decay", str(rt.weight_decay), "--train_batch_size", str(rt.batch_size),
-            "--sketch_mode", s.mode, "--random_rule", s.random_rule,
+            "--sketch_mode", s.mode, "--select_by", s.select_by, "--random_rule", s.random_rule,
             "--sketch_bn", str(s.sketch_bn), "--filter_norm", str(s.filter_norm),
             "--sketch_lastconv", str(s.sketch_lastconv),
             "--val_fraction", str(config.trial.val_fraction), "--seed", str(config.trial.seed),

@@ -45,6 +45,7 @@ class TrialSetup:
     input_size: int | None = None
     synthetic: dict | None = None
     mode: str = "select"
+    select_by: str = "filters"
     weight_norm_method: str | None = None
     filter_norm: bool = False
     sketch_bn: bool = False
@@ -158,7 +159,8 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
                             filter_norm=setup.filter_norm, sketch_bn=setup.sketch_bn,
                             sketch_lastconv=setup.sketch_lastconv, start_conv=setup.start_conv,
                             random_rule=setup.random_rule, round_to=setup.round_to,
-                            seed=setup.seed, batches=calib, widths=widths)
+                            seed=setup.seed, batches=calib, widths=widths,
+                            select_by=setup.select_by)
             if setup.bn_batches:
                 recalibrate_bn(narrow, calib, device)
             val_sketched = evaluate(narrow, data.val, device)["acc"] if data.val is not None else None

@@ -254,7 +254,7 @@ def _make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> 
     setup = TrialSetup(
         cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
         in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
-        synthetic=m.synthetic, mode=s.mode, weight_norm_method=s.weight_norm_method,
+        synthetic=m.synthetic, mode=s.mode, select_by=s.select_by, weight_norm_method=s.weight_norm_method,
         filter_norm=s.filter_norm, sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
         start_conv=s.start_conv, random_rule=s.random_rule, round_to=config.space.round_to,
         epochs=t.epochs, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,

@@ -24,7 +24,7 @@ from .bn import recalibrate_bn
 from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from .errors import UserError
 from .flops import count_arch, count_flops, input_shape
-from .prune import MODES, RANDOM_RULES, sketch
+from .prune import MODES, RANDOM_RULES, SELECT_BY, sketch
 from .rates import format_rates, parse_rates, rates_to_widths
 from .registry import family_of, get_arch, list_cfgs
 from .sketch import frequent_directions
@@ -33,7 +33,7 @@ __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "LoadedModel", "sketch", "count_flops",
     "count_arch", "input_shape", "parse_rates", "format_rates", "rates_to_widths",
     "frequent_directions", "recalibrate_bn", "get_arch", "family_of", "list_cfgs", "UserError",
-    "MODES", "RANDOM_RULES",
+    "MODES", "RANDOM_RULES", "SELECT_BY",
 ]
 
 

@@ -129,6 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
           help="sketch (the original: filters replaced by their sketch), select (keep the "
                "filters with most energy in the sketch's row space) or select_lsq (select, then "
                "refit consumers by least squares). default:sketch")
+        a("--select_by", default="filters",
+          help="What select / select_lsq sketch to rank channels: filters (the producer's "
+               "filters) or channels (each channel's weights in its consumers, scaled by the "
+               "BN gain it arrives with). default:filters")
         a("--calibration_batches", type=int, default=10,
           help="Training batches used to recompute BN statistics (and for select_lsq). "
                "default:10")
@@ -168,7 +172,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key, value in (("refine", None), ("sketch_model", None), ("sketch_rate", None),
-                       ("start_conv", None), ("sketch_mode", None)):
+                       ("start_conv", None), ("sketch_mode", None), ("select_by", "filters")):
         if not hasattr(args, key):
             setattr(args, key, value)
 
@@ -463,7 +467,8 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
     if args.refine:
         log.info("fine-tuning the sketched checkpoint %s", args.refine)
         return model, {**desc, "rates": m.get("rates"), "widths": m.get("widths"),
-                       "sketch_mode": (m.get("extra") or {}).get("sketch_mode")}, None
+                       "sketch_mode": (m.get("extra") or {}).get("sketch_mode"),
+                       "select_by": (m.get("extra") or {}).get("select_by")}, None
 
     if not args.sketch_rate:
         units = sc.get_arch(args.cfg, args.data_set).plan(args.start_conv).num_units
@@ -479,7 +484,7 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
                        weight_norm_method=args.weight_norm_method, filter_norm=args.filter_norm,
                        sketch_bn=args.sketch_bn, sketch_lastconv=args.sketch_lastconv,
                        start_conv=args.start_conv, random_rule=args.random_rule, seed=args.seed,
-                       batches=calib, widths=widths, lsq_log=lsq_log)
+                       batches=calib, widths=widths, lsq_log=lsq_log, select_by=args.select_by)
     for line in lsq_log:
         log.info("%s", line)
     sc.recalibrate_bn(narrow, calib, device)
@@ -489,6 +494,7 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
              "recalibration", args.cfg, sc.format_rates(rates), args.sketch_mode, split,
              _pct(base["acc"]), _pct(after["acc"]))
     return narrow, {**desc, "rates": rates, "widths": widths, "sketch_mode": args.sketch_mode,
+                    "select_by": args.select_by if args.sketch_mode != "sketch" else None,
                     "acc_before_sketch": base["acc"], "acc_after_sketch": after["acc"]}, None
 
 
@@ -518,7 +524,8 @@ def execute(args: argparse.Namespace, device: torch.device, *,
              _reduction(base_params, params))
     save_kw = dict(cfg=meta["cfg"], data_set=args.data_set, num_classes=data.num_classes,
                    in_channels=data.in_channels, rates=meta.get("rates"), widths=meta.get("widths"))
-    extra = {k: meta[k] for k in ("sketch_mode", "command") if meta.get(k) is not None}
+    extra = {k: meta[k] for k in ("sketch_mode", "select_by", "command")
+             if meta.get(k) is not None}
 
     def on_epoch(epoch: int, metrics: dict[str, Any]) -> None:
         row = {k: v for k, v in metrics.items() if v is not None}

@@ -23,12 +23,15 @@ from .rates import parse_rates, rates_to_widths
 from .registry import get_arch
 from .sketch import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
 
-__all__ = ["sketch", "MODES", "RANDOM_RULES", "model_io"]
+__all__ = ["sketch", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
 
 log = logging.getLogger("sketchtune.prune")
 
 MODES = ("sketch", "select", "select_lsq")
 RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")
+# what the selection modes sketch to rank a slot's channels: the producer's filters, or
+# the channels as the consumers receive them (see _Pruner.channel_rows)
+SELECT_BY = ("filters", "channels")
 
 
 def model_io(model: nn.Module) -> tuple[int, int]:
@@ -45,8 +48,9 @@ def _rows(w: torch.Tensor) -> torch.Tensor:
 class _Pruner:
     def __init__(self, state: dict[str, torch.Tensor], plan: Plan, widths: list[int], *,
                  mode: str, random_rule: str, weight_norm_method: str | None, filter_norm: bool,
-                 sketch_bn: bool, seed: int) -> None:
+                 sketch_bn: bool, seed: int, select_by: str = "filters") -> None:
         self.src, self.plan, self.widths = state, plan, widths
+        self.select_by = select_by
         self.index_mode = mode != "sketch" or random_rule != "default"
         self.mode, self.random_rule = mode, random_rule
         self.norm, self.filter_norm, self.sketch_bn = weight_norm_method, filter_norm, sketch_bn
@@ -67,10 +71,42 @@ class _Pruner:
                 idx = torch.randperm(n, generator=self.gen)[:l]
             elif self.random_rule == "l1_pretrain":
                 idx = w.abs().sum(1).topk(l).indices
-            else:  # select: energy in the row space of the layer's FD sketch
-                idx = row_space_energy(w, frequent_directions(w, l)).topk(l).indices
+            else:  # select: energy in the row space of an FD sketch of the slot's rows
+                rows = w if self.select_by == "filters" else self.channel_rows(slot)
+                idx = row_space_energy(rows, frequent_directions(rows, l)).topk(l).indices
             self.indices[slot] = idx.sort().values.to(w.device)
         return self.indices[slot]
+
+    def channel_rows(self, slot: int) -> torch.Tensor:
+        """Row i: every consumer's weights for channel i, times the size channel i arrives with.
+
+        Behind a BN a filter's own scale is normalised away: channel i reaches its
+        consumers as |gamma_i| times a unit-variance signal, gamma_i from the slot's own BN
+        (post-activation) or from the BN in front of the consumer (pre-activation, as in
+        DenseNet). A channel with no BN on its way arrives with its filter's norm.
+        """
+        info = self.plan.slots[slot]
+        filt = _rows(self.src[info.producer + ".weight"]).norm(dim=1)
+        own = self.src[info.bn + ".weight"].abs() if info.bn else None
+        parts, front = [], None
+        for spec in self.plan.modules:
+            if spec.kind == "bn":
+                front = spec
+                continue
+            off = 0
+            for seg in spec.inputs:
+                span = seg.n * seg.repeat
+                if seg.slot == slot:
+                    w = self.src[spec.path + ".weight"].narrow(1, off, span)
+                    rows = w.reshape(w.shape[0], seg.n, -1).transpose(0, 1).reshape(seg.n, -1)
+                    size = own
+                    if size is None and front is not None and front.inputs == spec.inputs:
+                        size = self.src[front.path + ".weight"].narrow(0, off, span)
+                        size = size.reshape(seg.n, seg.repeat)[:, 0].abs()
+                    parts.append(rows * (filt if size is None else size)[:, None])
+                off += span
+            front = None
+        return torch.cat(parts, 1) if parts else _rows(self.src[info.producer + ".weight"])
 
     # producers -------------------------------------------------------------------------
     def filters(self, spec: ModSpec, w: torch.Tensor, b: torch.Tensor | None):
@@ -209,16 +245,21 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
            filter_norm: bool = False, sketch_bn: bool = False, sketch_lastconv: bool = True,
            start_conv: int | None = None, random_rule: str = "default", round_to: int = 1,
            seed: int = 0, batches: Iterable | None = None, widths: list[int] | None = None,
-           lsq_log: list[str] | None = None) -> nn.Module:
+           lsq_log: list[str] | None = None, select_by: str = "filters") -> nn.Module:
     """Return a new, narrower model of the same builder, sketched from ``model``.
 
     ``rates`` has one rate per unit (see :func:`sketch_core.parse_rates`); ``widths``
     (one per plan slot) overrides them when given. ``batches`` (an iterable of
-    ``(x, y)``) is needed by ``select_lsq``. BN statistics of sketched layers are not
-    recomputed here: call :func:`sketch_core.recalibrate_bn` before evaluating.
+    ``(x, y)``) is needed by ``select_lsq``. ``select_by`` (see :data:`SELECT_BY`)
+    is what the selection modes sketch to rank channels: ``"filters"``, the producer's
+    filters, or ``"channels"``, each channel's weights in its consumers scaled by the BN
+    gain it arrives with. BN statistics of sketched layers are not recomputed here: call
+    :func:`sketch_core.recalibrate_bn` before evaluating.
     """
     if mode not in MODES:
         raise UserError(f"unknown --sketch_mode {mode!r}; valid: {', '.join(MODES)}")
+    if select_by not in SELECT_BY:
+        raise UserError(f"unknown --select_by {select_by!r}; valid: {', '.join(SELECT_BY)}")
     if random_rule not in RANDOM_RULES:
         raise UserError(f"unknown --random_rule {random_rule!r}; valid: {', '.join(RANDOM_RULES)}")
     if weight_norm_method not in (None, "", "none", "None") and weight_norm_method not in WEIGHT_NORMS:
@@ -251,7 +292,7 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
     with torch.no_grad():
         pruner = _Pruner(state, plan, list(widths), mode=mode, random_rule=random_rule,
                          weight_norm_method=weight_norm_method, filter_norm=filter_norm,
-                         sketch_bn=sketch_bn, seed=seed)
+                         sketch_bn=sketch_bn, seed=seed, select_by=select_by)
         changed = pruner.run()
     p = next(model.parameters())
     with torch.device("meta"):

@@ -159,8 +159,10 @@ def test_cifar10_folder_trains_end_to_end(cifar10_folder, tmp_path, capsys):
     ckpt = tmp_path / "pre" / "checkpoint" / "model_best.pt"
     rc, out, err = cli(["sketch", *common, "--num_epochs", 1, "--job_dir", tmp_path / "sk",
                         "--sketch_model", ckpt, "--sketch_rate", "[0.5]*9",
-                        "--sketch_mode", "select"], capsys)
+                        "--sketch_mode", "select", "--select_by", "channels"], capsys)
     assert rc == 0, err
+    extra = sc.load_checkpoint(tmp_path / "sk" / "checkpoint" / "model_best.pt").meta["extra"]
+    assert (extra["sketch_mode"], extra["select_by"]) == ("select", "channels")
     result = json.loads((tmp_path / "sk" / "result.json").read_text())
     assert result["flops_reduction"] > 0.4 and 0 <= result["test_acc"] <= 1
 

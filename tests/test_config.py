@@ -60,6 +60,7 @@ def test_overrides_reach_nested_sections_and_other_imagenet_models():
     (["budget.flops_budget=2"], "budget.flops_budget: 2.0 is outside (0, 1]"),
     (["space.low=0.9", "space.high=0.5"], "low 0.9 is above high 0.5"),
     (["sampler.name=nsga"], "did you mean 'nsga2'?"),
+    (["sketch.select_by=filter"], "did you mean 'filters'?"),
     (["budget.time=soon"], "cannot parse 'soon'"),
     (["retrain.pick=median"], "expected knee, best, flops<=F"),
     (["trial=3"], "expected section.key=value"),
@@ -69,6 +70,18 @@ def test_bad_config_values_are_one_clear_user_error(override, message):
         load_config("quickstart", override)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_config_choices_are_the_cores():
+    """The config validates without importing torch; its lists must be sketch_core's."""
+    import search.config as cfg
+    import sketch_core
+    from sketch_core.sketch import WEIGHT_NORMS
+
+    assert cfg.MODES == sketch_core.MODES
+    assert cfg.RANDOM_RULES == sketch_core.RANDOM_RULES
+    assert cfg.SELECT_BY == sketch_core.SELECT_BY
+    assert cfg.NORMS == WEIGHT_NORMS
 
 
 def test_config_file_errors(tmp_path):

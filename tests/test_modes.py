@@ -73,14 +73,15 @@ def _layout(spec, kept: dict[int, torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize("select_by", ["filters", "channels"])
 @pytest.mark.parametrize("cfg", CIFAR)
-def test_select_is_a_slice_of_the_pretrained_network(cfg):
+def test_select_is_a_slice_of_the_pretrained_network(cfg, select_by):
     arch = get_arch(cfg)
     plan = arch.plan()
     torch.manual_seed(0)
     full = arch.build().eval()
     src = {k: v.clone() for k, v in _distinct_weights(full, seed=len(cfg)).items()}
-    narrow = sketch(full, cfg, [0.5] * plan.num_units, mode="select")
+    narrow = sketch(full, cfg, [0.5] * plan.num_units, mode="select", select_by=select_by)
     got = narrow.state_dict()
     assert list(got) == list(src)
     idx = {k: _slice_indices(src[k], v, k) for k, v in got.items() if v.dim() > 0}
@@ -125,6 +126,59 @@ def test_select_keeps_the_filters_with_most_energy_in_the_sketch_row_space():
         got = [int((w == row).all(1).nonzero()) for row in narrow.get_submodule(path).weight.reshape(l, -1)]
         assert got == want.tolist()
     assert narrow.layer1[0].conv2.in_channels == narrow.layer1[0].conv1.out_channels == 6
+
+
+def _rescale_filter(model: nn.Module, conv: str, bn: str, j: int, c: float) -> None:
+    """Multiply filter ``j`` of ``conv`` by ``c`` and let ``bn`` absorb it: the same function."""
+    with torch.no_grad():
+        model.get_submodule(conv).weight[j] *= c
+        b = model.get_submodule(bn)
+        b.running_mean[j] *= c
+        b.running_var[j] = (b.running_var[j] + b.eps) * c * c - b.eps
+
+
+def test_select_by_channels_sees_through_a_filter_scale_that_bn_removes():
+    torch.manual_seed(3)
+    full = get_arch("resnet20").build().eval()
+    for m in full.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 2.0)
+    x = torch.randn(8, 3, 32, 32)
+    before = full(x)
+
+    def kept(select_by):
+        narrow = sketch(full, "resnet20", [0.25] * 9, mode="select", select_by=select_by)
+        w, src = narrow.layer1[0].conv1.weight, full.layer1[0].conv1.weight
+        return [int((src == row).all(dim=(1, 2, 3)).nonzero()) for row in w]
+
+    by_filters, by_channels = kept("filters"), kept("channels")
+    j = next(i for i in range(16) if i not in by_filters and i not in by_channels)
+    _rescale_filter(full, "layer1.0.conv1", "layer1.0.bn1", j, 20.0)
+    assert torch.allclose(full(x), before, atol=1e-4)  # the network computes the same
+    # ranking by filter energy now keeps the inflated filter; the channel view does not move
+    assert j in kept("filters")
+    assert kept("channels") == by_channels
+
+
+def test_select_by_channels_ranks_by_each_channels_consumer_weights_times_its_bn_gain():
+    torch.manual_seed(4)
+    full = get_arch("resnet20").build().eval()
+    for m in full.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(-2.0, 2.0)
+    narrow = sketch(full, "resnet20", [0.4] * 9, mode="select", select_by="channels")
+    block = full.layer2[1]
+    rows = block.conv2.weight.detach().transpose(0, 1).reshape(32, -1) * block.bn1.weight.abs()[:, None]
+    l = narrow.layer2[1].conv1.out_channels
+    want = row_space_energy(rows, frequent_directions(rows, l)).topk(l).indices.sort().values
+    src = block.conv1.weight
+    got = [int((src == row).all(dim=(1, 2, 3)).nonzero()) for row in narrow.layer2[1].conv1.weight]
+    assert got == want.tolist()
+
+
+def test_unknown_select_by_lists_the_valid_ones():
+    with pytest.raises(UserError, match="unknown --select_by 'bias'; valid: filters, channels"):
+        sketch(get_arch("resnet20").build(), "resnet20", [0.5] * 9, mode="select", select_by="bias")
 
 
 # ------------------------------------------------------------------ digits baseline
