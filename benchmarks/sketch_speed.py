@@ -18,7 +18,6 @@ import torch
 from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
 from sketch_core import get_arch, sketch
-from sketch_core.plans import Seg
 from sketch_core.rates import rates_to_widths
 
 

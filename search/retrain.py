@@ -59,8 +59,6 @@ def _say(quiet: bool, text: str) -> None:
 def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest: dict,
             epochs: int, quiet: bool) -> dict[str, Any]:
     """Retrain in this process on its best device; resumes from job/train_state.pt."""
-    import torch
-
     from search.baseline import load_baseline_file, load_search_data, set_cpu_threads
     from sketch_core.bn import recalibrate_bn
     from sketch_core.checkpoint import save_checkpoint
