@@ -266,7 +266,7 @@ def main() -> int:
     import torch
 
     import search.trainable as trainable
-    from search.config import SearchConfig
+    from search.config import SearchConfig, SketchConfig
     from sketch_core import count_flops
 
     t = trial_config(args.trial)
@@ -294,12 +294,10 @@ def main() -> int:
         cache = RetrainCache(work / f"retrains-{key}-{mode.replace(':', '-')}.json")
         rows = []
         for i, rates in enumerate(vectors):
+            mode_name, select_by = split_mode(mode)
             setup = trainable.TrialSetup(
                 cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
-                mode=split_mode(mode)[0], select_by=split_mode(mode)[1], epochs=t.epochs, lr=t.lr, momentum=t.momentum,
-                weight_decay=t.weight_decay, lr_decay_step=list(t.lr_decay_step),
-                batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
-                bn_batches=t.bn_batches, seed=t.seed,
+                sketch=SketchConfig(mode=mode_name, select_by=select_by), trial=t,
                 threads=threads, baseline_key=key, baseline_flops=base_macs,
                 baseline_params=base_params)
             reports: list[dict] = []

@@ -84,7 +84,7 @@ def main() -> None:
         key = (tuple(space.cost(rates).widths), seed)
         if key not in cache:
             setup = _make_setup(config, baseline, {})
-            setup.seed = seed
+            setup.trial.seed = seed
             out: list[dict] = []
             train_trial(rates, setup, b.state, lambda m, _s: out.append(m))
             cache[key] = (out[-1]["val_acc"], out[-1]["flops_ratio"])

@@ -16,6 +16,7 @@ ends, so Tune does not retry it. Only the loss of a worker (node death) reaches 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -27,6 +28,8 @@ from typing import Any, Callable
 
 import torch
 
+from search.config import SketchConfig, TrialConfig
+
 __all__ = ["TrialSetup", "run_trial", "train_trial", "trial_data", "baseline_model"]
 
 STATE_FILE = "train_state.pt"
@@ -35,7 +38,11 @@ _CACHE: dict[str, Any] = {}
 
 @dataclass
 class TrialSetup:
-    """Everything a trial needs besides its rates; plain data, pickled to the workers."""
+    """Everything a trial needs besides its rates; plain data, pickled to the workers.
+
+    ``sketch`` and ``trial`` are the search config's sections as they are; ``threads``
+    is the resolved torch thread count (``trial.threads`` or the trial's CPUs).
+    """
 
     cfg: str
     data_set: str
@@ -44,26 +51,9 @@ class TrialSetup:
     data_path: str | None = None
     input_size: int | None = None
     synthetic: dict | None = None
-    mode: str = "select"
-    select_by: str = "filters"
-    weight_norm_method: str | None = None
-    filter_norm: bool = False
-    sketch_bn: bool = False
-    sketch_lastconv: bool = True
-    start_conv: int | None = None
-    random_rule: str = "default"
+    sketch: SketchConfig = field(default_factory=SketchConfig)   # the config's own sections
+    trial: TrialConfig = field(default_factory=TrialConfig)
     round_to: int = 1
-    epochs: int = 3
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_step: list[int] = field(default_factory=list)
-    label_smoothing: float = 0.0
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    bn_batches: int = 8
-    val_fraction: float = 0.1
-    seed: int = 0
     threads: int | None = None
     use_gpu: bool = False
     baseline_key: str = ""
@@ -77,12 +67,13 @@ def trial_data(setup: TrialSetup, device: str):
     """The data set, loaded once per worker process and device."""
     from sketch_core.data import load_data
 
+    t = setup.trial
     key = repr(("data", setup.data_set, setup.data_path, setup.input_size, setup.synthetic,
-                setup.batch_size, setup.eval_batch_size, setup.val_fraction, setup.seed, device))
+                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device))
     if key not in _CACHE:
-        _CACHE[key] = load_data(setup.data_set, setup.data_path, batch_size=setup.batch_size,
-                                eval_batch_size=setup.eval_batch_size,
-                                val_fraction=setup.val_fraction, seed=setup.seed, device=device,
+        _CACHE[key] = load_data(setup.data_set, setup.data_path, batch_size=t.batch_size,
+                                eval_batch_size=t.eval_batch_size,
+                                val_fraction=t.val_fraction, seed=t.seed, device=device,
                                 input_size=setup.input_size, synthetic=setup.synthetic)
     return _CACHE[key]
 
@@ -136,6 +127,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
     from sketch_core.train import TrainingDiverged, evaluate, fit
 
     started = time.time()
+    sk, t = setup.sketch, setup.trial
     torch.set_num_threads(setup.threads or 1)
     device = "cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu"
     rates = [float(r) for r in rates]
@@ -144,8 +136,8 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
     epoch_done = 0
     try:
         data = trial_data(setup, device)
-        widths = rates_to_widths(setup.cfg, rates, setup.data_set, setup.start_conv,
-                                 setup.sketch_lastconv, setup.round_to)
+        widths = rates_to_widths(setup.cfg, rates, setup.data_set, sk.start_conv,
+                                 sk.sketch_lastconv, setup.round_to)
         if start_state is not None:
             entry = get_arch(setup.cfg, setup.data_set)
             narrow = entry.build(widths, setup.num_classes, setup.in_channels).to(device)
@@ -153,15 +145,10 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
             epoch_done = int(start_state["epoch"])
         else:
             full = baseline_model(setup, baseline, device)
-            calib = data.calibration_batches(max(1, setup.bn_batches))
-            narrow = sketch(full, setup.cfg, rates, setup.data_set, mode=setup.mode,
-                            weight_norm_method=setup.weight_norm_method,
-                            filter_norm=setup.filter_norm, sketch_bn=setup.sketch_bn,
-                            sketch_lastconv=setup.sketch_lastconv, start_conv=setup.start_conv,
-                            random_rule=setup.random_rule, round_to=setup.round_to,
-                            seed=setup.seed, batches=calib, widths=widths,
-                            select_by=setup.select_by)
-            if setup.bn_batches:
+            calib = data.calibration_batches(max(1, t.bn_batches))
+            narrow = sketch(full, setup.cfg, rates, setup.data_set, **dataclasses.asdict(sk),
+                            round_to=setup.round_to, seed=t.seed, batches=calib, widths=widths)
+            if t.bn_batches:
                 recalibrate_bn(narrow, calib, device)
             val_sketched = evaluate(narrow, data.val, device)["acc"] if data.val is not None else None
         flops, params = count_flops(narrow, data.shape)
@@ -169,7 +156,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
                     flops_ratio=flops / setup.baseline_flops,
                     params_ratio=params / setup.baseline_params,
                     val_acc_sketched=val_sketched)
-        if setup.epochs == 0:
+        if t.epochs == 0:
             report({**base, "val_acc": val_sketched, "epoch": 0,
                     "time_total_s_trial": time.time() - started}, None)
             return
@@ -184,9 +171,9 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
                     "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]}, state_path)
 
         try:
-            fit(narrow, data, epochs=setup.epochs, lr=setup.lr, momentum=setup.momentum,
-                weight_decay=setup.weight_decay, lr_decay_step=setup.lr_decay_step,
-                label_smoothing=setup.label_smoothing, device=device, seed=setup.seed,
+            fit(narrow, data, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
+                weight_decay=t.weight_decay, lr_decay_step=t.lr_decay_step,
+                label_smoothing=t.label_smoothing, device=device, seed=t.seed,
                 progress=False, start_state=start_state, state_path=state_path,
                 state_meta={"val_acc_sketched": val_sketched, "rates": rates},
                 on_epoch=on_epoch)

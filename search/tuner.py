@@ -12,6 +12,7 @@ it (``--resume``), and records how long each phase took.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import json
 import logging
@@ -254,13 +255,8 @@ def _make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> 
     setup = TrialSetup(
         cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
         in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
-        synthetic=m.synthetic, mode=s.mode, select_by=s.select_by, weight_norm_method=s.weight_norm_method,
-        filter_norm=s.filter_norm, sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
-        start_conv=s.start_conv, random_rule=s.random_rule, round_to=config.space.round_to,
-        epochs=t.epochs, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
-        lr_decay_step=list(t.lr_decay_step), label_smoothing=t.label_smoothing,
-        batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, bn_batches=t.bn_batches,
-        val_fraction=t.val_fraction, seed=t.seed, threads=t.threads or max(1, int(r.cpu or 1)),
+        synthetic=m.synthetic, sketch=copy.deepcopy(s), trial=copy.deepcopy(t),
+        round_to=config.space.round_to, threads=t.threads or max(1, int(r.cpu or 1)),
         use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
         baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),
         ended=ended, transform_input=bool(baseline.get("transform_input")))
