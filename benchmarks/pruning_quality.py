@@ -217,6 +217,11 @@ def main() -> int:
               f"{hvs[best][e][0]:.4f} / {hvs['tp_l1'][e][0]:.4f} = "
               f"{hvs[best][e][0] / hvs['tp_l1'][e][0]:.4f}")
     best = max(modes, key=lambda m: hvs[m][E][0])
+    # seed s fine-tunes every method with the same shuffles and augmentation: a paired ratio
+    paired = [hv(best, s, E) / hv("tp_l1", s, E) for s in range(args.seeds)]
+    print(f"{best} / Torch-Pruning L1 per seed after {E} epoch(s): "
+          + ", ".join(f"{r:.4f}" for r in paired)
+          + f" (mean {mean_sd(paired)[0]:.4f}, sd {mean_sd(paired)[1]:.4f})")
     print(f"ratio={hvs[best][E][0] / hvs['tp_l1'][E][0]:.4f}")
     if tmp is not None:
         tmp.cleanup()
