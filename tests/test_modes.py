@@ -160,6 +160,44 @@ def test_select_by_channels_sees_through_a_filter_scale_that_bn_removes():
     assert kept("channels") == by_channels
 
 
+def test_select_by_channels_reads_the_bn_in_front_of_pre_activation_consumers():
+    """DenseNet: a layer's output is normalised by a BN in front of every later consumer."""
+    torch.manual_seed(5)
+    arch = get_arch("densenet40")
+    plan = arch.plan()
+    full = arch.build().eval()
+    for m in full.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.2, 2.0)
+    x = torch.randn(4, 3, 32, 32)
+    before = full(x)
+    rates = [0.25] * plan.num_units
+
+    def kept(select_by):
+        narrow = sketch(full, "densenet40", rates, mode="select", select_by=select_by)
+        src, w = full.dense1[0].conv1.weight, narrow.dense1[0].conv1.weight
+        return [int((src == row).all(dim=(1, 2, 3)).nonzero()) for row in w]
+
+    by_filters, by_channels = kept("filters"), kept("channels")
+    j = next(i for i in range(12) if i not in by_filters and i not in by_channels)
+    c = 20.0
+    with torch.no_grad():  # scale filter j of slot 0; every BN that reads it absorbs the scale
+        full.dense1[0].conv1.weight[j] *= c
+        for spec in plan.modules:
+            if spec.kind != "bn":
+                continue
+            off = 0
+            for seg in spec.inputs:
+                if seg.slot == 0:
+                    b = full.get_submodule(spec.path)
+                    b.running_mean[off + j] *= c
+                    b.running_var[off + j] = (b.running_var[off + j] + b.eps) * c * c - b.eps
+                off += seg.n * seg.repeat
+    assert torch.allclose(full(x), before, atol=1e-4)
+    assert j in kept("filters")
+    assert kept("channels") == by_channels
+
+
 def test_select_by_channels_ranks_by_each_channels_consumer_weights_times_its_bn_gain():
     torch.manual_seed(4)
     full = get_arch("resnet20").build().eval()
