@@ -16,6 +16,7 @@ Train's TorchTrainer (:mod:`search.distributed`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -92,12 +93,9 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
         full = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
                                   b["in_channels"]).model.to(device)
         calib = data.calibration_batches(max(1, config.trial.bn_batches))
-        model = sketch(full, m.cfg, rates, m.data_set, mode=s.mode,
-                       weight_norm_method=s.weight_norm_method, filter_norm=s.filter_norm,
-                       sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
-                       start_conv=s.start_conv, random_rule=s.random_rule,
+        model = sketch(full, m.cfg, rates, m.data_set, **dataclasses.asdict(s),
                        round_to=config.space.round_to, seed=config.trial.seed, batches=calib,
-                       widths=list(widths) if widths else None, select_by=s.select_by)
+                       widths=list(widths) if widths else None)
         widths = list(model.sketch_widths)
         recalibrate_bn(model, calib, device)
         after = evaluate(model, data.val, device)["acc"] if data.val is not None else None
@@ -116,8 +114,8 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
     save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=m.cfg, data_set=m.data_set,
                     num_classes=b["num_classes"], in_channels=b["in_channels"], rates=rates,
                     widths=list(widths), metrics=metrics,
-                    extra={"sketch_mode": s.mode, "select_by": s.select_by, "trial_id": rec.get("trial_id"),
-                           "experiment": str(exp_dir)})
+                    extra={"sketch_mode": s.mode, "select_by": s.select_by,
+                           "trial_id": rec.get("trial_id"), "experiment": str(exp_dir)})
     return {"test_acc": test["acc"], "test_top5": test["top5"], "val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch, "flops": flops, "params": params,
             "widths": list(widths), "val_acc_sketched": after}
