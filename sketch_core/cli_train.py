@@ -172,7 +172,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key, value in (("refine", None), ("sketch_model", None), ("sketch_rate", None),
-                       ("start_conv", None), ("sketch_mode", None), ("select_by", "filters")):
+                       ("start_conv", None), ("sketch_mode", None), ("select_by", None)):
         if not hasattr(args, key):
             setattr(args, key, value)
 
