@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,11 @@ def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
     machines without GPUs). Returns the run's ``result.json``.
     """
     preflight(args)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     # a new local instance of our own unless one is running here or RAY_ADDRESS names one
-    local = not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
+    # (checked before Ray is imported, so that bad --gpus are reported at once)
+    imported = sys.modules.get("ray")
+    local = not (imported is not None and imported.is_initialized()) \
+        and "RAY_ADDRESS" not in os.environ
     if use_gpu:
         ids = list(args.gpus or [0])
         if local and select_devices(ids)[0].type != "cuda":  # on a cluster, Ray places GPUs
@@ -85,6 +83,12 @@ def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
         num_workers = num_workers or len(ids)
     elif not num_workers or num_workers < 1:
         raise UserError(f"CPU data-parallel training needs num_workers >= 1, got {num_workers}")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
     job = prepare_job_dir(args)
 
     started = False

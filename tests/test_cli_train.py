@@ -246,6 +246,7 @@ def test_job_folder_is_not_overwritten_and_reset_starts_over(tmp_path, capsys):
 @pytest.mark.slow
 def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     """The several-GPU path (Ray Train TorchTrainer + DDP), with two CPU workers over gloo."""
+    pytest.importorskip("ray")  # installed with sketchtune; absent on a bare GPU test machine
     from search.distributed import run_distributed
 
     job = tmp_path / "ddp"
@@ -264,7 +265,7 @@ def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
 
 
 def test_data_parallel_bad_input_is_reported_before_workers_start(tmp_path, digits_resnet20_ckpt):
-    import ray
+    ray = pytest.importorskip("ray")
 
     from search.distributed import run_distributed
     from sketch_core.errors import UserError
