@@ -59,6 +59,9 @@ def test_trials_spread_over_both_nodes_and_survive_losing_one(cluster, tmp_path,
     folder = tmp_path / "lost"
     proc = subprocess.Popen(_search_args(tmp_path, cluster.address, "lost", search_cache_dir,
                                          "--num_samples", "8", "--set", "trial.epochs=3",
+                                         # small batches: epochs of a second or two, so the
+                                         # victim cannot finish before its node is gone
+                                         "--set", "trial.batch_size=16",
                                          "--set", "scheduler.name=none"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim = None
@@ -71,7 +74,7 @@ def test_trials_spread_over_both_nodes_and_survive_losing_one(cluster, tmp_path,
                 ended = {r["trial_id"] for r in records}
                 for tid, reps in _reports(folder).items():  # one running there now
                     if tid not in ended and reps and reps[-1].get("node") == worker.node_id \
-                            and reps[-1].get("epoch", 0) < 3:
+                            and reps[-1].get("epoch", 0) <= 1:  # two epochs still to go
                         victim = tid
                         break
             time.sleep(0.05)
