@@ -293,13 +293,13 @@ def main() -> int:
     for mode in modes:
         cache = RetrainCache(work / f"retrains-{key}-{mode.replace(':', '-')}.json")
         rows = []
+        mode_name, select_by = split_mode(mode)
+        setup = trainable.TrialSetup(
+            cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
+            sketch=SketchConfig(mode=mode_name, select_by=select_by), trial=t,
+            threads=threads, baseline_key=key, baseline_flops=base_macs,
+            baseline_params=base_params)
         for i, rates in enumerate(vectors):
-            mode_name, select_by = split_mode(mode)
-            setup = trainable.TrialSetup(
-                cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
-                sketch=SketchConfig(mode=mode_name, select_by=select_by), trial=t,
-                threads=threads, baseline_key=key, baseline_flops=base_macs,
-                baseline_params=base_params)
             reports: list[dict] = []
             trainable.train_trial(rates, setup, baseline_state, lambda m, _s: reports.append(m))
             last = reports[-1]

@@ -72,21 +72,22 @@ class _Pruner:
             elif self.random_rule == "l1_pretrain":
                 idx = w.abs().sum(1).topk(l).indices
             else:  # select: energy in the row space of an FD sketch of the slot's rows
-                rows = w if self.select_by == "filters" else self.channel_rows(slot)
+                rows = w if self.select_by == "filters" else self.channel_rows(slot, w)
                 idx = row_space_energy(rows, frequent_directions(rows, l)).topk(l).indices
             self.indices[slot] = idx.sort().values.to(w.device)
         return self.indices[slot]
 
-    def channel_rows(self, slot: int) -> torch.Tensor:
+    def channel_rows(self, slot: int, filters: torch.Tensor) -> torch.Tensor:
         """Row i: every consumer's weights for channel i, times the size channel i arrives with.
 
         Behind a BN a filter's own scale is normalised away: channel i reaches its
         consumers as |gamma_i| times a unit-variance signal, gamma_i from the slot's own BN
         (post-activation) or from the BN in front of the consumer (pre-activation, as in
-        DenseNet). A channel with no BN on its way arrives with its filter's norm.
+        DenseNet). A channel with no BN on its way arrives with its filter's norm
+        (``filters``: the producer's filters, one per row).
         """
         info = self.plan.slots[slot]
-        filt = _rows(self.src[info.producer + ".weight"]).norm(dim=1)
+        filt = filters.norm(dim=1)
         own = self.src[info.bn + ".weight"].abs() if info.bn else None
         parts, front = [], None
         for spec in self.plan.modules:
@@ -106,7 +107,7 @@ class _Pruner:
                     parts.append(rows * (filt if size is None else size)[:, None])
                 off += span
             front = None
-        return torch.cat(parts, 1) if parts else _rows(self.src[info.producer + ".weight"])
+        return torch.cat(parts, 1) if parts else filters
 
     # producers -------------------------------------------------------------------------
     def filters(self, spec: ModSpec, w: torch.Tensor, b: torch.Tensor | None):
