@@ -46,6 +46,7 @@ PRETRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "synthetic": {"num_epochs": 30, "lr": 0.1, "lr_decay_step": [15, 25]},
     "default": {"num_epochs": 200, "lr": 0.1, "lr_decay_step": [100, 150]},
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 SKETCH_DEFAULTS = {"num_epochs": 150, "lr": 0.01, "lr_decay_step": [50, 100]}
 # options that define a run: a --resume with other values would be another run
 _RUN_KEYS = ("command", "data_set", "arch", "cfg", "num_classes", "in_channels",
@@ -145,7 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
     a("--seed", type=int, default=0, help="Seed of the split, the shuffling and the init. default:0")
     a("--label_smoothing", type=float, default=0.0, help="Label smoothing. default:0")
     a("--compile", nargs="?", const=True, default=False, metavar="MODE",
-      choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
       help="torch.compile the model; MODE reduce-overhead adds CUDA graphs (on an H100 it "
            "trained CIFAR ResNet-56 4.4x faster, after about 80 s of compiling)")
     a("--amp", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
@@ -201,6 +201,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--reset would delete what --resume continues from; use one of them")
     if args.refine and args.resume:
         raise UserError("--refine starts a new fine-tune and --resume continues one; use one")
+    if args.compile not in (False, True) and args.compile not in COMPILE_MODES:
+        raise UserError(f"unknown --compile mode {args.compile!r}; valid: "
+                        f"{', '.join(COMPILE_MODES)}")
+    if args.sketch_mode is not None:  # sketch: its choices before anything is loaded
+        from .prune import check_options
+
+        check_options(args.sketch_mode, args.select_by, args.random_rule, args.weight_norm_method)
 
 
 def select_devices(gpus: list[int] | None) -> list[torch.device]:

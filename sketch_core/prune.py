@@ -23,7 +23,7 @@ from .rates import parse_rates, rates_to_widths
 from .registry import get_arch
 from .sketch import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
 
-__all__ = ["sketch", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
+__all__ = ["sketch", "check_options", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
 
 log = logging.getLogger("sketchtune.prune")
 
@@ -241,6 +241,20 @@ def _check_covered(state: dict[str, torch.Tensor], entry, cfg: str, in_ch: int,
     return ref
 
 
+def check_options(mode: str, select_by: str = "filters", random_rule: str = "default",
+                  weight_norm_method: str | None = None) -> None:
+    """UserError naming the first of the sketch's choices that is not a valid one."""
+    if mode not in MODES:
+        raise UserError(f"unknown --sketch_mode {mode!r}; valid: {', '.join(MODES)}")
+    if select_by not in SELECT_BY:
+        raise UserError(f"unknown --select_by {select_by!r}; valid: {', '.join(SELECT_BY)}")
+    if random_rule not in RANDOM_RULES:
+        raise UserError(f"unknown --random_rule {random_rule!r}; valid: {', '.join(RANDOM_RULES)}")
+    if weight_norm_method not in (None, "", "none", "None") and weight_norm_method not in WEIGHT_NORMS:
+        raise UserError(f"unknown --weight_norm_method {weight_norm_method!r}; valid: "
+                        f"{', '.join(WEIGHT_NORMS)}")
+
+
 def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = None,
            data_set: str = "cifar10", *, mode: str = "sketch", weight_norm_method: str | None = None,
            filter_norm: bool = False, sketch_bn: bool = False, sketch_lastconv: bool = True,
@@ -257,15 +271,7 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
     gain it arrives with. BN statistics of sketched layers are not recomputed here: call
     :func:`sketch_core.recalibrate_bn` before evaluating.
     """
-    if mode not in MODES:
-        raise UserError(f"unknown --sketch_mode {mode!r}; valid: {', '.join(MODES)}")
-    if select_by not in SELECT_BY:
-        raise UserError(f"unknown --select_by {select_by!r}; valid: {', '.join(SELECT_BY)}")
-    if random_rule not in RANDOM_RULES:
-        raise UserError(f"unknown --random_rule {random_rule!r}; valid: {', '.join(RANDOM_RULES)}")
-    if weight_norm_method not in (None, "", "none", "None") and weight_norm_method not in WEIGHT_NORMS:
-        raise UserError(f"unknown --weight_norm_method {weight_norm_method!r}; valid: "
-                        f"{', '.join(WEIGHT_NORMS)}")
+    check_options(mode, select_by, random_rule, weight_norm_method)
     if mode == "select_lsq" and batches is None:
         raise UserError("--sketch_mode select_lsq refits layers on training batches and needs a data "
                         "set; pass batches (or use --sketch_mode select)")

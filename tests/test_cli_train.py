@@ -214,6 +214,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, digits_resnet20_ckpt
     assert not (tmp_path / "job" / "checkpoint" / "train_state.pt").exists()
 
 
+def test_bad_choices_end_before_anything_is_written(tmp_path, capsys, digits_resnet20_ckpt):
+    job = tmp_path / "job"
+    sk = ["sketch", *DIGITS, "--job_dir", job, "--sketch_model", digits_resnet20_ckpt,
+          "--sketch_rate", "[0.5]*9"]
+    _bad(capsys, [*sk, "--sketch_mode", "select", "--select_by", "bias"],
+         r"unknown --select_by 'bias'; valid: filters, channels")
+    _bad(capsys, [*sk, "--random_rule", "l2_pretrain"], r"unknown --random_rule 'l2_pretrain'")
+    _bad(capsys, [*sk, "--compile", "fast"],
+         r"unknown --compile mode 'fast'; valid: default, reduce-overhead")
+    _bad(capsys, ["pretrain", *DIGITS, "--job_dir", job, "--compile", "fast"], r"--compile mode")
+    assert not job.exists()
+
+
 def test_nan_loss_is_reported_with_its_epoch(tmp_path, capsys):
     _bad(capsys, ["pretrain", *DIGITS, "--job_dir", tmp_path, "--num_epochs", 3, "--lr", 1e12],
          r"NaN or infinite in epoch 1")
