@@ -14,12 +14,12 @@ import sys
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sketch": ("search.cli_train", "sketch a pretrained model and fine-tune it (the original's single shot)"),
-    "info": ("sketch_core.cli_info", "unit count, FLOPs (MACs) and params of a model or rate vector"),
-    "pretrain": ("search.cli_train", "train an unpruned baseline"),
-    "search": ("search.cli_search", "search per-layer sketch rates on Ray Tune + Optuna"),
-    "retrain": ("search.cli_search", "fully retrain a configuration picked from a search"),
-    "analyze": ("search.cli_analyze", "results of one or more searches: dataframe, Pareto front, plots"),
+    "sketch": ("search.cli.train_runs", "sketch a pretrained model and fine-tune it (the original's single shot)"),
+    "info": ("sketch_core.cli.info", "unit count, FLOPs (MACs) and params of a model or rate vector"),
+    "pretrain": ("search.cli.train_runs", "train an unpruned baseline"),
+    "search": ("search.cli.search", "search per-layer sketch rates on Ray Tune + Optuna"),
+    "retrain": ("search.cli.search", "fully retrain a configuration picked from a search"),
+    "analyze": ("search.cli.analyze", "results of one or more searches: dataframe, Pareto front, plots"),
 }
 
 

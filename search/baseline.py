@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from search.config import SearchConfig, recipe_hash
+from sketch_core.atomic import atomic_copy
 from sketch_core.errors import UserError
 
 __all__ = ["Baseline", "prepare_baseline", "cache_dir", "load_search_data", "load_baseline_file",
@@ -186,6 +186,4 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    tmp = Path(str(dst) + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    atomic_copy(src, dst)

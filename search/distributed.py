@@ -2,7 +2,7 @@
 
 The driver checks the arguments and prepares the job folder, then starts one Ray
 Train worker per GPU. Ray initialises ``torch.distributed`` in each worker; every
-worker runs :func:`sketch_core.cli_train.execute` on its device, where the training
+worker runs :func:`sketch_core.cli.train_args.execute` on its device, where the training
 loop wraps the model in DistributedDataParallel and reads its share of each epoch.
 Rank 0 alone writes the job folder; every rank reports each epoch's metrics with
 ``ray.train.report``. Without a running cluster, a local Ray instance is started on
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sketch_core.cli_train import preflight, prepare_job_dir, select_devices
+from sketch_core.cli.train_args import preflight, prepare_job_dir, select_devices
 from sketch_core.errors import UserError
 
 __all__ = ["run_distributed"]
@@ -30,7 +30,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from sketch_core.cli_train import _logging_to, execute
+    from sketch_core.cli.train_args import _logging_to, execute
 
     args = argparse.Namespace(**config["args"])
     rank = ray.train.get_context().get_world_rank()

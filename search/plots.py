@@ -30,7 +30,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .analysis import (Experiment, _atomic_write, hypervolume_history, layer_sensitivity,  # noqa: E402
+from sketch_core.atomic import atomic_write  # noqa: E402
+
+from .analysis import (Experiment, hypervolume_history, layer_sensitivity,  # noqa: E402
                        pareto_front, rate_columns)
 
 __all__ = ["plot_tradeoff", "plot_front_rates", "plot_convergence", "plot_sensitivity",
@@ -240,7 +242,7 @@ def save_figure(fig: Figure, out_dir: str | os.PathLike[str], stem: str,
     try:
         for fmt in formats:
             path = Path(out_dir) / f"{stem}.{fmt}"
-            _atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi))
+            atomic_write(path, lambda tmp, fmt=fmt: fig.savefig(tmp, format=fmt, dpi=dpi))
             paths.append(path)
     finally:
         plt.close(fig)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -29,6 +28,7 @@ import yaml
 from search.config import SearchConfig, config_from_dict
 from search.picks import Pick, parse_pick, select_record
 from search.records import read_records
+from sketch_core.atomic import atomic_copy, atomic_write_json
 from sketch_core.errors import UserError
 
 __all__ = ["retrain_experiment", "load_experiment_config"]
@@ -46,12 +46,6 @@ def load_experiment_config(exp_dir: Path) -> SearchConfig:
     return config_from_dict(data, source=str(path))
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, flush=True)
@@ -64,7 +58,7 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
     from sketch_core.bn import recalibrate_bn
     from sketch_core.checkpoint import save_checkpoint
     from sketch_core.flops import count_flops
-    from sketch_core.prune import sketch
+    from sketch_core.sketching import sketch
     from sketch_core.registry import get_arch
     from sketch_core.train import evaluate, fit, load_state, resolve_device
 
@@ -125,7 +119,7 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
                  workers: int, address: str | None) -> dict[str, Any]:
     """Data-parallel retrain through the single-shot command's Ray Train path."""
     from search.distributed import run_distributed
-    from sketch_core.cli_train import add_arguments
+    from sketch_core.cli.train_args import add_arguments
     from sketch_core.rates import format_rates
 
     m, s, rt = config.model, config.sketch, config.retrain
@@ -164,14 +158,12 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
     use_gpu = rt.gpus_per_worker > 0 or config.resources.gpu > 0
     if use_gpu:
         args.gpus = list(range(workers))
-    from search.tuner import ray_session
+    from search.ray_session import ray_session
 
     with ray_session(address) as _:  # run_distributed uses the instance it finds running
         out = run_distributed(args, use_gpu=use_gpu, num_workers=workers)
     src = Path(out.get("checkpoint") or job / "distributed" / "checkpoint" / "model_best.pt")
-    tmp = job / ".model.pt.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, job / "model.pt")
+    atomic_copy(src, job / "model.pt")
     metrics_csv = job / "distributed" / "metrics.csv"
     if metrics_csv.is_file():
         shutil.copyfile(metrics_csv, job / "metrics.csv")
@@ -185,7 +177,7 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                        workers: int | None = None, epochs: int | None = None,
                        quiet: bool = False, address: str | None = None) -> dict[str, Any]:
     """Retrain the configuration ``pick`` names; returns (and writes) its result.json."""
-    from search.tuner import read_manifest
+    from search.experiment import read_manifest
 
     exp_dir = Path(exp_dir).expanduser().resolve()
     if not exp_dir.is_dir():
@@ -231,7 +223,7 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         "model": str(job / "model.pt"), "lr": config.retrain.lr,
         "lr_decay_step": list(config.retrain.lr_decay_step),
     }
-    _atomic_json(job / "result.json", result)
+    atomic_write_json(job / "result.json", result)
     _say(quiet, f"[retrain] test acc {_pct(result['test_acc'])} (baseline "
                 f"{_pct(base.get('test_acc'))}), FLOPs {_m(result['flops'])} (-"
                 f"{_pct(result['flops_reduction'])}), params {_m(result['params'])} (-"

@@ -121,7 +121,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
     """
     from sketch_core.bn import recalibrate_bn
     from sketch_core.flops import count_flops
-    from sketch_core.prune import sketch
+    from sketch_core.sketching import sketch
     from sketch_core.rates import rates_to_widths
     from sketch_core.registry import get_arch
     from sketch_core.train import TrainingDiverged, evaluate, fit

@@ -11,50 +11,26 @@ it (``--resume``), and records how long each phase took.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import datetime as _dt
-import json
 import logging
-import os
-import platform
 import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import yaml
 
 from search.config import SearchConfig, config_from_dict, config_to_dict, format_duration
 from search.records import read_records
+from search.experiment import experiment_location, is_uri, git_commit, read_manifest, versions, write_manifest
+from search.ray_session import check_resources, ray_session
+from sketch_core.atomic import atomic_write_text
 from sketch_core.errors import UserError
 
-__all__ = ["SearchOutcome", "run_search", "experiment_location", "ray_session",
-           "read_manifest", "write_manifest", "REPO_ROOT"]
+__all__ = ["SearchOutcome", "run_search"]
 
 log = logging.getLogger("sketchtune.search")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONNECT_TIMEOUT_S = 25.0
-
-
-def _quiet_ray_env() -> None:
-    """Before Ray starts: local instance on 127.0.0.1, no usage statistics."""
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    # Tune's result.json and progress.csv are added explicitly (see _tune_parts); its
-    # TensorBoard logger, which cost time on every report, is not
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-    # the legacy console output is silent at verbose=0; the progress line is ours
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # one checkpoint kept per trial forces a state snapshot at each report: that is wanted
-    # (a fresh snapshot for --resume), the warning about it is not
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
 @dataclass
@@ -66,165 +42,6 @@ class SearchOutcome:
     retrain: dict | None = None
     resumed: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- folders
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def experiment_location(config: SearchConfig, resume: bool = False) -> tuple[Path, str, str]:
-    """(local experiment folder, Ray storage_path, name) for a config."""
-    storage = config.storage.storage_path
-    name = config.storage.name
-    if not name:
-        if resume:
-            raise UserError("--resume needs --name (the experiment to continue) "
-                            "and the --storage_path it was written to")
-        stem = Path(config.source or "search").stem
-        name = f"{stem}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if _is_uri(storage):
-        local = Path("experiments").resolve() / name  # our files; Ray's go to the URI
-        return local, storage, name
-    root = Path(storage).expanduser().resolve()
-    return root / name, str(root), name
-
-
-def read_manifest(exp_dir: str | os.PathLike) -> dict:
-    path = Path(exp_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{exp_dir} holds no experiment (no manifest.json); expected the folder "
-                        f"a `launch.py search` wrote") from None
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON ({exc})") from None
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_manifest(exp_dir: Path, manifest: dict) -> None:
-    _atomic_text(exp_dir / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
-def _versions() -> dict[str, str]:
-    import optuna
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "optuna": optuna.__version__, "sketchtune": "0.1.0"}
-
-
-# --------------------------------------------------------------------------- Ray
-
-def _probe(address: str) -> None:
-    """Fail fast when nothing listens at host:port (Ray would retry for a long time)."""
-    target = address.split("://", 1)[-1]
-    if ":" not in target:
-        return
-    host, _, port = target.rpartition(":")
-    try:
-        port_no = int(port)
-    except ValueError:
-        raise UserError(f"--address {address!r}: expected auto, host:port or "
-                        f"ray://host:port") from None
-    try:
-        with socket.create_connection((host, port_no), timeout=5):
-            pass
-    except OSError as exc:
-        raise UserError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc}); "
-                        f"start one with `ray start --head` or leave --address out for a local "
-                        f"instance") from None
-
-
-def _import_path_env() -> dict[str, str]:
-    """Workers must import sketchtune: add the source tree when it is not installed."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("search")
-        installed = spec is not None and "site-packages" in str(spec.origin)
-    except Exception:
-        installed = False
-    if installed:
-        return {}
-    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Connect to ``address`` or start a local instance; yields True if we started it."""
-    _quiet_ray_env()
-    import ray
-
-    if ray.is_initialized():
-        yield False
-        return
-    env = _import_path_env()
-    if env:  # local instance: its processes inherit the driver's environment
-        os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-    if address:
-        _probe(address)
-        done = threading.Event()
-
-        def watchdog() -> None:
-            if not done.wait(CONNECT_TIMEOUT_S):
-                print(f"error: --address {address}: no answer from the Ray cluster within "
-                      f"{CONNECT_TIMEOUT_S:.0f} s", file=sys.stderr, flush=True)
-                os._exit(2)
-
-        threading.Thread(target=watchdog, daemon=True).start()
-        try:
-            ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-                     log_to_driver=False, logging_level=logging.WARNING)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address {address}: cannot connect to a Ray cluster "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-                            ) from None
-        finally:
-            done.set()
-        try:
-            yield False
-        finally:
-            ray.shutdown()
-        return
-    # "local": a new instance, never one found on the machine (ray.init() without an
-    # address would join the cluster named in /tmp/ray/ray_current_cluster)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=True)
-    try:
-        yield True
-    finally:
-        ray.shutdown()
-
-
-def check_resources(cpu: float, gpu: float) -> None:
-    """UserError when no node of the cluster could ever run one trial."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
-    max_gpu = max((n["Resources"].get("GPU", 0.0) for n in nodes), default=0.0)
-    if cpu > max_cpu or gpu > max_gpu:
-        raise UserError(f"a trial asks for {cpu:g} CPU and {gpu:g} GPU (resources.cpu/gpu), but "
-                        f"the largest of the cluster's {len(nodes)} node(s) has {max_cpu:g} CPU "
-                        f"and {max_gpu:g} GPU; lower the request or add such a node")
 
 
 # --------------------------------------------------------------------------- Tune pieces
@@ -405,7 +222,7 @@ def _new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path
         if name in names:
             raise UserError(f"study {name!r} already exists in --study_storage; continue it "
                             f"with --resume, or choose another --name")
-    _atomic_text(exp_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write_text(exp_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     b = prepare_baseline(config, exp_dir)
     baseline = _baseline_dict(b)
     _print(quiet, f"[pretrain] baseline {config.model.cfg} on {config.model.data_set}: "
@@ -424,7 +241,7 @@ def _new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path
         "paper_rates": {text: space.rates_from_params(p) for text, p in paper},
         "started": time.time(), "ended": None,
         "phases": {"pretrain_s": round(b.pretrain_s, 3), "search_s": None, "retrain_s": None},
-        "versions": _versions(), "git_commit": _git_commit(),
+        "versions": versions(), "git_commit": git_commit(),
         "seeds": {"sampler": config.sampler.seed, "trial": config.trial.seed,
                   "split": config.trial.seed, "pretrain": config.model.pretrain.seed},
         "study_storage": study_url if config.storage.study_storage is None
@@ -454,7 +271,7 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
 
         if resume:
             study_storage, study_url = _study_storage(config, exp_dir)
-            path = str(exp_dir) if not _is_uri(storage_path) else f"{storage_path}/{name}"
+            path = str(exp_dir) if not is_uri(storage_path) else f"{storage_path}/{name}"
             if not tune.Tuner.can_restore(path):
                 raise UserError(f"--resume: {path} holds no Ray Tune experiment state to "
                                 f"restore")

@@ -24,10 +24,10 @@ from .bn import recalibrate_bn
 from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint
 from .errors import UserError
 from .flops import count_arch, count_flops, input_shape
-from .prune import MODES, RANDOM_RULES, SELECT_BY, sketch
+from .sketching import MODES, RANDOM_RULES, SELECT_BY, sketch
 from .rates import format_rates, parse_rates, rates_to_widths
 from .registry import family_of, get_arch, list_cfgs
-from .sketch import frequent_directions
+from .fd import frequent_directions
 
 __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "LoadedModel", "sketch", "count_flops",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import atomic_torch_save
 from .errors import UserError
 from .registry import get_arch, family_of
 
@@ -36,20 +36,8 @@ class LoadedModel:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """torch.save, atomically (:mod:`sketch_core.atomic`)."""
+    atomic_torch_save(obj, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Any:
@@ -212,7 +200,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: str, data
     if widths is None:
         widths = getattr(model, "sketch_widths", None) or [
             int(model.state_dict()[s.producer + ".weight"].shape[0]) for s in entry.plan().slots]
-    from .prune import model_io
+    from .sketching import model_io
 
     inch, ncls = model_io(model)
     obj = {

@@ -6,7 +6,7 @@ controls: one or more slots (a GoogLeNet module narrows three convs with one rat
 Every module whose weights change when a slot narrows is listed as a
 :class:`ModSpec`: which slot its output channels belong to and how its input
 channels are laid out (runs of channels from slots, or fixed runs that never change).
-The sketch code in :mod:`sketch_core.prune` reads only this description; it never
+The sketch code in :mod:`sketch_core.sketching` reads only this description; it never
 branches on architecture names.
 """
 

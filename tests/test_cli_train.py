@@ -49,7 +49,7 @@ def test_original_options_and_defaults():
     assert (a.filter_norm, a.sketch_bn, a.sketch_lastconv) == (True, False, False)
     assert a.lr_decay_step == [75, 112] and a.gpus == [0] and a.weight_norm_method == "l2"
     d = p.parse_args(["sketch"])
-    sc_cli = __import__("sketch_core.cli_train", fromlist=["check_args"])
+    sc_cli = __import__("sketch_core.cli.train_args", fromlist=["check_args"])
     sc_cli.check_args(d)
     assert (d.num_epochs, d.lr, d.lr_decay_step) == (150, 0.01, [50, 100])
     assert (d.train_batch_size, d.eval_batch_size, d.momentum, d.weight_decay) == (128, 100, 0.9, 5e-4)

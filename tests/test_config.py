@@ -76,7 +76,7 @@ def test_config_choices_are_the_cores():
     """The config validates without importing torch; its lists must be sketch_core's."""
     import search.config as cfg
     import sketch_core
-    from sketch_core.sketch import WEIGHT_NORMS
+    from sketch_core.fd import WEIGHT_NORMS
 
     assert cfg.MODES == sketch_core.MODES
     assert cfg.RANDOM_RULES == sketch_core.RANDOM_RULES

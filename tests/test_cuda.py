@@ -13,7 +13,7 @@ import torch
 
 from sketch_core import get_arch, load_checkpoint, recalibrate_bn, sketch
 from sketch_core.data import load_data
-from sketch_core.sketch import frequent_directions, row_space_energy
+from sketch_core.fd import frequent_directions, row_space_energy
 from sketch_core.train import evaluate, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

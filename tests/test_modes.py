@@ -18,7 +18,7 @@ from sketch_core import (UserError, frequent_directions, get_arch, load_checkpoi
                          recalibrate_bn, sketch)
 from sketch_core import lsq
 from sketch_core.data import load_data
-from sketch_core.sketch import row_space_energy
+from sketch_core.fd import row_space_energy
 from sketch_core.train import evaluate, fit
 
 CIFAR = ["resnet20", "vgg16", "googlenet", "densenet40"]

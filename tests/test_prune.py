@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sketch_core import (UserError, build_model, count_arch, count_flops, get_arch, recalibrate_bn,
                          sketch)
-from sketch_core.cli_info import info
+from sketch_core.cli.info import info
 
 CIFAR = ["resnet20", "vgg16", "googlenet", "densenet40"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .checkpoint import load_checkpoint
-from .errors import UserError
-from .flops import count_arch, count_flops, input_shape
-from .rates import parse_rates, rates_to_widths
-from .registry import get_arch
+from ..checkpoint import load_checkpoint
+from ..errors import UserError
+from ..flops import count_arch, count_flops, input_shape
+from ..rates import parse_rates, rates_to_widths
+from ..registry import get_arch
 
 __all__ = ["add_arguments", "run", "info"]
 

@@ -1,6 +1,6 @@
 """``launch.py sketch`` and ``launch.py pretrain``: the arguments of the original, one or many GPUs.
 
-The options and the single-device run live in :mod:`sketch_core.cli_train`; this thin
+The options and the single-device run live in :mod:`sketch_core.cli.train_args`; this thin
 module only sends a run on several ``--gpus`` to :mod:`search.distributed`, which
 trains data-parallel through Ray Train.
 """
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 
-from sketch_core.cli_train import add_arguments, run as run_single
+from sketch_core.cli.train_args import add_arguments, run as run_single
 
 __all__ = ["add_arguments", "run"]
 
 
 def run(args: argparse.Namespace) -> int:
-    """One device: :func:`sketch_core.cli_train.run`; several GPUs: Ray Train's TorchTrainer."""
+    """One device: :func:`sketch_core.cli.train_args.run`; several GPUs: Ray Train's TorchTrainer."""
     if args.gpus and len(args.gpus) > 1 and not args.test_only:
-        from .distributed import run_distributed
+        from ..distributed import run_distributed
 
         run_distributed(args)
         return 0

@@ -21,11 +21,11 @@ from .errors import UserError
 from .plans import ModSpec, Plan, Seg
 from .rates import parse_rates, rates_to_widths
 from .registry import get_arch
-from .sketch import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
+from .fd import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
 
 __all__ = ["sketch", "check_options", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
 
-log = logging.getLogger("sketchtune.prune")
+log = logging.getLogger("sketchtune.sketching")
 
 MODES = ("sketch", "select", "select_lsq")
 RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from sketch_core.errors import UserError
 
-from .analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
+from ..analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
                        format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
                        load_experiments, pareto_front, parse_flops_budget, rates_of, best_under_budget,
                        top_trials)
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
     written.append(export(pd.concat([tag(hypervolume_history(e.trials), e) for e in exps], ignore_index=True),
                           out, args.format, "history"))
     if not args.no_plots:
-        from .plots import write_plots
+        from ..plots import write_plots
 
         written += write_plots(exps, out)
     print(f"wrote {len(written)} files to {out}:")

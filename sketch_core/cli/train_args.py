@@ -8,7 +8,7 @@ validation split; sketchtune checkpoints) and ``checkpoint/train_state.pt`` (wha
 ``--job_dir``. Every argument of the original keeps its name, meaning and default;
 booleans take the original's spelling (``--filter_norm True``).
 
-This module runs one process on one device. ``search.cli_train`` sends runs on
+This module runs one process on one device. ``search.cli.train_runs`` sends runs on
 several GPUs to ``search.distributed`` (Ray Train), which calls :func:`execute` in
 each worker.
 """
@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["add_arguments", "run", "execute", "prepare_job_dir", "select_devices",
            "check_args", "preflight", "str2bool", "PRETRAIN_DEFAULTS", "JOB_FILES"]
@@ -205,7 +205,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"unknown --compile mode {args.compile!r}; valid: "
                         f"{', '.join(COMPILE_MODES)}")
     if args.sketch_mode is not None:  # sketch: its choices before anything is loaded
-        from .prune import check_options
+        from ..sketching import check_options
 
         check_options(args.sketch_mode, args.select_by, args.random_rule, args.weight_norm_method)
 
@@ -315,7 +315,7 @@ def _stop_on_signals(enabled: bool) -> Iterator[Callable[[], int]]:
 
 
 def _load_data(args: argparse.Namespace, device: torch.device):
-    from .data import load_data
+    from ..data import load_data
 
     synthetic = {"num_classes": args.num_classes} if args.num_classes else None
     data = load_data(args.data_set, args.data_path, batch_size=args.train_batch_size,
@@ -428,7 +428,7 @@ def _model_for(args: argparse.Namespace, data, device: torch.device, run: dict[s
                ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """The model to train, its description and a start state (for --resume)."""
     import sketch_core as sc
-    from .train import evaluate, load_state
+    from ..train import evaluate, load_state
 
     kw = dict(num_classes=data.num_classes, in_channels=data.in_channels)
     if args.resume:
@@ -514,7 +514,7 @@ def execute(args: argparse.Namespace, device: torch.device, *,
     Returns the final result (also written to ``JOB_DIR/result.json`` by rank 0).
     """
     import sketch_core as sc
-    from .train import atomic_write_text, evaluate, fit
+    from ..train import atomic_write_text, evaluate, fit
 
     job = Path(args.job_dir).expanduser()
     ckpt = job / "checkpoint"
@@ -578,7 +578,7 @@ def execute(args: argparse.Namespace, device: torch.device, *,
 
 def _test_only(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import sketch_core as sc
-    from .train import evaluate, load_state
+    from ..train import evaluate, load_state
 
     data = _load_data(args, device)
     kw = dict(cfg=args.cfg, data_set=args.data_set, num_classes=data.num_classes,
@@ -607,7 +607,7 @@ def _test_only(args: argparse.Namespace, device: torch.device) -> dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> int:
-    """``launch.py sketch|pretrain`` on one device (several GPUs: see ``search.cli_train``)."""
+    """``launch.py sketch|pretrain`` on one device (several GPUs: see ``search.cli.train_runs``)."""
     check_args(args)
     devices = select_devices(args.gpus)
     if len(devices) > 1:
@@ -618,7 +618,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     job = prepare_job_dir(args)
     with _logging_to(job), _stop_on_signals(True) as caught:
-        from .train import TrainingInterrupted
+        from ..train import TrainingInterrupted
 
         log.info("launch.py %s %s", args.command_name, _command_line(args))
         try:

@@ -1,0 +1,1 @@
+"""The ``launch.py`` subcommands of the search side: argv in, search calls out."""

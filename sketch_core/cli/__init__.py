@@ -1,0 +1,1 @@
+"""The ``launch.py`` subcommands that belong to one model: argv in, engine calls out."""
