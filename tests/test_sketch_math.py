@@ -52,16 +52,35 @@ def test_row_space_energy_ranks_filters_in_the_sketch_space():
     assert e[2] < 1e-12
 
 
-@pytest.mark.parametrize("method,expect", [
-    ("max", lambda w: w.abs().max()), ("sum", lambda w: w.abs().sum()),
-    ("l2", lambda w: w.pow(2).sum().sqrt()), ("l1", lambda w: w.abs().sum().sqrt()),
-    ("l2_2", lambda w: w.pow(2).sum()), ("2max", lambda w: 2 * w.abs().max()),
-])
-def test_weight_norm_methods_divide_by_their_norm(method, expect):
+# W has two filters, [3, -4] and [1, 2] (shape 2x1x1x2). Norms worked out by hand:
+# whole layer |w| = 3, 4, 1, 2: max 4, sum 10, l2 sqrt(30), l1 sqrt(10), l2_2 30, 2max 8;
+# filter 0: max 4, sum 7, l2 5, l1 sqrt(7), l2_2 25, 2max 8;
+# filter 1: max 2, sum 3, l2 sqrt(5), l1 sqrt(3), l2_2 5, 2max 4.
+HAND = {
+    "max": (4.0, (4.0, 2.0)),
+    "sum": (10.0, (7.0, 3.0)),
+    "l2": (30 ** 0.5, (5.0, 5 ** 0.5)),
+    "l1": (10 ** 0.5, (7 ** 0.5, 3 ** 0.5)),
+    "l2_2": (30.0, (25.0, 5.0)),
+    "2max": (8.0, (8.0, 4.0)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(HAND))
+def test_weight_norm_methods_match_hand_computed_values(method):
+    w = torch.tensor([[3.0, -4.0], [1.0, 2.0]], dtype=torch.float64).reshape(2, 1, 1, 2)
+    whole, (f0, f1) = HAND[method]
+    got = weight_norm(w, method, per_filter=False).reshape(2, 2)
+    want = torch.tensor([[3.0, -4.0], [1.0, 2.0]], dtype=torch.float64) / whole
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    got = weight_norm(w, method, per_filter=True).reshape(2, 2)
+    want = torch.tensor([[3.0 / f0, -4.0 / f0], [1.0 / f1, 2.0 / f1]], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=1e-12)
+    assert got.shape == (2, 2) and weight_norm(w, method).shape == w.shape
+
+
+def test_weight_norm_none_and_unknown():
     w = torch.randn(4, 3, 3, 3)
-    whole = weight_norm(w, method, per_filter=False)
-    assert torch.allclose(whole, w / expect(w))
-    per = weight_norm(w, method, per_filter=True)
-    for i in range(4):
-        assert torch.allclose(per[i], w[i] / expect(w[i]))
     assert weight_norm(w, None) is w
+    with pytest.raises(Exception, match="unknown --weight_norm_method 'l3'"):
+        weight_norm(w, "l3")
