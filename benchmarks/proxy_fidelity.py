@@ -214,20 +214,18 @@ class RetrainCache:
 
 def trial_config(overrides: list[str]):
     """The search config's trial defaults with ``KEY=VALUE`` overrides (YAML values)."""
-    import dataclasses
-
     import yaml
 
     from search.config import SearchConfig
 
     t = SearchConfig().trial
-    names = {f.name for f in dataclasses.fields(t)}
+    names = set(type(t).model_fields)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in names:
             raise SystemExit(f"--trial {item!r}: expected KEY=VALUE with KEY one of "
                              f"{', '.join(sorted(names))}")
-        t = dataclasses.replace(t, **{key: yaml.safe_load(value)})
+        t = t.model_copy(update={key: yaml.safe_load(value)})
     return t
 
 

@@ -3,30 +3,41 @@
 A config file has one section per concern (``model``, ``sketch``, ``space``,
 ``sampler``, ``budget``, ``trial``, ``scheduler``, ``resources``, ``storage``,
 ``retrain``); every key has a type and a default, so a file names only what differs.
-:func:`load_config` reads a path or the name of a shipped config (``quickstart``),
-applies ``--set section.key=value`` overrides and checks every value. Anything wrong
-is a :class:`~sketch_core.errors.UserError` naming the key, what was given and what is
-expected (an unknown key also gets the closest valid one). This module needs neither
-Ray nor Optuna.
+Each section is a pydantic model that forbids unknown keys and checks types, choices
+and ranges; the rules that tie keys together are model validators. :func:`load_config`
+reads a path or the name of a shipped config (``quickstart``), applies
+``--set section.key=value`` overrides and validates. Anything wrong is one
+:class:`~sketch_core.errors.UserError` naming the dotted key, what was given and what
+is expected (an unknown key also gets the closest valid one). The choice lists of the
+sketch and the data come from :mod:`sketch_core`. This module needs neither Ray nor
+Optuna.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import hashlib
 import json
 import re
+import types
 import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, field_validator, model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
+from search.picks import parse_pick
+from sketch_core.data import DATA_SETS
 from sketch_core.errors import UserError
+from sketch_core.fd import WEIGHT_NORMS as NORMS
+from sketch_core.registry import family_of, get_arch, list_cfgs
+from sketch_core.sketching import MODES, RANDOM_RULES, SELECT_BY
 
 __all__ = [
     "ModelConfig", "PretrainConfig", "SketchConfig", "SpaceConfig", "SamplerConfig",
@@ -36,150 +47,309 @@ __all__ = [
     "resolve_config_path", "recipe_hash",
 ]
 
-DATA_SETS = ("cifar10", "imagenet", "folder", "digits", "synthetic")
-MODES = ("sketch", "select", "select_lsq")
-NORMS = ("max", "sum", "l2", "l1", "l2_2", "2max")
-RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")
-SELECT_BY = ("filters", "channels")
+# the search's own choices; the sketch's and the data's are sketch_core's (imported above)
 SAMPLERS = ("nsga2", "tpe", "random")
 SCHEDULERS = ("asha", "none")
 GROUPINGS = ("per_unit", "per_stage")
 FLOPS_POLICIES = ("reject", "repair")
 
 
-@dataclass
-class PretrainConfig:
+# --------------------------------------------------------------------------- value types
+
+class _Note:
+    """Annotation metadata: a sentence added to a range error of the key it annotates."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _integral(value: Any) -> Any:
+    """``3.0`` is an integer; nothing else changes (strict validation does the rest)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _bool_word(value: Any) -> Any:
+    """``True``/``False`` as strings, the original's spelling, are booleans."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _tuple_as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _config_error(message: str, *keys: str) -> PydanticCustomError:
+    """A rule's failure: ``keys`` are the section's keys it names (none: the field's own)."""
+    return PydanticCustomError("config", "{message}", {"message": message, "keys": keys})
+
+
+def _verbatim(exc: UserError) -> PydanticCustomError:
+    """A UserError of a parser the schema delegates to, kept word for word."""
+    return PydanticCustomError("user_error", "{message}", {"message": str(exc)})
+
+
+# strict validation (see _Section) plus the few conversions YAML and the original allow
+Int = Annotated[int, BeforeValidator(_integral)]
+Bool = Annotated[bool, BeforeValidator(_bool_word)]
+IntList = Annotated[list[Int], BeforeValidator(_tuple_as_list)]
+StrList = Annotated[list[str], BeforeValidator(_tuple_as_list)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1),
+                     _Note("rates and FLOPs budgets are fractions of the unpruned network")]
+
+DataSet = Literal[DATA_SETS]
+Mode = Literal[MODES]
+SelectBy = Literal[SELECT_BY]
+WeightNorm = Literal[NORMS]
+RandomRule = Literal[RANDOM_RULES]
+Sampler = Literal[SAMPLERS]
+Scheduler = Literal[SCHEDULERS]
+Grouping = Literal[GROUPINGS]
+FlopsPolicy = Literal[FLOPS_POLICIES]
+
+
+# --------------------------------------------------------------------------- sections
+
+class _Section(BaseModel):
+    """What every section shares: no unknown keys, no silent conversions, checked updates."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data  # ``trial:`` with nothing under it
+
+
+class PretrainConfig(_Section):
     """How to train a baseline when ``model.pretrained`` is empty (digits, synthetic)."""
 
-    epochs: int = 30
-    lr: float = 0.1
-    lr_decay_step: list[int] = field(default_factory=lambda: [15, 25])
-    batch_size: int = 128
+    epochs: PositiveInt = 30
+    lr: PositiveFloat = 0.1
+    lr_decay_step: IntList = Field(default_factory=lambda: [15, 25])
+    batch_size: Int = 128
     weight_decay: float = 5e-4
-    seed: int = 0
+    seed: Int = 0
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/sketchtune or ~/.cache/sketchtune
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
+    """The network, its data and its baseline."""
+
     cfg: str = "resnet56"
     arch: str | None = None
-    data_set: str = "cifar10"
+    data_set: DataSet = "cifar10"
     data_path: str | None = None
     pretrained: str | None = None
-    num_classes: int | None = None
-    input_size: int | None = None
-    download: bool = False
+    num_classes: PositiveInt | None = None
+    input_size: PositiveInt | None = None
+    download: Bool = False
     synthetic: dict | None = None
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _known_cfg(self) -> ModelConfig:
+        if not self.cfg:
+            raise _config_error("required (e.g. resnet56)", "cfg")
+        try:
+            get_arch(self.cfg, self.data_set)
+        except UserError as exc:
+            raise _config_error(f"{exc}{_did_you_mean(self.cfg, list_cfgs(family_of(self.data_set)))}",
+                                "cfg") from None
+        return self
 
 
-@dataclass
-class SketchConfig:
+class SketchConfig(_Section):
     """The original's sketch options, plus the mode trials use."""
 
-    mode: str = "select"
-    select_by: str = "filters"
-    weight_norm_method: str | None = None
-    filter_norm: bool = False
-    sketch_bn: bool = False
-    sketch_lastconv: bool = True
-    start_conv: int | None = None
-    random_rule: str = "default"
+    mode: Mode = "select"
+    select_by: SelectBy = "filters"
+    weight_norm_method: WeightNorm | None = None
+    filter_norm: Bool = False
+    sketch_bn: Bool = False
+    sketch_lastconv: Bool = True
+    start_conv: Int | None = None
+    random_rule: RandomRule = "default"
 
 
-@dataclass
-class SpaceConfig:
-    low: float = 0.2
-    high: float = 1.0
-    step: float | None = 0.05
-    grouping: str = "per_unit"
-    round_to: int = 1
-    paper_rates: list[str] = field(default_factory=list)
+class SpaceConfig(_Section):
+    """The rate grid, how rates are grouped, and the vectors evaluated first."""
+
+    low: Fraction = 0.2
+    high: Fraction = 1.0
+    step: Annotated[float, Field(gt=0, le=1)] | None = 0.05
+    grouping: Grouping = "per_unit"
+    round_to: PositiveInt = 1
+    paper_rates: StrList = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpaceConfig:
+        if self.low > self.high:
+            raise _config_error(f"low {self.low} is above high {self.high}", "low", "high")
+        if (self.step is not None and self.high > self.low
+                and self.step > self.high - self.low + 1e-9):
+            raise _config_error(f"{self.step} is larger than the range [{self.low}, {self.high}]",
+                                "step")
+        return self
 
 
-@dataclass
-class SamplerConfig:
-    name: str = "nsga2"
-    seed: int = 0
-    population_size: int | None = None  # None: sized to the trial budget
-    anchors: int = 4  # uniform vectors [r]*n spread over the space, evaluated first
+class SamplerConfig(_Section):
+    """The Optuna sampler that proposes rate vectors."""
+
+    name: Sampler = "nsga2"
+    seed: Int = 0
+    population_size: Annotated[Int, Field(ge=2)] | None = None  # None: sized to the trial budget
+    anchors: NonNegativeInt = 4  # uniform vectors [r]*n spread over the space, evaluated first
 
 
-@dataclass
-class BudgetConfig:
+class BudgetConfig(_Section):
+    """When the search ends, and the FLOPs a vector may keep."""
+
     time: str | None = None
-    num_samples: int | None = 32
-    flops_budget: float | None = None
-    flops_policy: str = "reject"
+    num_samples: PositiveInt | None = 32
+    flops_budget: Fraction | None = None
+    flops_policy: FlopsPolicy = "reject"
+
+    @field_validator("time")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value, "budget.time")
+            except UserError as exc:
+                raise _verbatim(exc) from None
+        return value
+
+    @model_validator(mode="after")
+    def _ends(self) -> BudgetConfig:
+        if self.time is None and self.num_samples is None:
+            raise _config_error("give one or both; without either the search would never end",
+                                "num_samples", "time")
+        return self
 
 
-@dataclass
-class TrialConfig:
-    epochs: int = 3
-    lr: float = 0.01
+class TrialConfig(_Section):
+    """One trial's recipe: BN recalibration and a short fine-tune."""
+
+    epochs: NonNegativeInt = 3
+    lr: PositiveFloat = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_decay_step: list[int] = field(default_factory=list)
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    bn_batches: int = 8
-    val_fraction: float = 0.1
-    seed: int = 0
+    lr_decay_step: IntList = Field(default_factory=list)
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 256
+    bn_batches: NonNegativeInt = 8
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed: Int = 0
     label_smoothing: float = 0.0
-    threads: int | None = None  # torch threads per trial; None: the trial's CPU count
+    threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
 
 
-@dataclass
-class SchedulerConfig:
-    name: str = "asha"
-    grace_period: int = 1
-    reduction_factor: int = 2
+class SchedulerConfig(_Section):
+    """The trial scheduler that stops weak trials early."""
+
+    name: Scheduler = "asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[Int, Field(ge=2)] = 2
 
 
-@dataclass
-class ResourcesConfig:
-    cpu: float = 1.0
-    gpu: float = 0.0
-    max_concurrent_trials: int | None = None
-    max_failures: int = 2
-    reuse_actors: bool = True
+class ResourcesConfig(_Section):
+    """What one trial asks of the cluster, and how many may run."""
+
+    cpu: NonNegativeFloat = 1.0
+    gpu: NonNegativeFloat = 0.0
+    max_concurrent_trials: PositiveInt | None = None
+    max_failures: NonNegativeInt = 2
+    reuse_actors: Bool = True
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_or_shared(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise _config_error(f"{value} GPUs; fractions are for sharing one GPU (e.g. 0.25), "
+                                f"more than one must be a whole number")
+        return value
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> ResourcesConfig:
+        if self.cpu == 0 and self.gpu == 0:
+            raise _config_error("a trial must ask for some CPU or GPU", "cpu", "gpu")
+        return self
 
 
-@dataclass
-class StorageConfig:
+class StorageConfig(_Section):
+    """Where the experiment folder and the Optuna study live."""
+
     storage_path: str = "experiments"
     name: str | None = None
     study_storage: str | None = None
 
+    @field_validator("storage_path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value:
+            raise _config_error("must not be empty")
+        return value
 
-@dataclass
-class RetrainConfig:
-    enabled: bool = True
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value in (".", "..")):
+            raise _config_error(f"{value!r} is not a folder name")
+        return value
+
+
+class RetrainConfig(_Section):
+    """The final full retrain of the picked vector."""
+
+    enabled: Bool = True
     pick: str = "knee"
-    epochs: int = 150
-    lr: float = 0.01
-    lr_decay_step: list[int] = field(default_factory=lambda: [50, 100])
+    epochs: PositiveInt = 150
+    lr: PositiveFloat = 0.01
+    lr_decay_step: IntList = Field(default_factory=lambda: [50, 100])
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    batch_size: int = 128
-    workers: int = 1
-    gpus_per_worker: float = 0.0
+    batch_size: PositiveInt = 128
+    workers: PositiveInt = 1
+    gpus_per_worker: NonNegativeFloat = 0.0
+
+    @field_validator("pick")
+    @classmethod
+    def _pick(cls, value: str) -> str:
+        try:
+            parse_pick(value)
+        except UserError as exc:
+            raise _verbatim(exc) from None
+        return value
 
 
-@dataclass
-class SearchConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sketch: SketchConfig = field(default_factory=SketchConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    trial: TrialConfig = field(default_factory=TrialConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    retrain: RetrainConfig = field(default_factory=RetrainConfig)
-    source: str | None = None  # where the config came from (not a YAML key)
+class SearchConfig(_Section):
+    """A whole search: one attribute per section (``config.trial.epochs``)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sketch: SketchConfig = Field(default_factory=SketchConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    trial: TrialConfig = Field(default_factory=TrialConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    _source: str | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> str | None:
+        """Where the config came from (a path); not a YAML key, not in :func:`config_to_dict`."""
+        return self._source
+
+    @source.setter
+    def source(self, value: str | None) -> None:
+        self._source = value
 
     @property
     def time_budget_s(self) -> float | None:
@@ -218,6 +388,7 @@ def parse_duration(text: str | int | float, what: str = "--budget") -> float:
 
 
 def format_duration(seconds: float) -> str:
+    """``1h05m``, ``4m10s`` or ``9s``: a duration for the terminal."""
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -228,229 +399,170 @@ def format_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-# --------------------------------------------------------------------------- schema checks
+# --------------------------------------------------------------------------- error messages
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " (or null)"
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (Any,)
-        return f"a list of {_type_name(inner)}s"
-    return {int: "integer", float: "number", bool: "boolean (true/false)", str: "string",
-            dict: "mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("a boolean (true/false)", "booleans"), str: ("a string", "strings"),
+          dict: ("a mapping", "mappings")}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, key)
-            except UserError as exc:
-                errors.append(exc)
-        raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
-                        f"({type(value).__name__})")
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise UserError(f"config key {key}: expected {_type_name(tp)}, got {value!r} "
-                            f"({type(value).__name__})")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"config key {key}: expected a number, got {value!r} "
-                            f"({type(value).__name__})")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise UserError(f"config key {key}: expected an integer, got {value!r} "
-                            f"({type(value).__name__})")
-        return value
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false"):  # the original's spelling
-            return value.lower() == "true"
-        if not isinstance(value, bool):
-            raise UserError(f"config key {key}: expected a boolean (true/false), got {value!r} "
-                            f"({type(value).__name__})")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"config key {key}: expected a string, got {value!r} "
-                            f"({type(value).__name__})")
-        return value
-    if tp is dict:
-        if not isinstance(value, dict):
-            raise UserError(f"config key {key}: expected a mapping, got {value!r} "
-                            f"({type(value).__name__})")
-        return dict(value)
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a schema bug, not user input
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
 
 
 def _closest(name: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(choices)}"
+    return _did_you_mean(name, choices) or f"; valid keys: {', '.join(choices)}"
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """A dataclass instance of ``cls`` from a mapping, checking every key and type."""
-    where = prefix or "the top level"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"config section {where}: expected a mapping, got {data!r} "
-                        f"({type(data).__name__})")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in fields:
-            match = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = (f"; did you mean {(prefix + '.' if prefix else '') + match[0]!r}?" if match
-                    else f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(fields)}")
-            raise UserError(f"unknown config key {full!r}{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, full)
+def _peel(tp: Any) -> tuple[Any, list, bool]:
+    """(type, metadata, nullable) of an annotation, ``Optional`` and ``Annotated`` peeled off."""
+    meta: list = []
+    nullable = False
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp, *extra = typing.get_args(tp)
+            for m in extra:
+                meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            nullable = nullable or len(args) < len(typing.get_args(tp))
+            if len(args) != 1:
+                return tp, meta, nullable
+            tp = args[0]
         else:
-            kwargs[key] = _coerce(value, tp, full)
-    return cls(**kwargs)
+            return tp, meta, nullable
 
 
-def _choice(value: Any, choices: tuple, key: str) -> None:
-    if value not in choices:
-        match = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        hint = f"; did you mean {match[0]!r}?" if match else ""
-        raise UserError(f"config key {key}: {value!r} is not one of "
-                        f"{', '.join(map(str, choices))}{hint}")
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
 
 
-def _in_unit(value: float | None, key: str) -> None:
-    if value is not None and not 0.0 < value <= 1.0:
-        raise UserError(f"config key {key}: {value} is outside (0, 1]; rates and FLOPs budgets "
-                        f"are fractions of the unpruned network")
+def _schema_at(loc: tuple) -> tuple[Any, list, bool] | None:
+    """What the schema says about the key at ``loc``: (type, metadata, nullable)."""
+    tp, meta, nullable = SearchConfig, [], False
+    for part in loc:
+        if isinstance(part, int):
+            if typing.get_origin(tp) is not list:
+                return None
+            tp, meta, nullable = _peel(typing.get_args(tp)[0])
+        elif _is_section(tp) and part in tp.model_fields:
+            info = tp.model_fields[part]
+            tp, meta, nullable = _peel(info.annotation)
+            meta = list(info.metadata) + meta
+        else:
+            return None
+    return tp, meta, nullable
 
 
-def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
-    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-        raise UserError(f"config key {key}: expected a {'non-negative' if allow_zero else 'positive'}"
-                        f" value, got {value}")
+def _describe(tp: Any, nullable: bool = False) -> str:
+    """``an integer``, ``a list of strings``, ``one of a, b`` (``(or null)`` when it may be)."""
+    tp = _peel(tp)[0]
+    if typing.get_origin(tp) is list:
+        inner = _peel(typing.get_args(tp)[0])[0]
+        text = f"a list of {_NOUNS.get(inner, ('', getattr(inner, '__name__', str(inner))))[1]}"
+    elif typing.get_origin(tp) is Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(tp)))
+    elif _is_section(tp):
+        text = "a mapping"
+    else:
+        text = _NOUNS.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
+    return text + (" (or null)" if nullable else "")
 
 
-def _validate(c: SearchConfig) -> None:
-    m = c.model
-    _choice(m.data_set, DATA_SETS, "model.data_set")
-    if not m.cfg:
-        raise UserError("config key model.cfg: required (e.g. resnet56)")
-    _positive(m.num_classes, "model.num_classes")
-    _positive(m.input_size, "model.input_size")
-    _positive(m.pretrain.epochs, "model.pretrain.epochs")
-    _positive(m.pretrain.lr, "model.pretrain.lr")
-    s = c.sketch
-    _choice(s.mode, MODES, "sketch.mode")
-    _choice(s.select_by, SELECT_BY, "sketch.select_by")
-    if s.weight_norm_method is not None:
-        _choice(s.weight_norm_method, NORMS, "sketch.weight_norm_method")
-    _choice(s.random_rule, RANDOM_RULES, "sketch.random_rule")
-    sp = c.space
-    _in_unit(sp.low, "space.low")
-    _in_unit(sp.high, "space.high")
-    if sp.low > sp.high:
-        raise UserError(f"config keys space.low/space.high: low {sp.low} is above high {sp.high}")
-    if sp.step is not None:
-        if not 0.0 < sp.step <= 1.0:
-            raise UserError(f"config key space.step: {sp.step} is outside (0, 1]")
-        if sp.step > sp.high - sp.low + 1e-9 and sp.high > sp.low:
-            raise UserError(f"config key space.step: {sp.step} is larger than the range "
-                            f"[{sp.low}, {sp.high}]")
-    _choice(sp.grouping, GROUPINGS, "space.grouping")
-    _positive(sp.round_to, "space.round_to")
-    _choice(c.sampler.name, SAMPLERS, "sampler.name")
-    _positive(c.sampler.anchors, "sampler.anchors", allow_zero=True)
-    if c.sampler.population_size is not None and c.sampler.population_size < 2:
-        raise UserError("config key sampler.population_size: expected at least 2")
-    b = c.budget
-    if b.time is not None:
-        parse_duration(b.time, "budget.time")
-    _positive(b.num_samples, "budget.num_samples")
-    _in_unit(b.flops_budget, "budget.flops_budget")
-    _choice(b.flops_policy, FLOPS_POLICIES, "budget.flops_policy")
-    if b.time is None and b.num_samples is None:
-        raise UserError("config: give budget.num_samples or budget.time (or both); "
-                        "without either the search would never end")
-    t = c.trial
-    _positive(t.epochs, "trial.epochs", allow_zero=True)
-    _positive(t.lr, "trial.lr")
-    _positive(t.batch_size, "trial.batch_size")
-    _positive(t.eval_batch_size, "trial.eval_batch_size")
-    _positive(t.bn_batches, "trial.bn_batches", allow_zero=True)
-    if not 0.0 < t.val_fraction < 1.0:
-        raise UserError(f"config key trial.val_fraction: {t.val_fraction} is outside (0, 1)")
-    _positive(t.threads, "trial.threads")
-    sc = c.scheduler
-    _choice(sc.name, SCHEDULERS, "scheduler.name")
-    _positive(sc.grace_period, "scheduler.grace_period")
-    if sc.reduction_factor < 2:
-        raise UserError(f"config key scheduler.reduction_factor: expected at least 2, "
-                        f"got {sc.reduction_factor}")
-    r = c.resources
-    _positive(r.cpu, "resources.cpu", allow_zero=True)
-    _positive(r.gpu, "resources.gpu", allow_zero=True)
-    if r.gpu > 1 and r.gpu != int(r.gpu):
-        raise UserError(f"config key resources.gpu: {r.gpu} GPUs; fractions are for sharing one "
-                        f"GPU (e.g. 0.25), more than one must be a whole number")
-    if r.cpu == 0 and r.gpu == 0:
-        raise UserError("config keys resources.cpu/gpu: a trial must ask for some CPU or GPU")
-    _positive(r.max_concurrent_trials, "resources.max_concurrent_trials")
-    _positive(r.max_failures, "resources.max_failures", allow_zero=True)
-    if not c.storage.storage_path:
-        raise UserError("config key storage.storage_path: must not be empty")
-    if c.storage.name is not None and (not c.storage.name or "/" in c.storage.name
-                                       or c.storage.name in (".", "..")):
-        raise UserError(f"config key storage.name: {c.storage.name!r} is not a folder name")
-    rt = c.retrain
-    from search.picks import parse_pick  # noqa: PLC0415  (tiny module, no Ray)
-    parse_pick(rt.pick)
-    _positive(rt.epochs, "retrain.epochs")
-    _positive(rt.lr, "retrain.lr")
-    _positive(rt.workers, "retrain.workers")
-    _positive(rt.batch_size, "retrain.batch_size")
-    _positive(rt.gpus_per_worker, "retrain.gpus_per_worker", allow_zero=True)
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _range_text(value: Any, tp: Any, meta: list) -> str:
+    """``0.0 is outside (0, 1]`` or ``expected a positive value, got 0``."""
+    shown = float(value) if tp is float and isinstance(value, (int, float)) else value
+    bounds = {name: getattr(m, name) for m in meta
+              for name in ("gt", "ge", "lt", "le") if getattr(m, name, None) is not None}
+    low = "(" if "gt" in bounds else "[" if "ge" in bounds else None
+    high = ")" if "lt" in bounds else "]" if "le" in bounds else None
+    lo = bounds.get("gt", bounds.get("ge"))
+    hi = bounds.get("lt", bounds.get("le"))
+    if low and high:
+        text = f"{shown} is outside {low}{lo:g}, {hi:g}{high}"
+        notes = [m.text for m in meta if isinstance(m, _Note)]
+        return text + "".join(f"; {n}" for n in notes)
+    if low:
+        wanted = ("a positive value" if low == "(" and lo == 0 else
+                  "a non-negative value" if lo == 0 else
+                  f"at least {lo}" if low == "[" else f"more than {lo}")
+    else:
+        wanted = f"at most {hi}" if high == "]" else f"less than {hi}"
+    return f"expected {wanted}, got {shown}"
+
+
+def _message(err: dict) -> str:
+    """One line for one pydantic error: the dotted key, what is expected, what was given."""
+    kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    ctx = err.get("ctx") or {}
+    key = _dotted(loc)
+    got = f"got {value!r} ({type(value).__name__})"
+    if kind in ("extra_forbidden", "invalid_key"):
+        prefix, name = _dotted(loc[:-1]), str(loc[-1])
+        schema = _schema_at(loc[:-1])
+        names = list(schema[0].model_fields) if schema and _is_section(schema[0]) else []
+        match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        full = f"{prefix}.{name}" if prefix else name
+        hint = (f"; did you mean {(prefix + '.' if prefix else '') + match[0]!r}?" if match
+                else f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
+        return f"unknown config key {full!r}{hint}"
+    if kind == "user_error":
+        return str(ctx["message"])
+    if kind == "config":
+        keys = tuple(ctx.get("keys") or ())
+        names = [f"{key}.{k}" if key else k for k in keys] or [key]
+        head = "config key " if len(names) == 1 else "config keys "
+        return f"{head}{'/'.join(names)}: {ctx['message']}"
+    schema = _schema_at(loc)
+    tp, meta, nullable = schema if schema else (None, [], False)
+    if _is_section(tp) or not loc:
+        return f"config section {key or 'the top level'}: expected a mapping, {got}"
+    if kind == "literal_error" and typing.get_origin(tp) is Literal:
+        choices = [str(c) for c in typing.get_args(tp)]
+        return (f"config key {key}: {value!r} is not one of {', '.join(choices)}"
+                f"{_did_you_mean(value, choices)}")
+    if kind in _RANGE_ERRORS:
+        return f"config key {key}: {_range_text(value, tp, meta)}"
+    if tp is not None:
+        return f"config key {key}: expected {_describe(tp, nullable)}, {got}"
+    return f"config key {key}: {err['msg'].lower()}, {got}"
+
+
+def _user_error(exc: ValidationError) -> UserError:
+    """The first of pydantic's errors as one line (the search stops at the first)."""
+    return UserError(_message(exc.errors(include_url=False)[0]))
 
 
 # --------------------------------------------------------------------------- public API
 
 def config_from_dict(data: dict, source: str | None = None) -> SearchConfig:
     """Build and validate a :class:`SearchConfig` from a (YAML-shaped) mapping."""
-    config = _build(SearchConfig, data, "")
+    try:
+        config = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _user_error(exc) from None
     config.source = source
-    _validate(config)
     return config
 
 
 def config_to_dict(config: SearchConfig) -> dict:
     """The config as plain data (for config.yaml and manifest.json)."""
-    data = dataclasses.asdict(config)
-    data.pop("source", None)
-    return data
+    return config.model_dump()
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
-    valid_sections = [f.name for f in dataclasses.fields(SearchConfig) if f.name != "source"]
+    valid_sections = list(SearchConfig.model_fields)
     if len(parts) < 2 or not all(parts):
         raise UserError(f"--set {dotted}=...: expected section.key=value, e.g. "
                         f"trial.epochs=5 (sections: {', '.join(valid_sections)})")
@@ -521,6 +633,5 @@ def recipe_hash(config: SearchConfig) -> str:
     recipe = {"cfg": m.cfg, "data_set": m.data_set, "data_path": m.data_path,
               "num_classes": m.num_classes, "input_size": m.input_size, "synthetic": m.synthetic,
               "val_fraction": config.trial.val_fraction, "split_seed": config.trial.seed,
-              "pretrain": {k: v for k, v in dataclasses.asdict(m.pretrain).items()
-                           if k != "cache_dir"}}
+              "pretrain": m.pretrain.model_dump(exclude={"cache_dir"})}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

@@ -16,7 +16,6 @@ Train's TorchTrainer (:mod:`search.distributed`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import time
@@ -87,7 +86,7 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
         full = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
                                   b["in_channels"]).model.to(device)
         calib = data.calibration_batches(max(1, config.trial.bn_batches))
-        model = sketch(full, m.cfg, rates, m.data_set, **dataclasses.asdict(s),
+        model = sketch(full, m.cfg, rates, m.data_set, **s.model_dump(),
                        round_to=config.space.round_to, seed=config.trial.seed, batches=calib,
                        widths=list(widths) if widths else None)
         widths = list(model.sketch_widths)

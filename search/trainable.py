@@ -16,7 +16,6 @@ ends, so Tune does not retry it. Only the loss of a worker (node death) reaches 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -146,7 +145,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
         else:
             full = baseline_model(setup, baseline, device)
             calib = data.calibration_batches(max(1, t.bn_batches))
-            narrow = sketch(full, setup.cfg, rates, setup.data_set, **dataclasses.asdict(sk),
+            narrow = sketch(full, setup.cfg, rates, setup.data_set, **sk.model_dump(),
                             round_to=setup.round_to, seed=t.seed, batches=calib, widths=widths)
             if t.bn_batches:
                 recalibrate_bn(narrow, calib, device)

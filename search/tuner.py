@@ -11,7 +11,6 @@ it (``--resume``), and records how long each phase took.
 
 from __future__ import annotations
 
-import copy
 import logging
 import shutil
 import time
@@ -72,7 +71,7 @@ def _make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> 
     setup = TrialSetup(
         cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
         in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
-        synthetic=m.synthetic, sketch=copy.deepcopy(s), trial=copy.deepcopy(t),
+        synthetic=m.synthetic, sketch=s.model_copy(deep=True), trial=t.model_copy(deep=True),
         round_to=config.space.round_to, threads=t.threads or max(1, int(r.cpu or 1)),
         use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
         baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),

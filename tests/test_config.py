@@ -115,6 +115,114 @@ def test_recipe_hash_changes_with_the_recipe_only():
     assert recipe_hash(a) != recipe_hash(load_config("quickstart", ["trial.val_fraction=0.2"]))
 
 
+
+def test_recipe_hash_is_stable_across_releases():
+    """The hash keys the cache of pretrained baselines: the same recipe, the same key."""
+    assert recipe_hash(load_config("quickstart")) == "b6dc31e4d9611869"
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_every_shipped_config_loads_and_round_trips_through_yaml(name):
+    import yaml
+
+    config = load_config(name)
+    data = config_to_dict(config)
+    assert list(data) == ["model", "sketch", "space", "sampler", "budget", "trial", "scheduler",
+                          "resources", "storage", "retrain"]
+    assert "source" not in data
+    again = config_from_dict(yaml.safe_load(yaml.safe_dump(data, sort_keys=False)))
+    assert config_to_dict(again) == data and again.source is None
+
+
+def test_config_literals_are_built_from_the_cores_lists():
+    import typing
+
+    from search.config import ModelConfig, SketchConfig
+    from sketch_core.data import DATA_SETS
+    from sketch_core.fd import WEIGHT_NORMS
+    from sketch_core.sketching import MODES, RANDOM_RULES, SELECT_BY
+
+    def choices(model, key):
+        tp = model.model_fields[key].annotation
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return typing.get_args(args[0]) if typing.get_origin(tp) is not typing.Literal else \
+            typing.get_args(tp)
+
+    assert choices(ModelConfig, "data_set") == DATA_SETS
+    assert choices(SketchConfig, "mode") == MODES
+    assert choices(SketchConfig, "select_by") == SELECT_BY
+    assert choices(SketchConfig, "random_rule") == RANDOM_RULES
+    assert choices(SketchConfig, "weight_norm_method") == WEIGHT_NORMS
+
+
+@pytest.mark.parametrize("override, message", [
+    (["model.cfg=resnt20"], "config key model.cfg: unknown --cfg 'resnt20' for data set digits"),
+    (["model.cfg=resnt20"], "did you mean 'resnet20'?"),
+    (["model.cfg=resnet57"], "config key model.cfg: CIFAR ResNet depth must be 6n+2"),
+    (["model.data_set=imagenet"], "config key model.cfg: unknown --cfg 'resnet20' for data set "
+                                  "imagenet (imagenet family)"),
+    (["model.data_set=cifar"], "'cifar' is not one of cifar10, imagenet, folder, digits, "
+                               "synthetic; did you mean 'cifar10'?"),
+    (["sketch.weight_norm_method=l3"], "is not one of max, sum, l2, l1, l2_2, 2max"),
+    (["trial.epochs='3'"], "trial.epochs: expected an integer, got '3' (str)"),
+    (["trial.epochs=true"], "trial.epochs: expected an integer, got True (bool)"),
+    (["trial.epochs=2.5"], "trial.epochs: expected an integer, got 2.5 (float)"),
+    (["trial.threads=x"], "trial.threads: expected an integer (or null), got 'x' (str)"),
+    (["trial.lr=0"], "trial.lr: expected a positive value, got 0.0"),
+    (["trial.epochs=-1"], "trial.epochs: expected a non-negative value, got -1"),
+    (["trial.val_fraction=1"], "trial.val_fraction: 1.0 is outside (0, 1)"),
+    (["trial.lr_decay_step=[1, x]"], "trial.lr_decay_step[1]: expected an integer, got 'x'"),
+    (["model.download=maybe"], "model.download: expected a boolean (true/false), got 'maybe'"),
+    (["model.pretrain=4"], "config section model.pretrain: expected a mapping, got 4 (int)"),
+    (["model.pretrain.lol=1"], "unknown config key 'model.pretrain.lol'; valid keys of "
+                               "model.pretrain: epochs, lr,"),
+    (["space.step=0.95"], "space.step: 0.95 is larger than the range [0.1, 1.0]"),
+    (["sampler.population_size=1"], "sampler.population_size: expected at least 2, got 1"),
+    (["scheduler.reduction_factor=1"], "scheduler.reduction_factor: expected at least 2, got 1"),
+    (["budget.time=null", "budget.num_samples=null"], "budget.num_samples/budget.time: give one "
+                                                      "or both; without either"),
+    (["budget.time=90"], "budget.time: expected a string (or null), got 90 (int)"),
+    (["resources.gpu=1.5"], "resources.gpu: 1.5 GPUs; fractions are for sharing one GPU"),
+    (["resources.cpu=0", "resources.gpu=0"], "resources.cpu/resources.gpu: a trial must ask"),
+    (["storage.name=a/b"], "storage.name: 'a/b' is not a folder name"),
+    (["storage.storage_path=''"], "storage.storage_path: must not be empty"),
+    (["retrain.pick='flops<=2'"], "the FLOPs bound is a fraction of the unpruned network"),
+    (["source.x=1"], "unknown config key 'source'"),
+])
+def test_more_config_errors_name_the_key_the_expectation_and_the_value(override, message):
+    with pytest.raises(UserError) as err:
+        load_config("quickstart", override)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_values_yaml_and_the_original_spell_differently_are_accepted():
+    config = load_config("quickstart", ["trial.epochs=4.0", "model.download='True'",
+                                        "sketch.filter_norm=False", "resources.cpu=2",
+                                        "retrain.lr_decay_step=[10.0]"])
+    assert config.trial.epochs == 4 and isinstance(config.trial.epochs, int)
+    assert config.model.download is True and config.sketch.filter_norm is False
+    assert config.resources.cpu == 2.0 and isinstance(config.resources.cpu, float)
+    assert config.retrain.lr_decay_step == [10]
+    empty = config_from_dict({"trial": None, "model": {"cfg": "resnet20", "data_set": "digits"}})
+    assert empty.trial.epochs == 3 and empty.model.cfg == "resnet20"
+    assert config_from_dict(None).model.cfg == "resnet56"
+
+
+def test_assignments_are_validated_and_the_source_is_no_key():
+    from pydantic import ValidationError
+
+    config = load_config("quickstart")
+    config.model.pretrained = "baseline.pt"
+    config.storage.name = "run1"
+    assert config.model.pretrained == "baseline.pt" and config.storage.name == "run1"
+    with pytest.raises(ValidationError):
+        config.trial.epochs = "many"
+    config.source = "elsewhere.yaml"
+    assert config.source == "elsewhere.yaml" and "source" not in config_to_dict(config)
+    assert config.time_budget_s == 600.0
+
+
 # ----------------------------------------------------------------------------- space and cost
 
 @pytest.mark.parametrize("cfg, data_set, kw", [

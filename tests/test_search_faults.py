@@ -38,7 +38,7 @@ def faulty_trial(config, setup, baseline):
     if config.get("paper_rates") == "[0.6]*9":
         raise RuntimeError("injected failure")
     if config.get("paper_rates") == "[0.5]*9":
-        setup = dataclasses.replace(setup, trial=dataclasses.replace(setup.trial, lr=1e12))
+        setup = dataclasses.replace(setup, trial=setup.trial.model_copy(update={"lr": 1e12}))
     run_trial(config, setup, baseline)
 
 
