@@ -1,12 +1,14 @@
 """The fine-tune / evaluate loop: SGD with multi-step decay, as the original, made fast.
 
-:func:`fit` trains a model on a :class:`sketch_core.data.Data`, tracks the best epoch
-on the validation split and returns a :class:`FitResult`. One screen holds the loop:
-data is already on the device, so a step is forward, backward, update. Models and
-batches are channels_last (on a 2-core AVX-512 CPU it trained CIFAR ResNets 1.2-1.6x
-faster than NCHW, VGG-16 as fast); CUDA adds bf16 autocast and optional
-``torch.compile``; the CPU stays in fp32 unless ``amp=True``. Under a seed it is
-deterministic on the CPU.
+:func:`fit` trains a model on a :class:`sketch_core.data.Data` by a :class:`Recipe` (the
+hyperparameters, in one place), tracks the best epoch on the validation split and
+returns a :class:`FitResult`. One screen holds the loop: data is already on the device,
+so a step is forward, backward, update; everything around it (evaluation, files, the
+progress bar, NaN detection, the stop signal, the caller's callback) is a hook from
+:mod:`sketch_core.hooks`, called on the shared :class:`Run`. Models and batches are
+channels_last (on a 2-core AVX-512 CPU it trained CIFAR ResNets 1.2-1.6x faster than
+NCHW, VGG-16 as fast); CUDA adds bf16 autocast and optional ``torch.compile``; the CPU
+stays in fp32 unless ``amp=True``. Under a seed it is deterministic on the CPU.
 
 Training state (weights, optimizer, scheduler, epoch and batch position, RNG, best
 so far, history) is a plain dict of tensors and numbers: :func:`fit` writes it to
@@ -21,13 +23,9 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
-import csv
-import io
-import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -38,27 +36,50 @@ from torch import nn
 from .atomic import atomic_write_text
 from .checkpoint import atomic_save, read_checkpoint
 from .errors import UserError
+from .hooks import (METRIC_FIELDS, EpochCallback, EpochLog, FiniteLoss, Hook, MetricsCSV,
+                    ProgressBar, StopSignal, TensorBoard, TrainingDiverged, TrainingInterrupted,
+                    TrainState, Validation, emit)
 
-__all__ = ["fit", "evaluate", "FitResult", "TrainingInterrupted", "TrainingDiverged",
-           "save_state", "load_state", "resolve_device", "atomic_write_text", "STATE_FORMAT"]
+__all__ = ["fit", "evaluate", "Recipe", "Run", "FitResult", "TrainingInterrupted",
+           "TrainingDiverged", "save_state", "load_state", "resolve_device", "atomic_write_text",
+           "STATE_FORMAT", "METRIC_FIELDS"]
 
-log = logging.getLogger("sketchtune")
 STATE_FORMAT = "sketchtune-train-state-v1"
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-                 "best_val_acc", "time_s", "img_s", "train_images")
 
 
-class TrainingInterrupted(Exception):
-    """``stop()`` turned true: the state was saved to ``state_path`` (if given)."""
+@dataclass
+class Recipe:
+    """The hyperparameters of a fit.
 
-    def __init__(self, epoch: int, batch: int, state_path: str | None) -> None:
-        where = f"; resumable state saved to {state_path}" if state_path else ""
-        super().__init__(f"training interrupted in epoch {epoch + 1} after batch {batch}{where}")
-        self.epoch, self.batch, self.state_path = epoch, batch, state_path
+    SGD with ``momentum`` and ``weight_decay``; the learning rate is multiplied by
+    ``gamma`` at each epoch of ``lr_decay_step``. ``seed`` seeds a fresh run (a resumed
+    one takes its RNG from the state). ``amp``: bf16 autocast, None = on CUDA only.
+    ``compile``: True for ``torch.compile``'s default mode or the name of a mode
+    (``"reduce-overhead"``: CUDA graphs, for small networks that launch-bound a GPU).
+    ``channels_last``: model and batches in that memory format (None = True).
+    """
 
+    epochs: int
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_step: tuple[int, ...] = (50, 100)  # any iterable of epochs; kept as a tuple
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    seed: int = 0
+    amp: bool | None = None
+    compile: bool | str = False
+    channels_last: bool | None = True
 
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; nothing of the bad epoch was saved."""
+    def __post_init__(self) -> None:
+        milestones = [int(m) for m in self.lr_decay_step]
+        if self.epochs < 0:
+            raise UserError(f"the number of epochs must be >= 0, got {self.epochs}")
+        if milestones != sorted(milestones) or any(m < 0 for m in milestones):
+            raise UserError(f"--lr_decay_step must be non-negative epochs in increasing order, "
+                            f"got {milestones}")
+        self.lr_decay_step = tuple(milestones)
+        self.channels_last = True if self.channels_last is None else self.channels_last
 
 
 @dataclass
@@ -156,195 +177,186 @@ def _cpu_copy(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
-def _write_metrics(job_dir: Path, history: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(job_dir / "metrics.csv", buf.getvalue())
+def _zero_partial() -> dict[str, Any]:
+    return {"loss": 0.0, "correct": 0, "n": 0}
 
 
-def _tensorboard(job_dir: Path | None):
-    if job_dir is None:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(job_dir / "tensorboard"))
+class Run:
+    """One fit in progress: what the loop and its hooks share.
 
-
-def fit(model: nn.Module, data: Any, *, epochs: int, lr: float = 0.01, momentum: float = 0.9,
-        weight_decay: float = 5e-4, lr_decay_step: Iterable[int] = (50, 100),
-        gamma: float = 0.1, label_smoothing: float = 0.0,
-        device: str | torch.device | None = None, job_dir: str | os.PathLike | None = None,
-        seed: int = 0, compile: bool | str = False, progress: bool = True,
-        start_state: dict[str, Any] | None = None, state_path: str | os.PathLike | None = None,
-        state_meta: dict[str, Any] | None = None,
-        on_epoch: Callable[[int, dict[str, Any]], Any] | None = None,
-        stop: Callable[[], bool] | None = None, channels_last: bool | None = None,
-        amp: bool | None = None) -> FitResult:
-    """Train ``model`` for ``epochs`` epochs on ``data.train``, choosing the best on ``data.val``.
-
-    SGD (momentum, weight decay) with the learning rate multiplied by ``gamma`` at each
-    epoch of ``lr_decay_step``. After every epoch the metrics row (see
-    :data:`METRIC_FIELDS`, 0-based ``epoch``) goes to ``job_dir/metrics.csv``, the full
-    state to ``state_path`` (with ``state_meta`` under ``"meta"``), then
-    ``on_epoch(epoch, metrics)`` is called; ``metrics["is_best"]`` says whether this
-    epoch is the best so far. ``start_state`` (a dict from :func:`load_state`) continues
-    a run. ``stop`` is polled after every batch: when it returns true, the state is
-    saved and :class:`TrainingInterrupted` raised. A NaN loss raises
-    :class:`TrainingDiverged` before anything of that epoch is saved. ``compile`` is
-    True for ``torch.compile``'s default mode or the name of a mode
-    (``"reduce-overhead"``: CUDA graphs, for small networks that launch-bound a GPU).
+    Set up once: ``recipe``, ``data``, ``device``, ``amp`` (resolved), ``rank``, ``raw``
+    (the model on the device), ``net`` (what the step calls: ``raw``, wrapped for DDP
+    and ``torch.compile`` as asked), ``optimizer``, ``scheduler``, ``criterion``.
+    Position: ``epoch``, ``batch`` (in ``on_batch_end`` the batch just done; at the
+    start of an epoch the batch it starts at), ``epoch_done``. This epoch's tallies:
+    ``loss_sum`` and ``correct`` (device tensors, read them sparingly), ``seen`` (images,
+    a resumed epoch's part included), ``seen_now`` (images in this process), ``t0``.
+    Best so far: ``best_acc``, ``best_epoch``, ``best_state`` (CPU), ``is_best``.
+    ``metrics`` is the epoch's row (:data:`METRIC_FIELDS`), ``history`` all rows.
     """
-    milestones = [int(m) for m in lr_decay_step]
-    if epochs < 0:
-        raise UserError(f"the number of epochs must be >= 0, got {epochs}")
-    if milestones != sorted(milestones) or any(m < 0 for m in milestones):
-        raise UserError(f"--lr_decay_step must be non-negative epochs in increasing order, "
-                        f"got {milestones}")
-    device = resolve_device(device)
-    cuda = device.type == "cuda"
-    if cuda:  # shapes stay fixed for a whole run: let cuDNN time its algorithms once
-        torch.backends.cudnn.benchmark = True
-    amp = cuda if amp is None else amp
-    channels_last = True if channels_last is None else channels_last
-    rank0 = _rank() == 0
-    job_dir = Path(job_dir) if job_dir is not None and rank0 else None
-    state_path = str(state_path) if state_path is not None and rank0 else None
 
-    raw = model.to(device)
-    if channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(raw.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones,
-                                                     gamma=gamma)
-    start_epoch = start_batch = 0
-    best_acc, best_epoch, best_state, history = None, -1, None, []
-    partial = {"loss": 0.0, "correct": 0, "n": 0}
-    if start_state is None:
-        torch.manual_seed(seed)
-    else:
-        raw.load_state_dict(start_state["model"])
-        optimizer.load_state_dict(start_state["optimizer"])
-        scheduler.load_state_dict(start_state["scheduler"])
-        _set_rng_state(start_state["rng"], device)
-        start_epoch, start_batch = start_state["epoch"], start_state["batch"]
-        best = start_state["best"]
-        best_acc, best_epoch, best_state = best["val_acc"], best["epoch"], best["model"]
-        history = list(start_state["history"])
-        partial = dict(start_state.get("partial", partial))
+    def __init__(self, model: nn.Module, data: Any, recipe: Recipe, device: torch.device,
+                 start_state: dict[str, Any] | None = None) -> None:
+        r = self.recipe = recipe
+        self.data, self.device, cuda = data, device, device.type == "cuda"
+        if cuda:  # shapes stay fixed for a whole run: let cuDNN time its algorithms once
+            torch.backends.cudnn.benchmark = True
+        self.amp = cuda if r.amp is None else r.amp
+        self.rank = _rank()
+        self.raw = model.to(device)
+        if r.channels_last:
+            self.raw = self.raw.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.raw.parameters(), lr=r.lr, momentum=r.momentum,
+                                         weight_decay=r.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
+            self.optimizer, milestones=list(r.lr_decay_step), gamma=r.gamma)
+        self.epoch = self.batch = 0
+        self.epoch_done, self.is_best = False, False
+        self.best_acc, self.best_epoch, self.best_state = None, -1, None
+        self.history: list[dict[str, Any]] = []
+        self.metrics: dict[str, Any] = {}
+        self.partial = _zero_partial()
+        if start_state is None:
+            torch.manual_seed(r.seed)
+        else:
+            self.load_state_dict(start_state)
+        self.net: nn.Module = self.raw
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.net = nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=[device.index] if cuda else None)
+        if r.compile:
+            self.net = torch.compile(self.net) if r.compile is True \
+                else torch.compile(self.net, mode=str(r.compile))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
 
-    net: nn.Module = raw
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        net = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if cuda else None)
-    if compile:
-        net = torch.compile(net) if compile is True else torch.compile(net, mode=str(compile))
-    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-    tb = _tensorboard(job_dir)
+    def begin_epoch(self, epoch: int) -> None:
+        """Train mode, the epoch's batch order, tallies from a resumed epoch's part."""
+        self.epoch, self.epoch_done = epoch, False
+        self.net.train()
+        self.data.train.set_epoch(epoch, self.batch)
+        self.t0 = time.perf_counter()
+        self.loss_sum = torch.tensor(float(self.partial["loss"]), device=self.device,
+                                     dtype=torch.float64)
+        self.correct = torch.tensor(int(self.partial["correct"]), device=self.device)
+        self.seen, self.seen_now = int(self.partial["n"]), 0
 
-    def state(epoch: int, batch: int, part: dict[str, Any]) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "epoch": epoch, "batch": batch, "epochs": epochs,
-                "model": _cpu_copy(raw), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_state(device),
-                "best": {"val_acc": best_acc, "epoch": best_epoch, "model": best_state},
-                "history": history, "partial": part, "seed": seed, "meta": state_meta or {}}
+    def count(self, loss: torch.Tensor, out: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch to the epoch's tallies (no device sync)."""
+        self.loss_sum += loss.detach().double() * len(y)
+        self.correct += (out.detach().argmax(1) == y).sum()
+        self.seen, self.seen_now = self.seen + len(y), self.seen_now + len(y)
 
-    for epoch in range(start_epoch, epochs):
-        net.train()
-        data.train.set_epoch(epoch, start_batch)
-        t0 = time.perf_counter()
-        loss_sum = torch.tensor(float(partial["loss"]), device=device, dtype=torch.float64)
-        correct = torch.tensor(int(partial["correct"]), device=device)
-        seen, seen_now = int(partial["n"]), 0
-        bar = _progress(progress and rank0, len(data.train), start_batch,
-                        f"epoch {epoch + 1}/{epochs}")
-        for batch, (x, y) in enumerate(data.train, start=start_batch):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, amp):
-                out = net(x)
-                loss = criterion(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach().double() * len(y)
-            correct += (out.detach().argmax(1) == y).sum()
-            seen, seen_now = seen + len(y), seen_now + len(y)
-            if bar is not None:
-                bar.update(1)
-                if batch % 10 == 0 or batch + 1 == len(data.train):
-                    dt = time.perf_counter() - t0
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                    acc=f"{correct.item() / seen:.3f}",
-                                    img_s=f"{seen_now / max(dt, 1e-9):.0f}")
-            if stop is not None and stop() and batch + 1 < len(data.train):
-                _check_finite(loss_sum, epoch, state_path)
-                if state_path:
-                    part = {"loss": loss_sum.item(), "correct": int(correct.item()), "n": seen}
-                    save_state(state_path, state(epoch, batch + 1, part))
-                if bar is not None:
-                    bar.close()
-                raise TrainingInterrupted(epoch, batch + 1, state_path)
-        if bar is not None:
-            bar.close()
-        start_batch, partial = 0, {"loss": 0.0, "correct": 0, "n": 0}
-        _check_finite(loss_sum, epoch, state_path)
-        train_time = time.perf_counter() - t0
-        epoch_lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        val = evaluate(raw, data.val, device, amp=amp) if data.val is not None else None
-        val_acc = val["acc"] if val else None
-        is_best = best_acc is None or (val_acc is not None and val_acc > best_acc) \
-            or val_acc is None
-        if is_best:
-            best_acc, best_epoch, best_state = val_acc, epoch, _cpu_copy(raw)
-        metrics = {"epoch": epoch, "lr": epoch_lr, "train_loss": loss_sum.item() / max(seen, 1),
-                   "train_acc": correct.item() / max(seen, 1),
-                   "val_loss": val["loss"] if val else None, "val_acc": val_acc,
-                   "val_top5": val["top5"] if val else None, "best_val_acc": best_acc,
-                   "time_s": round(train_time, 3),
-                   "img_s": round(seen_now / max(train_time, 1e-9), 1),
-                   "train_images": seen}  # this process's share under data parallelism
-        history.append(metrics)
-        log.info("epoch %d/%d  lr %.4g  loss %.4f  train acc %.2f%%%s  %.0f img/s", epoch + 1,
-                 epochs, epoch_lr, metrics["train_loss"], 100 * metrics["train_acc"],
-                 f"  val acc {100 * val_acc:.2f}% (best {100 * best_acc:.2f}%)"
-                 if val_acc is not None else "", metrics["img_s"])
-        if job_dir is not None:
-            _write_metrics(job_dir, history)
-        if tb is not None:
-            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-                if metrics[key] is not None:
-                    tb.add_scalar(key, metrics[key], epoch)
-        if state_path:
-            save_state(state_path, state(epoch + 1, 0, partial))
-        if on_epoch is not None:
-            on_epoch(epoch, {**metrics, "is_best": is_best})
-        if stop is not None and stop() and epoch + 1 < epochs:
-            raise TrainingInterrupted(epoch + 1, 0, state_path)
-    if tb is not None:
-        tb.close()
-    if best_state is None:  # zero epochs: the model as it came
-        best_state = _cpu_copy(raw)
-    return FitResult(best_acc, best_epoch, epochs, best_state, history)
+    def end_epoch(self) -> None:
+        """Time the epoch, step the schedule, make the row and add it to the history.
+
+        The validation fields are None here; :class:`sketch_core.hooks.Validation` fills them.
+        """
+        loss_sum = self.loss_sum.item()  # waits for the device: the time below is complete
+        train_time = time.perf_counter() - self.t0
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.batch, self.partial, self.epoch_done = 0, _zero_partial(), True
+        self.metrics = {"epoch": self.epoch, "lr": lr, "train_loss": loss_sum / max(self.seen, 1),
+                        "train_acc": self.correct.item() / max(self.seen, 1),
+                        "val_loss": None, "val_acc": None, "val_top5": None,
+                        "best_val_acc": self.best_acc, "time_s": round(train_time, 3),
+                        "img_s": round(self.seen_now / max(train_time, 1e-9), 1),
+                        "train_images": self.seen}  # this process's share under data parallelism
+        self.history.append(self.metrics)
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """:func:`evaluate` of the model on this run's device and autocast setting."""
+        return evaluate(self.raw, batches, self.device, amp=self.amp)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the model's state_dict."""
+        return _cpu_copy(self.raw)
+
+    def state_dict(self, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The resumable state: after batch ``batch`` mid-epoch, or after the ended epoch."""
+        if self.epoch_done:
+            epoch, batch, part = self.epoch + 1, 0, self.partial
+        else:
+            epoch, batch = self.epoch, self.batch + 1
+            part = {"loss": self.loss_sum.item(), "correct": int(self.correct.item()),
+                    "n": self.seen}
+        return {"format": STATE_FORMAT, "epoch": epoch, "batch": batch,
+                "epochs": self.recipe.epochs, "model": self.weights(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(self.device),
+                "best": {"val_acc": self.best_acc, "epoch": self.best_epoch,
+                         "model": self.best_state},
+                "history": self.history, "partial": part, "seed": self.recipe.seed,
+                "meta": meta or {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a :meth:`state_dict` (weights, optimizer, schedule, RNG, position)."""
+        self.raw.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.device)
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        best = state["best"]
+        self.best_acc, self.best_epoch, self.best_state = best["val_acc"], best["epoch"], \
+            best["model"]
+        self.history = list(state["history"])
+        self.partial = dict(state.get("partial", self.partial))
+
+    def result(self) -> FitResult:
+        """The best epoch, its weights (the model as it came after zero epochs), the history."""
+        best_state = self.best_state if self.best_state is not None else self.weights()
+        return FitResult(self.best_acc, self.best_epoch, self.recipe.epochs, best_state,
+                         self.history)
 
 
-def _check_finite(loss_sum: torch.Tensor, epoch: int, state_path: str | None) -> None:
-    if not math.isfinite(loss_sum.item()):
-        kept = f"; the last good state is kept in {state_path}" if state_path else ""
-        raise TrainingDiverged(f"the training loss became NaN or infinite in epoch {epoch + 1}"
-                               f"{kept}; try a lower --lr")
+def fit(model: nn.Module, data: Any, recipe: Recipe | None = None, *,
+        device: str | torch.device | None = None, job_dir: str | os.PathLike | None = None,
+        progress: bool = True, start_state: dict[str, Any] | None = None,
+        state_path: str | os.PathLike | None = None, state_meta: dict[str, Any] | None = None,
+        on_epoch: Callable[[int, dict[str, Any]], Any] | None = None,
+        stop: Callable[[], bool] | None = None, hooks: Iterable[Hook] = (),
+        **hyper: Any) -> FitResult:
+    """Train ``model`` on ``data.train`` by ``recipe``, choosing the best epoch on ``data.val``.
 
-
-def _progress(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    # disable=None: shown on a terminal, silent when output is redirected
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=None,
-                dynamic_ncols=True)
+    The hyperparameters come as a :class:`Recipe`, as its fields in keywords
+    (``fit(model, data, epochs=30, lr=0.1)``), or both (the keywords win). After every
+    epoch the metrics row (:data:`METRIC_FIELDS`, 0-based ``epoch``) goes to
+    ``job_dir/metrics.csv``, the full state to ``state_path`` (``state_meta`` under
+    ``"meta"``), then ``on_epoch(epoch, metrics)`` is called; ``metrics["is_best"]`` says
+    whether this epoch is the best so far. ``start_state`` (from :func:`load_state`)
+    continues a run. ``stop`` is polled after every batch: when it returns true, the
+    state is saved and :class:`TrainingInterrupted` raised. A NaN loss raises
+    :class:`TrainingDiverged` before anything of that epoch is saved. ``hooks`` run after
+    the built-in ones that write files, before ``on_epoch`` (see :mod:`sketch_core.hooks`).
+    """
+    recipe = Recipe(**hyper) if recipe is None else replace(recipe, **hyper)
+    run = Run(model, data, recipe, resolve_device(device), start_state)
+    rank0 = run.rank == 0
+    job = Path(job_dir) if job_dir is not None and rank0 else None
+    state = TrainState(str(state_path) if state_path is not None and rank0 else None, state_meta)
+    finite = FiniteLoss(state.path)
+    hooks = [ProgressBar(progress and rank0), finite, Validation(data.val), EpochLog(),
+             MetricsCSV(job), TensorBoard(job), state, *hooks, EpochCallback(on_epoch),
+             StopSignal(stop, state, finite)]
+    try:
+        emit(hooks, "on_fit_start", run)
+        for epoch in range(run.epoch, recipe.epochs):
+            run.begin_epoch(epoch)
+            emit(hooks, "on_epoch_start", run)
+            for run.batch, (x, y) in enumerate(data.train, start=run.batch):
+                x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+                if recipe.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with _autocast(run.device, run.amp):
+                    out = run.net(x)
+                    loss = run.criterion(out, y)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                run.optimizer.step()
+                run.count(loss, out, y)
+                emit(hooks, "on_batch_end", run)
+            run.end_epoch()
+            emit(hooks, "on_epoch_end", run)
+    finally:
+        emit(hooks, "on_fit_end", run)
+    return run.result()

@@ -150,3 +150,40 @@ def test_no_validation_split_keeps_the_last_epoch(tmp_path):
     result = fit(model, d, epochs=2, progress=False)
     assert result.best_val_acc is None and result.best_epoch == 1
     assert same(result.best_state, model.state_dict())
+
+
+def test_a_recipe_equals_its_keywords_and_hooks_see_every_event(data):
+    from sketch_core.hooks import Hook
+    from sketch_core.train import Recipe
+
+    class Record(Hook):
+        def __init__(self):
+            self.events = []
+
+        def on_fit_start(self, run):
+            self.events.append("start")
+
+        def on_epoch_start(self, run):
+            self.events.append(("epoch", run.epoch, run.batch))
+
+        def on_batch_end(self, run):
+            self.events.append("batch")
+
+        def on_epoch_end(self, run):
+            self.events.append(("row", run.metrics["epoch"], run.metrics["val_acc"] is not None))
+
+        def on_fit_end(self, run):
+            self.events.append("end")
+
+    kw, by_kw = dict(epochs=2, lr=0.05, lr_decay_step=[1], seed=4), tiny_model()
+    fit(by_kw, data, progress=False, **kw)
+    record, by_recipe = Record(), tiny_model()
+    # keywords override the recipe's fields
+    result = fit(by_recipe, data, Recipe(epochs=5, lr=0.05, lr_decay_step=(1,), seed=4),
+                 epochs=2, progress=False, hooks=[record])
+    assert same(by_kw.state_dict(), by_recipe.state_dict()) and result.epochs == 2
+    n = len(data.train)
+    assert record.events == ["start", ("epoch", 0, 0), *["batch"] * n, ("row", 0, True),
+                             ("epoch", 1, 0), *["batch"] * n, ("row", 1, True), "end"]
+    with pytest.raises(UserError, match="increasing order"):
+        Recipe(epochs=1, lr_decay_step=[3, 2])
