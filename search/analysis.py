@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from search.pareto import best_index, front_indices, front_mask
+from search.records import NO_TRIAL_ID, json_lines, parse_records
 from sketch_core.atomic import atomic_write as _atomic_write
 from sketch_core.errors import UserError
 
@@ -156,24 +157,6 @@ def _read_json(folder: _Folder, rel: str) -> dict | None:
     return obj
 
 
-def _json_lines(text: str, where: str | None) -> list[dict]:
-    """Parse JSON lines; with ``where``, warn about each unparsable line (skipped)."""
-    out: list[dict] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            out.append(obj)
-        elif where is not None:
-            _warn(f"{where} line {number} is not a complete JSON object (half-written?); skipped, "
-                  f"the other lines are kept")
-    return out
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -243,7 +226,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
         text = folder.read_text(posixpath.join(rel, "result.json"))
         if text is None:
             return False
-        reports = _json_lines(text, None)  # a running trial's last line may be half-written
+        reports = json_lines(text)  # a running trial's last line may be half-written
         if not reports:
             return True
         last = reports[-1]
@@ -279,19 +262,26 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
 
 
 def _trial_records(folder: _Folder) -> list[dict]:
+    """trials.jsonl through :func:`search.records.parse_records`; each skipped line warns."""
     text = folder.read_text("trials.jsonl")
     if text is None:
         return []
-    records: dict[str, dict] = {}
-    for number, rec in enumerate(_json_lines(text, folder.describe("trials.jsonl")), 1):
-        if rec.get("trial_id") is None:
-            _warn(f"{folder.describe('trials.jsonl')}: a record without trial_id was skipped")
-            continue
+    where = folder.describe("trials.jsonl")
+
+    def skipped(number: int, reason: str) -> None:
+        if reason == NO_TRIAL_ID:
+            _warn(f"{where}: a record without trial_id was skipped")
+        else:
+            _warn(f"{where} line {number} is not a complete JSON object (half-written?); skipped, "
+                  f"the other lines are kept")
+
+    records = []
+    for rec in parse_records(text, skipped):  # a trial id recorded twice: the first line counts
         rec = dict(rec)
         rec["trial_id"] = str(rec["trial_id"])
         rec["rates"] = _rates_from(rec.get("rates"))
-        records.setdefault(rec["trial_id"], rec)  # a trial id recorded twice: the first line counts
-    return list(records.values())
+        records.append(rec)
+    return records
 
 
 def _frame(records: list[dict], manifest: dict) -> pd.DataFrame:

@@ -1,8 +1,10 @@
-"""search.pareto: one front, knee and best rule, shared by the picks and the analysis."""
+"""search.pareto: one front, knee and best rule, shared by the picks and the analysis; one trials.jsonl reader."""
 
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,7 @@ import pytest
 from search import analysis as A
 from search.pareto import best_index, front_indices, front_mask, knee_index
 from search.picks import knee_record, pareto_records, select_record
+from search.records import NO_TRIAL_ID, NOT_AN_OBJECT, json_lines, parse_records, read_records
 
 
 def _brute(loss: np.ndarray) -> np.ndarray:
@@ -122,3 +125,45 @@ def test_best_under_budget_and_the_flops_pick_agree():
         assert A.best_under_budget(df, bound)["trial_id"] == select_record(recs, f"flops<={bound}")["trial_id"]
     assert select_record(recs, "flops<=0.5")["trial_id"] == "b"  # b, b2, f: 0.9; b is cheapest and first
     assert select_record(recs, "best")["trial_id"] == "d"
+
+
+# ---------------------------------------------------------------- one trials.jsonl reader
+
+
+TEXT = "\n".join([
+    json.dumps({"trial_id": "a", "status": "completed"}),
+    "",
+    json.dumps({"status": "failed"}),
+    json.dumps({"trial_id": None, "status": "failed"}),
+    "[1, 2]",
+    json.dumps({"trial_id": 7, "status": "stopped"}),
+    json.dumps({"trial_id": "a", "status": "failed"}),
+    '{"trial_id": "cut", "status": "compl',
+])
+
+
+def test_parse_records_keeps_the_first_complete_record_of_each_id():
+    skipped: list[tuple[int, str]] = []
+    recs = parse_records(TEXT, lambda n, why: skipped.append((n, why)))
+    assert [r["trial_id"] for r in recs] == ["a", 7] and recs[0]["status"] == "completed"
+    assert skipped == [(3, NO_TRIAL_ID), (4, NO_TRIAL_ID), (5, NOT_AN_OBJECT), (8, NOT_AN_OBJECT)]
+    assert parse_records(TEXT) == recs
+    assert len(json_lines(TEXT)) == 5  # every JSON object, with or without an id
+
+
+def test_local_and_analysis_readers_agree(tmp_path, caplog):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "trials.jsonl").write_bytes(TEXT.encode() + "é".encode()[:1])  # torn inside a character
+    with caplog.at_level(logging.WARNING, logger="sketchtune.search"):
+        local = read_records(folder / "trials.jsonl")
+    assert [r["trial_id"] for r in local] == ["a", 7]
+    assert [m for m in caplog.messages if "is not a complete record" in m] == [
+        f"{folder / 'trials.jsonl'}: line {n} is not a complete record; skipped" for n in (3, 4, 5, 8)]
+    with pytest.warns(A.ResultsWarning) as caught:
+        df = A.load_results(folder)
+    assert list(df["trial_id"]) == ["a", "7"]
+    texts = [str(w.message) for w in caught]
+    assert sum("a record without trial_id was skipped" in t for t in texts) == 2
+    assert any("trials.jsonl line 8 is not a complete JSON object (half-written?)" in t for t in texts)
+    assert any("trials.jsonl line 5 is not a complete JSON object" in t for t in texts)
