@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from search.pareto import best_index, front_indices, front_mask
+from search.records import NO_TRIAL_ID, json_lines, parse_records
 from sketch_core.atomic import atomic_write as _atomic_write
 from sketch_core.errors import UserError
 
@@ -155,24 +157,6 @@ def _read_json(folder: _Folder, rel: str) -> dict | None:
     return obj
 
 
-def _json_lines(text: str, where: str | None) -> list[dict]:
-    """Parse JSON lines; with ``where``, warn about each unparsable line (skipped)."""
-    out: list[dict] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict):
-            out.append(obj)
-        elif where is not None:
-            _warn(f"{where} line {number} is not a complete JSON object (half-written?); skipped, "
-                  f"the other lines are kept")
-    return out
-
-
 # ---------------------------------------------------------------- loading
 
 
@@ -242,7 +226,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
         text = folder.read_text(posixpath.join(rel, "result.json"))
         if text is None:
             return False
-        reports = _json_lines(text, None)  # a running trial's last line may be half-written
+        reports = json_lines(text)  # a running trial's last line may be half-written
         if not reports:
             return True
         last = reports[-1]
@@ -278,19 +262,26 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
 
 
 def _trial_records(folder: _Folder) -> list[dict]:
+    """trials.jsonl through :func:`search.records.parse_records`; each skipped line warns."""
     text = folder.read_text("trials.jsonl")
     if text is None:
         return []
-    records: dict[str, dict] = {}
-    for number, rec in enumerate(_json_lines(text, folder.describe("trials.jsonl")), 1):
-        if rec.get("trial_id") is None:
-            _warn(f"{folder.describe('trials.jsonl')}: a record without trial_id was skipped")
-            continue
+    where = folder.describe("trials.jsonl")
+
+    def skipped(number: int, reason: str) -> None:
+        if reason == NO_TRIAL_ID:
+            _warn(f"{where}: a record without trial_id was skipped")
+        else:
+            _warn(f"{where} line {number} is not a complete JSON object (half-written?); skipped, "
+                  f"the other lines are kept")
+
+    records = []
+    for rec in parse_records(text, skipped):  # a trial id recorded twice: the first line counts
         rec = dict(rec)
         rec["trial_id"] = str(rec["trial_id"])
         rec["rates"] = _rates_from(rec.get("rates"))
-        records.setdefault(rec["trial_id"], rec)  # a trial id recorded twice: the first line counts
-    return list(records.values())
+        records.append(rec)
+    return records
 
 
 def _frame(records: list[dict], manifest: dict) -> pd.DataFrame:
@@ -510,36 +501,9 @@ def format_rate_vector(rates: Sequence[float]) -> str:
 # ---------------------------------------------------------------- front and hypervolume
 
 
-def _is_front_2d(loss: np.ndarray) -> np.ndarray:
-    """Exact 2-D non-domination (both columns minimised); equal points are all kept."""
-    n = len(loss)
-    on = np.zeros(n, dtype=bool)
-    if n == 0:
-        return on
-    order = np.lexsort((loss[:, 1], loss[:, 0]))
-    best1 = math.inf
-    i = 0
-    while i < n:
-        j = i
-        x0, x1 = loss[order[i]]
-        while j + 1 < n and loss[order[j + 1], 0] == x0 and loss[order[j + 1], 1] == x1:
-            j += 1
-        if x1 < best1:
-            on[order[i:j + 1]] = True
-            best1 = x1
-        # same first value, larger second value: dominated by the group just seen
-        i = j + 1
-    return on
-
-
-def _is_front(loss: np.ndarray) -> np.ndarray:
-    if len(loss) == 0:
-        return np.zeros(0, dtype=bool)
-    try:
-        from optuna.study._multi_objective import _is_pareto_front
-    except ImportError:  # private API moved: the exact 2-D computation gives the same answer
-        return _is_front_2d(loss)
-    return np.asarray(_is_pareto_front(loss, assume_unique_lexsorted=False), dtype=bool)
+def _floats(column: pd.Series) -> np.ndarray:
+    """A numeric column as float64, missing values (NaN, pd.NA) as NaN."""
+    return pd.to_numeric(column, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
 def _cost_column(df: pd.DataFrame) -> str:
@@ -557,8 +521,10 @@ def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True) -> pd.DataFra
 
     With an ``experiment`` column and ``per_experiment``, one front per experiment
     (concatenated); otherwise one front over all rows. FLOPs are compared in MACs
-    (``flops``), or as ``flops_ratio`` where MACs are missing. Uses Optuna's own
-    non-domination routine (``optuna.study._multi_objective._is_pareto_front``).
+    (``flops``), or as ``flops_ratio`` where MACs are missing. The rule is that of
+    :mod:`search.pareto`: a trial is on the front unless another is at least as good in
+    both and better in one, so trials with the very same (val_acc, FLOPs) are all on it,
+    in the order they appear in ``df``.
     """
     if per_experiment and "experiment" in df.columns and df["experiment"].nunique() > 1:
         parts = [pareto_front(g, per_experiment=False) for _, g in df.groupby("experiment", sort=False)]
@@ -567,15 +533,12 @@ def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True) -> pd.DataFra
     if done.empty:
         return done
     cost = _cost_column(done)
-    loss = np.column_stack([-done["val_acc"].to_numpy(float), done[cost].to_numpy(float)])
-    front = done[_is_front(loss)]
-    return front.sort_values([cost, "val_acc"], ascending=[True, False], kind="stable")
+    return done.iloc[front_indices(done["val_acc"].to_numpy(float), _floats(done[cost]))]
 
 
 def _hv_2d(loss: np.ndarray, ref: np.ndarray) -> float:
     """Exact 2-D hypervolume (minimisation) of points that dominate ``ref``."""
-    pts = loss[_is_front_2d(loss)]
-    pts = np.unique(pts, axis=0)
+    pts = np.unique(loss[front_mask(loss)], axis=0)
     pts = pts[np.argsort(pts[:, 0])]
     total, prev1 = 0.0, float(ref[1])
     for x0, x1 in pts:
@@ -634,9 +597,11 @@ def hypervolume_history(df: pd.DataFrame, ref: tuple[float, float] = (0.0, 1.0))
         if ok[i]:
             best_acc = max(best_acc, acc[i])
             p = np.array([-acc[i], ratio[i]])
-            if np.all(p <= ref_loss) and not np.any(np.all(front <= p, axis=1)):
-                keep = ~np.all(p <= front, axis=1)
-                front = np.vstack([front[keep], p])
+            grown = np.vstack([front, p])
+            on = front_mask(grown)
+            # a new point on the front (not a copy of one there) changes the hypervolume
+            if np.all(p <= ref_loss) and on[-1] and not np.any(np.all(front == p, axis=1)):
+                front = grown[on]
                 current = _hv(front, ref_loss)
         hv[i] = current
         best[i] = best_acc if best_acc > -math.inf else np.nan
@@ -744,15 +709,15 @@ def parse_flops_budget(text: str | float) -> tuple[str, float]:
 def best_under_budget(df: pd.DataFrame, budget: str | float | tuple[str, float]) -> pd.Series | None:
     """The completed trial with the highest ``val_acc`` within the FLOPs budget, or None.
 
+    Ties: fewer FLOPs, then the earlier row (the rule of :mod:`search.pareto`).
+
     ``budget``: see :func:`parse_flops_budget`, or a (kind, value) pair it returns.
     """
     kind, value = budget if isinstance(budget, tuple) else parse_flops_budget(budget)
     col = "flops_ratio" if kind == "ratio" else "flops"
     done = df[(df["status"] == "completed") & df["val_acc"].notna()]
-    fits = done[done[col].notna() & (done[col].astype(float) <= value * (1 + 1e-12))]
-    if fits.empty:
-        return None
-    return fits.sort_values(["val_acc", col], ascending=[False, True], kind="stable").iloc[0]
+    i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]), max_cost=value * (1 + 1e-12))
+    return None if i is None else done.iloc[i]
 
 
 # ---------------------------------------------------------------- export

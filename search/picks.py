@@ -5,11 +5,14 @@ nor pandas. Only trials that ran their full schedule (status ``completed``) comp
 
 - ``knee``: on the Pareto front in (flops_ratio, val_acc), each axis scaled to [0, 1]
   over the front, the point farthest from the straight line between the front's two
-  ends (ties: the more accurate one);
-- ``best``: the highest validation accuracy (ties: fewer FLOPs);
+  ends (ties: the more accurate one, then the earliest);
+- ``best``: the highest validation accuracy (ties: fewer FLOPs, then the earliest);
 - ``flops<=F``: the most accurate trial whose FLOPs are at most fraction F of the
-  unpruned network's;
+  unpruned network's (ties as for ``best``);
 - ``trial=ID``: that trial, whatever its rank.
+
+The front, the knee and the tie rules are those of :mod:`search.pareto`; "the
+earliest" is the first in ``trials.jsonl`` order.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from search.pareto import best_index, front_indices, knee_index
 from sketch_core.errors import UserError
 
 __all__ = ["Pick", "parse_pick", "pareto_records", "knee_record", "select_record"]
@@ -66,44 +70,28 @@ def _ok(r: dict) -> bool:
             and isinstance(fr, (int, float)) and math.isfinite(acc) and math.isfinite(fr))
 
 
+def _completed(records: list[dict]) -> tuple[list[dict], list[float], list[float]]:
+    done = [r for r in records if _ok(r)]
+    return done, [r["val_acc"] for r in done], [r["flops_ratio"] for r in done]
+
+
 def pareto_records(records: list[dict]) -> list[dict]:
-    """Completed records that no other completed record dominates (max val_acc, min FLOPs),
-    sorted by flops_ratio; exact duplicates of a point are kept once."""
-    pts = sorted((r for r in records if _ok(r)), key=lambda r: (r["flops_ratio"], -r["val_acc"]))
-    front: list[dict] = []
-    best_acc = -math.inf
-    for r in pts:
-        if r["val_acc"] > best_acc:
-            front.append(r)
-            best_acc = r["val_acc"]
-    return front
+    """Completed records on the Pareto front (max val_acc, min flops_ratio), sorted by
+    flops_ratio; every copy of an exact duplicate is kept (the rule of :mod:`search.pareto`)."""
+    done, acc, cost = _completed(records)
+    return [done[i] for i in front_indices(acc, cost)]
 
 
 def knee_record(records: list[dict]) -> dict | None:
     """The knee of the front (see the module docstring); None when nothing completed."""
-    front = pareto_records(records)
-    if len(front) <= 2:
-        return max(front, key=lambda r: (r["val_acc"], -r["flops_ratio"])) if front else None
-    xs = [r["flops_ratio"] for r in front]
-    ys = [r["val_acc"] for r in front]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = (x1 - x0) or 1.0
-    sy = (y1 - y0) or 1.0
-    pts = [((x - x0) / sx, (y - y0) / sy) for x, y in zip(xs, ys)]
-    (ax, ay), (bx, by) = pts[0], pts[-1]
-    norm = math.hypot(bx - ax, by - ay) or 1.0
-
-    def dist(p: tuple[float, float]) -> float:
-        return abs((bx - ax) * (ay - p[1]) - (ax - p[0]) * (by - ay)) / norm
-
-    best = max(range(len(front)), key=lambda i: (round(dist(pts[i]), 12), ys[i]))
-    return front[best]
+    done, acc, cost = _completed(records)
+    i = knee_index(acc, cost)
+    return None if i is None else done[i]
 
 
 def select_record(records: list[dict], pick: Pick | str) -> dict:
     """The record ``pick`` names; UserError when none qualifies."""
     pick = parse_pick(pick) if isinstance(pick, str) else pick
-    done = [r for r in records if _ok(r)]
     if pick.kind == "trial":
         for r in records:
             if str(r.get("trial_id")) == pick.trial_id:
@@ -114,17 +102,15 @@ def select_record(records: list[dict], pick: Pick | str) -> dict:
         raise UserError(f"--pick trial={pick.trial_id}: no such trial in this experiment "
                         f"({len(records)} trials{': ' + known if known else ''}"
                         f"{', ...' if len(records) > 8 else ''})")
+    done, acc, cost = _completed(records)
     if not done:
         raise UserError(f"--pick {pick.label}: no trial of this experiment completed its schedule")
     if pick.kind == "best":
-        return max(done, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
+        return done[best_index(acc, cost)]
     if pick.kind == "flops":
-        fit = [r for r in done if r["flops_ratio"] <= pick.flops + 1e-12]
-        if not fit:
-            low = min(r["flops_ratio"] for r in done)
+        i = best_index(acc, cost, max_cost=pick.flops + 1e-12)
+        if i is None:
             raise UserError(f"--pick flops<={pick.flops:g}: no completed trial is that small "
-                            f"(the smallest keeps {low:.3f} of the FLOPs)")
-        return max(fit, key=lambda r: (r["val_acc"], -r["flops_ratio"]))
-    rec = knee_record(done)
-    assert rec is not None
-    return rec
+                            f"(the smallest keeps {min(cost):.3f} of the FLOPs)")
+        return done[i]
+    return done[knee_index(acc, cost)]

@@ -4,8 +4,11 @@ A record holds :data:`TRIAL_FIELDS` (plus extras such as ``val_acc_sketched``,
 ``stop_reason``, ``proposed_rates`` or ``paper_rates``). Status is one of
 ``completed`` (ran its full schedule), ``stopped`` (ended early by ASHA or the time
 budget), ``failed`` (raised, diverged, or lost its worker too often) and ``rejected``
-(above the FLOPs budget, never trained). Readers skip a half-written last line with a
-warning and keep the first record of a trial id. No Ray here.
+(above the FLOPs budget, never trained). Readers skip a half-written last line (and
+any line that is not a JSON object or has no trial_id) with a warning and keep the
+first record of a trial id. Every reader goes through :func:`parse_records`, which
+works on text, so a local file (:func:`read_records`) and remote storage (the
+analysis) are read alike. No Ray here.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-__all__ = ["TRIAL_FIELDS", "STATUSES", "TrialLog", "read_records", "clean_number"]
+__all__ = ["TRIAL_FIELDS", "STATUSES", "TrialLog", "read_records", "parse_records", "json_lines",
+           "NOT_AN_OBJECT", "NO_TRIAL_ID", "clean_number"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -70,28 +74,70 @@ class TrialLog:
         return True
 
 
-def read_records(path: str | os.PathLike, warn: bool = True) -> list[dict]:
-    """All complete records of ``path`` (first per trial id); [] when there is no file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    out: list[dict] = []
-    seen: set[str] = set()
-    for no, line in enumerate(text.splitlines(), start=1):
+NOT_AN_OBJECT = "not a JSON object"
+NO_TRIAL_ID = "no trial_id"
+
+
+def json_lines(text: str, skipped: Callable[[int, str], None] | None = None) -> list[dict]:
+    """The JSON objects of ``text``, one per line; blank lines are ignored.
+
+    A line that is not a JSON object (a torn last line, say) is left out and, when
+    ``skipped`` is given, reported as ``skipped(line_number, NOT_AN_OBJECT)``.
+    """
+    return [obj for _, obj in _numbered_objects(text, skipped)]
+
+
+def _numbered_objects(text: str, skipped: Callable[[int, str], None] | None):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-            tid = str(rec["trial_id"])
-        except (ValueError, KeyError, TypeError):
-            if warn:
-                log.warning("%s: line %d is not a complete record; skipped", path, no)
+            obj = json.loads(line)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            yield number, obj
+        elif skipped is not None:
+            skipped(number, NOT_AN_OBJECT)
+
+
+def parse_records(text: str, skipped: Callable[[int, str], None] | None = None) -> list[dict]:
+    """The complete records in the text of a ``trials.jsonl``, first per trial id, in file order.
+
+    A line that is not a JSON object, or whose ``trial_id`` is missing or null, is left
+    out and reported as ``skipped(line_number, NOT_AN_OBJECT or NO_TRIAL_ID)``. Records
+    are returned as written; ids are compared as strings. Callers read the text (a
+    local file, remote storage) and say what a skipped line means to them.
+    """
+    out: list[dict] = []
+    seen: set[str] = set()
+    for number, rec in _numbered_objects(text, skipped):
+        if rec.get("trial_id") is None:
+            if skipped is not None:
+                skipped(number, NO_TRIAL_ID)
             continue
+        tid = str(rec["trial_id"])
         if tid not in seen:
             seen.add(tid)
             out.append(rec)
     return out
+
+
+def read_records(path: str | os.PathLike, warn: bool = True) -> list[dict]:
+    """All complete records of ``path`` (first per trial id); [] when there is no file.
+
+    With ``warn``, each skipped line is logged (see :func:`parse_records`).
+    """
+    try:
+        # a torn last line may end inside a multi-byte character: replace it, skip the line
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+
+    def skipped(number: int, reason: str) -> None:
+        log.warning("%s: line %d is not a complete record; skipped", path, number)
+
+    return parse_records(text, skipped if warn else None)
 
 
 def count_statuses(records: Iterable[dict]) -> dict[str, int]:
