@@ -87,7 +87,8 @@ def test_preflight_names_the_checkpoint_and_the_rate_count(tmp_path):
                                sketch=SketchSpec(rates="[0.5]*8"))
     with pytest.raises(UserError, match="9 sketch rates, got 8"):
         preflight(spec)
-    assert preflight(dataclasses.replace(spec, sketch=SketchSpec(rates="[0.5]*9"))).train.epochs == 150
+    ready = preflight(dataclasses.replace(spec, sketch=SketchSpec(rates="[0.5]*9")))
+    assert ready.train.epochs == 150
     assert not (tmp_path / "job").exists()
 
 
