@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import signal
 import sys
 from typing import Callable, Iterator
 
-from ..engine import (check_spec, execute, log, logging_to, prepare_job_dir, run_defaults,
+from ..engine import (check_spec, execute, logging_to, prepare_job_dir, run_defaults,
                       select_devices)
 from ..errors import UserError
 from ..spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 
 __all__ = ["add_arguments", "spec_from_args", "check_args", "run", "str2bool"]
+
+log = logging.getLogger("sketchtune")
 
 
 def str2bool(text: str | bool) -> bool:
@@ -229,7 +232,6 @@ def _command_line(args: argparse.Namespace) -> str:
         else:
             parts.append(f"--{key} {value}")
     return " ".join(parts)
-
 
 
 def run(args: argparse.Namespace) -> int:
