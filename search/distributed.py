@@ -1,17 +1,19 @@
 """Data-parallel ``sketch`` / ``pretrain`` on several GPUs through Ray Train's TorchTrainer.
 
-The driver checks the arguments and prepares the job folder, then starts one Ray
-Train worker per GPU. Ray initialises ``torch.distributed`` in each worker; every
-worker runs :func:`sketch_core.cli.train_args.execute` on its device, where the training
-loop wraps the model in DistributedDataParallel and reads its share of each epoch.
-Rank 0 alone writes the job folder; every rank reports each epoch's metrics with
-``ray.train.report``. Without a running cluster, a local Ray instance is started on
-127.0.0.1 with usage statistics off, and only the GPUs named by ``--gpus`` are visible.
+The driver checks the :class:`sketch_core.spec.RunSpec` and prepares the job folder,
+then starts one Ray Train worker per GPU. Ray initialises ``torch.distributed`` in each
+worker; every worker receives the spec and runs :func:`sketch_core.engine.execute` on
+its device, where the training loop wraps the model in DistributedDataParallel and
+reads its share of each epoch. Rank 0 alone writes the job folder; every rank reports
+each epoch's metrics with ``ray.train.report``. Ray is reached through
+:func:`search.ray_session.ray_session`: an instance already running in this process,
+the cluster at ``address`` (or ``RAY_ADDRESS``), else a local instance with usage
+statistics off, where only the GPUs of ``spec.gpus`` are visible.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import re
@@ -19,8 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sketch_core.cli.train_args import preflight, prepare_job_dir, select_devices
+from sketch_core.engine import preflight, prepare_job_dir, select_devices
 from sketch_core.errors import UserError
+from sketch_core.spec import RunSpec
 
 __all__ = ["run_distributed"]
 
@@ -30,18 +33,18 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from sketch_core.cli.train_args import _logging_to, execute
+    from sketch_core.engine import execute, logging_to
 
-    args = argparse.Namespace(**config["args"])
+    spec: RunSpec = config["spec"]
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    job = Path(args.job_dir).expanduser()
+    job = Path(spec.output.job_dir).expanduser()
     if rank != 0:
-        args.no_progress = True
-    with _logging_to(job if rank == 0 else None, enabled=rank == 0):
-        execute(args, device, report=ray.train.report, rank0=rank == 0)
+        spec = dataclasses.replace(spec, output=dataclasses.replace(spec.output, progress=False))
+    with logging_to(job if rank == 0 else None, enabled=rank == 0):
+        execute(spec, device, report=ray.train.report, rank0=rank == 0, prepared=True)
 
 
 def _user_error(exc: BaseException) -> UserError | None:
@@ -63,57 +66,49 @@ def _user_error(exc: BaseException) -> UserError | None:
     return UserError(m.group(1)) if m else None
 
 
-def run_distributed(args: argparse.Namespace, *, use_gpu: bool = True,
-                    num_workers: int | None = None) -> dict[str, Any]:
-    """Train ``args`` (a parsed sketch/pretrain command line) on ``args.gpus`` data-parallel.
+def run_distributed(spec: RunSpec, *, use_gpu: bool = True, num_workers: int | None = None,
+                    address: str | None = None) -> dict[str, Any]:
+    """Train ``spec`` (a sketch or pretrain run) on ``spec.gpus`` data-parallel.
 
     ``use_gpu=False`` runs ``num_workers`` CPU workers over gloo instead (for tests and
-    machines without GPUs). Returns the run's ``result.json``.
+    machines without GPUs). ``address`` names a Ray cluster (as ``--address``); a Ray
+    instance already running in this process is used as it is. Returns the run's
+    ``result.json``.
     """
-    preflight(args)
-    # a new local instance of our own unless one is running here or RAY_ADDRESS names one
+    from search.ray_session import ray_session
+
+    spec = preflight(spec)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # a new local instance of our own unless one is running here or an address names one
     # (checked before Ray is imported, so that bad --gpus are reported at once)
     imported = sys.modules.get("ray")
-    local = not (imported is not None and imported.is_initialized()) \
-        and "RAY_ADDRESS" not in os.environ
+    local = not (imported is not None and imported.is_initialized()) and address is None
     if use_gpu:
-        ids = list(args.gpus or [0])
+        ids = list(spec.gpus or [0])
         if local and select_devices(ids)[0].type != "cuda":  # on a cluster, Ray places GPUs
             raise UserError("several --gpus need CUDA devices; this machine has none")
         num_workers = num_workers or len(ids)
     elif not num_workers or num_workers < 1:
         raise UserError(f"CPU data-parallel training needs num_workers >= 1, got {num_workers}")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    job = prepare_job_dir(args)
+    job = prepare_job_dir(spec)
+    if use_gpu and local:  # the local instance sees only the GPUs named by --gpus
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
+    with ray_session(address, log_to_driver=True):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = False
-    if not ray.is_initialized():
-        if use_gpu and local:  # the local instance sees only the GPUs named by --gpus
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in ids)
-        # "local" never joins an instance that another program started on this machine
-        ray.init(address="local" if local else None, include_dashboard=False,
-                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
-        started = True
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    trainer = TorchTrainer(
-        _worker, train_loop_config={"args": config},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name="train", storage_path=str((job / "ray").resolve()),
-                             failure_config=FailureConfig(max_failures=0)))
-    try:
-        trainer.fit()
-    except Exception as exc:
-        err = _user_error(exc)
-        if err is not None:
-            raise err from None
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+        trainer = TorchTrainer(
+            _worker, train_loop_config={"spec": spec},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            run_config=RunConfig(name="train", storage_path=str((job / "ray").resolve()),
+                                 failure_config=FailureConfig(max_failures=0)))
+        try:
+            trainer.fit()
+        except Exception as exc:
+            err = _user_error(exc)
+            if err is not None:
+                raise err from None
+            raise
     return json.loads((job / "result.json").read_text())

@@ -75,8 +75,12 @@ def import_path_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
-    """Connect to ``address`` or start a local instance; yields True if we started it."""
+def ray_session(address: str | None = None, num_cpus: int | None = None,
+                log_to_driver: bool = False) -> Iterator[bool]:
+    """Connect to ``address`` or start a local instance; yields True if we started it.
+
+    ``log_to_driver`` shows the workers' output here (a data-parallel run's log lines).
+    """
     quiet_ray_env()
     import ray
 
@@ -99,7 +103,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         threading.Thread(target=watchdog, daemon=True).start()
         try:
             ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-                     log_to_driver=False, logging_level=logging.WARNING)
+                     log_to_driver=log_to_driver, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster "
                             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
@@ -113,8 +117,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         return
     # "local": a new instance, never one found on the machine (ray.init() without an
     # address would join the cluster named in /tmp/ray/ray_current_cluster)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=True)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             log_to_driver=log_to_driver, logging_level=logging.WARNING, configure_logging=True)
     try:
         yield True
     finally:

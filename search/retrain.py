@@ -15,7 +15,6 @@ Train's TorchTrainer (:mod:`search.distributed`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time
@@ -118,8 +117,8 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
                  workers: int, address: str | None) -> dict[str, Any]:
     """Data-parallel retrain through the single-shot command's Ray Train path."""
     from search.distributed import run_distributed
-    from sketch_core.cli.train_args import add_arguments
-    from sketch_core.rates import format_rates
+    from search.ray_session import ray_session
+    from sketch_core.spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 
     m, s, rt = config.model, config.sketch, config.retrain
     if config.space.round_to > 1:
@@ -128,39 +127,28 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
     if m.synthetic and set(m.synthetic) - {"num_classes"}:
         raise UserError("retrain --workers > 1 supports synthetic data only with default "
                         "options (model.synthetic other than num_classes); use --workers 1")
-    argv = ["--data_set", m.data_set, "--sketch_model", str(exp_dir / "baseline.pt"),
-            "--job_dir", str(job / "distributed"), "--cfg", m.cfg,
-            "--sketch_rate", format_rates(rec["rates"]), "--num_epochs", str(epochs),
-            "--lr", str(rt.lr), "--momentum", str(rt.momentum),
-            "--weight_decay", str(rt.weight_decay), "--train_batch_size", str(rt.batch_size),
-            "--sketch_mode", s.mode, "--select_by", s.select_by, "--random_rule", s.random_rule,
-            "--sketch_bn", str(s.sketch_bn), "--filter_norm", str(s.filter_norm),
-            "--sketch_lastconv", str(s.sketch_lastconv),
-            "--val_fraction", str(config.trial.val_fraction), "--seed", str(config.trial.seed),
-            "--calibration_batches", str(max(1, config.trial.bn_batches)), "--no_progress",
-            "--reset"]
-    if rt.lr_decay_step:
-        argv += ["--lr_decay_step", *map(str, rt.lr_decay_step)]
-    if s.weight_norm_method:
-        argv += ["--weight_norm_method", s.weight_norm_method]
-    if s.start_conv is not None:
-        argv += ["--start_conv", str(s.start_conv)]
-    if m.data_path:
-        argv += ["--data_path", m.data_path]
-    if m.input_size:
-        argv += ["--input_size", str(m.input_size)]
-    if m.synthetic and "num_classes" in m.synthetic:
-        argv += ["--num_classes", str(m.synthetic["num_classes"])]
-    parser = argparse.ArgumentParser()
-    add_arguments(parser, "sketch")
-    args = parser.parse_args(argv)
     use_gpu = rt.gpus_per_worker > 0 or config.resources.gpu > 0
-    if use_gpu:
-        args.gpus = list(range(workers))
-    from search.ray_session import ray_session
-
+    spec = RunSpec(
+        command="sketch",
+        data=DataSpec(data_set=m.data_set, data_path=m.data_path or None,
+                      train_batch_size=rt.batch_size, val_fraction=config.trial.val_fraction,
+                      seed=config.trial.seed, input_size=m.input_size or None,
+                      num_classes=(m.synthetic or {}).get("num_classes")),
+        model=ModelSpec(cfg=m.cfg, sketch_model=str(exp_dir / "baseline.pt")),
+        sketch=SketchSpec(rates=[float(r) for r in rec["rates"]], mode=s.mode,
+                          select_by=s.select_by, weight_norm_method=s.weight_norm_method or None,
+                          filter_norm=s.filter_norm, sketch_bn=s.sketch_bn,
+                          sketch_lastconv=s.sketch_lastconv,
+                          start_conv=1 if s.start_conv is None else s.start_conv,
+                          random_rule=s.random_rule,
+                          calibration_batches=max(1, config.trial.bn_batches)),
+        train=TrainSpec(epochs=epochs, lr=rt.lr, momentum=rt.momentum,
+                        weight_decay=rt.weight_decay,
+                        lr_decay_step=list(rt.lr_decay_step) if rt.lr_decay_step else None),
+        output=OutputSpec(job_dir=str(job / "distributed"), reset=True, progress=False),
+        gpus=list(range(workers)) if use_gpu else None)
     with ray_session(address) as _:  # run_distributed uses the instance it finds running
-        out = run_distributed(args, use_gpu=use_gpu, num_workers=workers)
+        out = run_distributed(spec, use_gpu=use_gpu, num_workers=workers)
     src = Path(out.get("checkpoint") or job / "distributed" / "checkpoint" / "model_best.pt")
     atomic_copy(src, job / "model.pt")
     metrics_csv = job / "distributed" / "metrics.csv"

@@ -28,12 +28,15 @@ from .sketching import MODES, RANDOM_RULES, SELECT_BY, sketch
 from .rates import format_rates, parse_rates, rates_to_widths
 from .registry import family_of, get_arch, list_cfgs
 from .fd import frequent_directions
+from .spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
+from .engine import execute
 
 __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "LoadedModel", "sketch", "count_flops",
     "count_arch", "input_shape", "parse_rates", "format_rates", "rates_to_widths",
     "frequent_directions", "recalibrate_bn", "get_arch", "family_of", "list_cfgs", "UserError",
     "MODES", "RANDOM_RULES", "SELECT_BY",
+    "RunSpec", "DataSpec", "ModelSpec", "SketchSpec", "TrainSpec", "OutputSpec", "execute",
 ]
 
 

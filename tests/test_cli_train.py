@@ -261,11 +261,12 @@ def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     """The several-GPU path (Ray Train TorchTrainer + DDP), with two CPU workers over gloo."""
     pytest.importorskip("ray")  # installed with sketchtune; absent on a bare GPU test machine
     from search.distributed import run_distributed
+    from sketch_core.cli.train_args import spec_from_args
 
     job = tmp_path / "ddp"
     args = launch.build_parser("pretrain").parse_args(
         ["pretrain", *DIGITS, "--num_epochs", "1", "--job_dir", str(job)])
-    result = run_distributed(args, use_gpu=False, num_workers=2)
+    result = run_distributed(spec_from_args(args), use_gpu=False, num_workers=2)
     assert result["world_size"] == 2
     assert json.loads((job / "result.json").read_text()) == result
     rows = list(csv.DictReader(open(job / "metrics.csv")))
@@ -281,16 +282,17 @@ def test_data_parallel_bad_input_is_reported_before_workers_start(tmp_path, digi
     ray = pytest.importorskip("ray")
 
     from search.distributed import run_distributed
+    from sketch_core.cli.train_args import spec_from_args
     from sketch_core.errors import UserError
 
     args = launch.build_parser("sketch").parse_args(
         ["sketch", *DIGITS, "--job_dir", str(tmp_path), "--sketch_model", str(digits_resnet20_ckpt),
          "--sketch_rate", "[0.5]*8"])
     with pytest.raises(UserError, match="9 sketch rates, got 8"):
-        run_distributed(args, use_gpu=False, num_workers=2)
+        run_distributed(spec_from_args(args), use_gpu=False, num_workers=2)
     args.sketch_rate, args.sketch_model = "[0.5]*9", str(tmp_path / "missing.pt")
     with pytest.raises(UserError, match="missing.pt does not exist"):
-        run_distributed(args, use_gpu=False, num_workers=2)
+        run_distributed(spec_from_args(args), use_gpu=False, num_workers=2)
     assert not ray.is_initialized() and not (tmp_path / "checkpoint").exists()
 
 
