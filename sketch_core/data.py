@@ -269,7 +269,9 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
     ``val_fraction`` of the training set (chosen with ``seed``) becomes the validation
     split; with 0 there is none (``Data.val`` is None). ``input_size`` is the image side
     for class-folder sets (default: a ``folder`` set's own side when its images are
-    small and square, else 224) and synthetic data. ``synthetic`` overrides
+    small and square, else 224) and synthetic data; a ``folder`` set of small square
+    images is served from one resident tensor when ``input_size`` is unset or equals
+    their side, and resized image by image otherwise. ``synthetic`` overrides
     :data:`SYNTHETIC_DEFAULTS` (n_train, n_test, num_classes, channels, size, seed).
     ``normalize`` = ``(mean, std)`` on [0, 1] pixels replaces the data set's own
     statistics (e.g. ImageNet's for a network trained with them). ``cache_dir`` is where

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -263,10 +264,19 @@ def _decode_all(listing: FolderListing, workers: int) -> torch.Tensor:
     x[0] = first
     shape = tuple(first.shape)
 
+    failed = threading.Event()  # one bad file stops the other workers early
+
     def run(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            img = _decode(root / files[i])
+            if failed.is_set():
+                return
+            try:
+                img = _decode(root / files[i])
+            except UserError:
+                failed.set()
+                raise
             if tuple(img.shape) != shape:
+                failed.set()
                 raise UserError(
                     f"images of more than one size in {root}: {root / files[0]} is "
                     f"{shape[1]}x{shape[2]}, {root / files[i]} is {img.shape[1]}x{img.shape[2]} "
