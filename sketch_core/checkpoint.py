@@ -5,10 +5,18 @@ code is refused, never executed. sketchtune's format is a plain dict: the model'
 description (family, cfg, num_classes, in_channels, rates, widths) plus a state_dict of
 plain tensors and metrics; no pickled modules. Widths of a pruned original-format file
 follow from its tensor shapes. Saving is atomic: a temporary file, then a rename.
+
+Layouts read as they are: a ``module.`` prefix (``DataParallel``) is stripped, extra
+top-level entries (``best_prec1``, ``epoch``, ...) are ignored, a classifier saved as
+``fc``, ``linear`` or ``classifier`` is read as the model's own head (and the load says
+so), and a BatchNorm ``num_batches_tracked`` counter that files from before PyTorch
+1.0 lack is filled with 0, as PyTorch's own BatchNorm loader does. Every other key
+must be present with its exact shape.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -23,10 +31,13 @@ from .errors import UserError
 from .registry import get_arch, family_of
 
 __all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "atomic_save",
-           "FORMAT"]
+           "FORMAT", "HEAD_NAMES"]
 
 FORMAT = "sketchtune"
 VERSION = 1
+HEAD_NAMES = ("fc", "linear", "classifier")  # names a saved classifier is read under
+
+log = logging.getLogger("sketchtune.checkpoint")
 
 
 @dataclass
@@ -82,13 +93,55 @@ def _check_match(model: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     for k, v in own.items():
         if k not in state:
             raise UserError(f"checkpoint does not match {what}: key {k} (shape {tuple(v.shape)}) is "
-                            f"missing from the file")
+                            f"missing from the file{_depth_hint(state, what)}")
         if tuple(state[k].shape) != tuple(v.shape):
             raise UserError(f"checkpoint does not match {what}: {k} has shape "
                             f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
     extra = [k for k in state if k not in own]
     if extra:
-        raise UserError(f"checkpoint does not match {what}: unexpected key {extra[0]} in the file")
+        raise UserError(f"checkpoint does not match {what}: unexpected key {extra[0]} (shape "
+                        f"{tuple(state[extra[0]].shape)}) in the file{_depth_hint(state, what)}")
+
+
+def _depth_hint(state: dict[str, torch.Tensor], what: str) -> str:
+    """For a CIFAR ResNet: the depth the file's blocks make, when it is another one."""
+    if not what.startswith("cifar resnet"):
+        return ""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("layer1.") and k.split(".")[1].isdigit()}
+    if not blocks:
+        return ""
+    depth = 6 * (max(blocks) + 1) + 2
+    return "" if what == f"cifar resnet{depth}" else f" (the file holds a resnet{depth})"
+
+
+def _map_head(state: dict[str, torch.Tensor], head: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Read a classifier saved under another of :data:`HEAD_NAMES` as the model's ``head``.
+
+    Only when the file has no ``head.*`` key and exactly one other name's weight and
+    bias; returns the state and the name that was read (None when nothing changed).
+    """
+    if head not in HEAD_NAMES or any(k.startswith(head + ".") for k in state):
+        return state, None
+    found = [n for n in HEAD_NAMES if n != head and {k for k in state if k.startswith(n + ".")}
+             == {f"{n}.weight", f"{n}.bias"}]
+    if len(found) != 1:
+        return state, None
+    src = found[0]
+    mapped = {(head + k[len(src):] if k.startswith(src + ".") else k): v for k, v in state.items()}
+    log.info("head %r read as %r", src, head)
+    return mapped, src
+
+
+def _fill_bn_counters(model: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Add the ``num_batches_tracked`` counters a file lacks (0, as BatchNorm's loader does)."""
+    filled = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            key = f"{name}.num_batches_tracked" if name else "num_batches_tracked"
+            if key not in state and f"{name}.running_mean" in state:
+                state[key] = torch.tensor(0, dtype=torch.long)
+                filled += 1
+    return filled
 
 
 def _classifier(model: nn.Module) -> str:
@@ -155,12 +208,20 @@ def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: s
         for s in plan.slots:
             key = s.producer + ".weight"
             if key not in state:
-                raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {key} is missing "
-                                f"from the file")
+                with torch.device("meta"):
+                    shape = tuple(entry.build(None, 10, 3).state_dict()[key].shape)
+                raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {key} (shape "
+                                f"{shape} unpruned) is missing from the file"
+                                f"{_depth_hint(state, f'{entry.family} {cfg}')}")
             widths.append(int(state[key].shape[0]))
         with torch.device("meta"):
             probe = entry.build(widths, 10, 3)
-        cls_key, conv_key = _classifier(probe) + ".weight", _first_conv(probe) + ".weight"
+        head = _classifier(probe)
+        state, head_src = _map_head(state, head)
+        if head_src is not None:
+            meta["head_renamed"] = [head_src, head]
+            meta["messages"] = [f"head {head_src!r} read as {head!r}"]
+        cls_key, conv_key = head + ".weight", _first_conv(probe) + ".weight"
         if cls_key not in state or conv_key not in state:
             missing = cls_key if cls_key not in state else conv_key
             raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {missing} is "
@@ -182,6 +243,11 @@ def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: s
     if tin and hasattr(model, "transform_input"):
         model.transform_input = True
     what = f"{entry.family} {entry.cfg}"
+    if meta["format"] == "state_dict":
+        state = dict(state)
+        filled = _fill_bn_counters(model, state)
+        if filled:
+            meta["filled_bn_counters"] = filled
     _check_match(model, state, what)
     model.load_state_dict(state, strict=True)
     meta.update({"family": entry.family, "cfg": entry.cfg, "arch": entry.arch, "num_classes": ncls,

@@ -7,8 +7,12 @@ test split only reports.
 
 Sets that fit in memory (cifar10, digits, synthetic) live on the training device as
 one tensor; a batch is one gather, and augmentation (random crop with padding, flip)
-is done on the whole batch with tensor ops. Class-folder sets (imagenet, folder) go
-through torchvision's ``ImageFolder`` and a ``DataLoader`` with worker processes.
+is done on the whole batch with tensor ops. A ``folder`` set of small square images
+(side <= 64, the CIFAR family) that fits in memory is decoded once into such a tensor
+(:mod:`sketch_core.folder_cache`, cached on disk) and served the same way, with the
+images' own size as its default input size. Other class-folder sets (imagenet, folders
+of large images) go through torchvision's ``ImageFolder`` and a ``DataLoader`` with
+worker processes and per-image transforms.
 
 Every training loader is positioned with ``set_epoch(epoch, start_batch)``: its
 shuffle and augmentation depend only on (seed, epoch), so a run resumed in the middle
@@ -26,11 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .folder_cache import (FOLDER_LAYOUT, fits_in_memory, folder_splits, list_folder,
+                           load_folder_images, small_image_side)
 
 __all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "DATA_SETS", "CIFAR10_FILES"]
 
@@ -41,6 +49,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 20240601  # the digits test split never changes
 SYNTHETIC_DEFAULTS = dict(n_train=2048, n_test=512, num_classes=10, channels=3, size=32, seed=0)
+
+log = logging.getLogger("sketchtune.data")
 
 
 def _epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
@@ -231,37 +241,70 @@ def _check_common(data_set: str, batch_size: int, eval_batch_size: int,
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
 
 
+def _check_normalize(normalize: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)``: two sequences of equal length (1 or one per channel), std > 0."""
+    if normalize is None:
+        return None
+    try:
+        mean, std = normalize
+        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    except (TypeError, ValueError):
+        raise UserError(f"normalize takes (mean, std), two sequences of floats, e.g. "
+                        f"((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)); got {normalize!r}") from None
+    if not mean or len(mean) != len(std) or min(std) <= 0:
+        raise UserError(f"normalize needs a mean and a positive std of the same length (1 or one "
+                        f"per channel); got mean {mean}, std {std}")
+    return mean, std
+
+
 def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
               batch_size: int = 128, eval_batch_size: int = 100, val_fraction: float = 0.1,
               seed: int = 0, device: str | torch.device = "cpu", download: bool = False,
               input_size: int | None = None, num_workers: int | None = None,
-              synthetic: dict | None = None) -> Data:
+              synthetic: dict | None = None,
+              normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              cache_dir: str | os.PathLike | None = None) -> Data:
     """Load ``data_set`` (one of :data:`DATA_SETS`) with its train/val/test batches on ``device``.
 
     ``val_fraction`` of the training set (chosen with ``seed``) becomes the validation
     split; with 0 there is none (``Data.val`` is None). ``input_size`` is the image side
-    for class-folder sets (default 224) and synthetic data. ``synthetic`` overrides
+    for class-folder sets (default: a ``folder`` set's own side when its images are
+    small and square, else 224) and synthetic data; a ``folder`` set of small square
+    images is served from one resident tensor when ``input_size`` is unset or equals
+    their side, and resized image by image otherwise. ``synthetic`` overrides
     :data:`SYNTHETIC_DEFAULTS` (n_train, n_test, num_classes, channels, size, seed).
+    ``normalize`` = ``(mean, std)`` on [0, 1] pixels replaces the data set's own
+    statistics (e.g. ImageNet's for a network trained with them). ``cache_dir`` is where
+    a small-image folder's decoded tensor is cached
+    (:func:`sketch_core.folder_cache.default_cache_dir` by default).
     """
     _check_common(data_set, batch_size, eval_batch_size, val_fraction)
+    norm_override = _check_normalize(normalize)
     device = torch.device(device)
     opts = dict(batch_size=batch_size, eval_batch_size=eval_batch_size,
                 val_fraction=val_fraction, seed=seed, device=device)
+
+    def norm_of(mean: tuple[float, ...], std: tuple[float, ...], scale: float) -> dict:
+        if norm_override is not None:
+            mean, std = norm_override
+        return dict(mean=mean, std=std, scale=scale)
+
     if data_set in ("imagenet", "folder"):
         if num_workers is None:
             num_workers = min(8, os.cpu_count() or 1)
         return _folder_data(data_set, data_path, input_size=input_size,
-                            num_workers=num_workers, **opts)
+                            num_workers=num_workers, norm=norm_of(IMAGENET_MEAN, IMAGENET_STD, 1.0),
+                            cache_dir=cache_dir, **opts)
     if data_set == "cifar10":
         (xtr, ytr), (xte, yte) = _read_cifar10(data_path, download)
-        norm = dict(mean=CIFAR_MEAN, std=CIFAR_STD, scale=1 / 255)
+        norm = norm_of(CIFAR_MEAN, CIFAR_STD, 1 / 255)
         aug = dict(pad=4, flip=True)
         return _tensor_data("cifar10", xtr, ytr, xte, yte, 10, norm, aug, **opts)
     if data_set == "digits":
         xtr, ytr, xte, yte = _digits()
         mean = float(xtr.mean()) / 16
         std = float((xtr / 16).std())
-        norm = dict(mean=(mean,), std=(std,), scale=1 / 16)
+        norm = norm_of((mean,), (std,), 1 / 16)
         return _tensor_data("digits", xtr, ytr, xte, yte, 10, norm, dict(pad=1, flip=False),
                             **opts)
     spec = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
@@ -273,14 +316,14 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
         spec["size"] = input_size
     xtr, ytr, xte, yte = _synthetic(**spec)
     aug = dict(pad=max(1, spec["size"] // 8), flip=True)
-    norm = dict(mean=(0.0,), std=(1.0,), scale=1.0)
+    norm = norm_of((0.0,), (1.0,), 1.0)
     return _tensor_data("synthetic", xtr, ytr, xte, yte, spec["num_classes"], norm, aug, **opts)
 
 
 def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor,
                  yte: torch.Tensor, num_classes: int, norm: dict, aug: dict, *,
                  batch_size: int, eval_batch_size: int, val_fraction: float, seed: int,
-                 device: torch.device) -> Data:
+                 device: torch.device, classes: list[str] | None = None) -> Data:
     keep, held = _split(len(ytr), val_fraction, seed)
     perm = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + 1))]
     xtr, ytr, xte, yte, keep, held, perm = (
@@ -293,7 +336,7 @@ def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Ten
     test = TensorLoader(xte, yte, batch_size=eval_batch_size, **common)
     calibration = TensorLoader(xtr, ytr, index=perm, batch_size=batch_size, **common)
     return Data(name, "cifar", num_classes, xtr.shape[1], xtr.shape[2], train, val, test,
-                calibration)
+                calibration, classes=classes)
 
 
 def _read_cifar10(data_path: str | os.PathLike | None, download: bool):
@@ -360,32 +403,39 @@ def _synthetic(n_train: int, n_test: int, num_classes: int, channels: int, size:
 
 
 def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_size: int | None,
-                 num_workers: int, batch_size: int, eval_batch_size: int, val_fraction: float,
-                 seed: int, device: torch.device) -> Data:
+                 num_workers: int, norm: dict, cache_dir: str | os.PathLike | None,
+                 batch_size: int, eval_batch_size: int, val_fraction: float, seed: int,
+                 device: torch.device) -> Data:
+    if data_path is None:
+        raise UserError(f"--data_set {data_set} needs --data_path: {FOLDER_LAYOUT}")
+    root = Path(data_path).expanduser()
+    train_dir, test_dir = folder_splits(root)
+    opts = dict(batch_size=batch_size, eval_batch_size=eval_batch_size, val_fraction=val_fraction,
+                seed=seed, device=device)
+    if data_set == "folder":
+        side = small_image_side(root)
+        if side is not None and input_size in (None, side):
+            resident = _resident_folder_data(data_set, train_dir, test_dir, side, norm, cache_dir,
+                                             **opts)
+            if resident is not None:
+                return resident
+            input_size = input_size or side
     from torchvision import datasets, transforms
 
-    layout = ("class folders under DATA_PATH/train/<class>/*.jpg and DATA_PATH/val/<class>/*.jpg "
-              "(DATA_PATH/test/ is accepted instead of val/)")
-    if data_path is None:
-        raise UserError(f"--data_set {data_set} needs --data_path: {layout}")
-    root = Path(data_path).expanduser()
-    test_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        raise UserError(f"--data_path {root} is not laid out as expected: {layout}")
     size = input_size or 224
     if size < 8:
         raise UserError(f"--input_size must be at least 8, got {size}")
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    normalize = transforms.Normalize(norm["mean"], norm["std"])
     train_tf = transforms.Compose([transforms.RandomResizedCrop(size),
                                    transforms.RandomHorizontalFlip(), transforms.ToTensor(),
                                    normalize])
     eval_tf = transforms.Compose([transforms.Resize(int(round(size * 256 / 224))),
                                   transforms.CenterCrop(size), transforms.ToTensor(), normalize])
     try:
-        train_set = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+        train_set = datasets.ImageFolder(str(train_dir), transform=train_tf)
         test_set = datasets.ImageFolder(str(test_dir), transform=eval_tf)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"--data_path {root}: {exc}; expected {layout}") from None
+        raise UserError(f"--data_path {root}: {exc}; expected {FOLDER_LAYOUT}") from None
     if test_set.classes != train_set.classes:
         raise UserError(f"{test_dir} has classes {test_set.classes[:5]}... but {root / 'train'} "
                         f"has {train_set.classes[:5]}...; both need the same class folders")
@@ -402,3 +452,25 @@ def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_si
     calibration = FolderLoader(train_eval, perm, batch_size=batch_size, shuffle=False, **common)
     return Data(data_set, "imagenet", len(train_set.classes), 3, size, train, val, test,
                 calibration, classes=list(train_set.classes))
+
+
+def _resident_folder_data(data_set: str, train_dir: Path, test_dir: Path, side: int, norm: dict,
+                          cache_dir: str | os.PathLike | None, **opts: Any) -> Data | None:
+    """A small-image folder as one resident tensor (decoded once, cached); None if too big."""
+    listings = list_folder(train_dir), list_folder(test_dir)
+    n = sum(len(li.files) for li in listings)
+    if not fits_in_memory(n * 3 * side * side):
+        log.info("%s: %d images of %dx%d do not fit in memory; reading them image by image",
+                 train_dir.parent, n, side, side)
+        return None
+    train, test = (load_folder_images(li, cache_dir) for li in listings)
+    if test.classes != train.classes:
+        raise UserError(f"{test_dir} has classes {test.classes[:5]}... but {train_dir} has "
+                        f"{train.classes[:5]}...; both need the same class folders")
+    if test.x.shape[1:] != train.x.shape[1:]:
+        raise UserError(f"images of more than one size: {train_dir / train.files[0]} is "
+                        f"{train.x.shape[2]}x{train.x.shape[3]}, {test_dir / test.files[0]} is "
+                        f"{test.x.shape[2]}x{test.x.shape[3]} (a resident tensor needs one size)")
+    aug = dict(pad=max(1, side // 8), flip=True)
+    return _tensor_data(data_set, train.x, train.y, test.x, test.y, len(train.classes),
+                        dict(norm, scale=1 / 255), aug, classes=list(train.classes), **opts)

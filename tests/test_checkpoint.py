@@ -208,3 +208,37 @@ def test_info_bad_input_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "would run code" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("cfg", ["resnet20", "resnet32"])
+def test_classifier_named_linear_is_read_as_the_head(tmp_path, cfg, caplog):
+    """The layout of the public CIFAR ResNets: module. prefix, head 'linear', no BN counters."""
+    model = build_model(cfg)
+    state = {f"module.{k.replace('fc.', 'linear.')}": v for k, v in model.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    path = tmp_path / f"{cfg}.th"
+    torch.save({"best_prec1": 91.7, "state_dict": state}, path)
+    with caplog.at_level("INFO", logger="sketchtune.checkpoint"):
+        loaded = load_checkpoint(path, cfg)
+    assert "head 'linear' read as 'fc'" in caplog.text
+    assert loaded.meta["head_renamed"] == ["linear", "fc"] and not loaded.meta["pruned"]
+    assert loaded.meta["messages"] == ["head 'linear' read as 'fc'"]
+    assert _same_logits(loaded.model, model)
+    # strict otherwise: a head under two names at once is not guessed at
+    state["module.classifier.weight"] = state["module.linear.weight"]
+    state["module.classifier.bias"] = state["module.linear.bias"]
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(UserError, match="key fc.weight is missing"):
+        load_checkpoint(path, cfg)
+
+
+def test_checkpoint_of_another_depth_names_the_key_shape_and_depth(tmp_path):
+    path = tmp_path / "r20.pt"
+    torch.save({"state_dict": build_model("resnet20").state_dict()}, path)
+    with pytest.raises(UserError, match=r"resnet56: key layer1\.3\.conv1\.weight \(shape \(16, 16, 3, 3\) "
+                                        r"unpruned\) is missing from the file \(the file holds a resnet20\)"):
+        load_checkpoint(path, "resnet56")
+    torch.save({"state_dict": build_model("resnet32").state_dict()}, path)
+    with pytest.raises(UserError, match=r"resnet20: unexpected key layer1\.3\.conv1\.weight \(shape "
+                                        r"\(16, 16, 3, 3\)\) in the file \(the file holds a resnet32\)"):
+        load_checkpoint(path, "resnet20")

@@ -164,3 +164,152 @@ def test_calibration_batches_are_unaugmented_and_fixed():
         - d.train._add.view(1, 1, 1, 1) / d.train._mul.view(1, 1, 1, 1)
     hits = sum(tuple(r.round().tolist()) in train for r in raw.flatten(1))
     assert hits == len(raw)
+
+
+# ------------------------------------------------------- small-image folders, resident
+
+def _jpeg(path, size=16, value=0, seed=0):
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    img = (rng.integers(0, 60, (size, size, 3)) + value).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, quality=95)
+
+
+def small_folder(root, classes=("ants", "bees", "cats"), n_train=5, n_test=2, size=16):
+    """train/<class>/*.jpg and test/<class>/*.jpg of size x size generated JPEGs."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c, name in enumerate(classes):
+            for i in range(n):
+                _jpeg(root / split / name / f"{i:04d}.jpg", size, 60 * c, seed=100 * c + i)
+    return root
+
+
+def _count_decodes(monkeypatch):
+    from sketch_core import folder_cache
+
+    calls = []
+    real = folder_cache._decode
+
+    def counting(path):
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(folder_cache, "_decode", counting)
+    return calls
+
+
+def test_small_image_folder_is_decoded_once_and_resident(tmp_path, monkeypatch):
+    from PIL import Image
+    import numpy as np
+
+    root, cache = small_folder(tmp_path / "set"), tmp_path / "cache"
+    calls = _count_decodes(monkeypatch)
+    d = load_data("folder", root, batch_size=4, eval_batch_size=3, val_fraction=0.2, cache_dir=cache)
+    assert (d.num_classes, d.in_channels, d.input_size, d.family) == (3, 3, 16, "cifar")
+    assert d.classes == ["ants", "bees", "cats"] and len(calls) == 21
+    assert isinstance(d.train, TensorLoader) and d.train.x.dtype == torch.uint8
+    assert (d.train.pad, d.train.flip) == (2, True)
+    assert len(list(cache.glob("*.pt"))) == 2
+    # the test images, un-augmented, normalised with ImageNet's statistics as before
+    want = np.array(Image.open(root / "test" / "ants" / "0001.jpg").convert("RGB"))
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(3, 1, 1)
+    x, y = next(iter(d.test))
+    torch.testing.assert_close(x[1], (torch.from_numpy(want).permute(2, 0, 1) / 255 - mean) / std)
+    assert y.tolist() == [0, 0, 1]
+    xb, yb = next(iter(d.train))
+    assert xb.shape == (4, 3, 16, 16)
+    # the validation split holds out the same images the per-image path holds out
+    per_image = load_data("folder", root, input_size=24, val_fraction=0.2, num_workers=0,
+                          cache_dir=cache)
+    assert per_image.family == "imagenet" and per_image.input_size == 24
+    assert torch.equal(per_image.val.indices, d.val.index)
+    # a second load reads the cache: nothing decoded
+    calls.clear()
+    again = load_data("folder", root, val_fraction=0.2, cache_dir=cache)
+    assert calls == [] and torch.equal(again.train.x, d.train.x)
+
+
+def test_folder_cache_rebuilt_after_a_file_changes_or_truncation(tmp_path, monkeypatch, caplog):
+    import os
+
+    from sketch_core.folder_cache import load_folder_images
+
+    root, cache = small_folder(tmp_path / "set"), tmp_path / "cache"
+    first = load_folder_images(root / "train", cache)
+    assert not first.from_cache and load_folder_images(root / "train", cache).from_cache
+    calls = _count_decodes(monkeypatch)
+    changed = root / "train" / "bees" / "0002.jpg"
+    _jpeg(changed, 16, 200, seed=7)
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with caplog.at_level("INFO", logger="sketchtune.folder_cache"):
+        second = load_folder_images(root / "train", cache)
+    assert len(calls) == 15 and not second.from_cache
+    assert not torch.equal(second.x[7], first.x[7]) and torch.equal(second.x[6], first.x[6])
+    assert any("stale" in r.getMessage() for r in caplog.records)
+    # a torn cache file: one warning, decoded again, never trusted
+    (path,) = cache.glob("*.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    caplog.clear()
+    calls.clear()
+    with caplog.at_level("WARNING", logger="sketchtune.folder_cache"):
+        third = load_folder_images(root / "train", cache)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "truncated" in warnings[0] and str(path) in warnings[0]
+    assert len(calls) == 15 and torch.equal(third.x, second.x)
+    assert load_folder_images(root / "train", cache).from_cache
+
+
+def test_folder_cache_bad_input_one_clear_error_nothing_written(tmp_path):
+    from sketch_core.folder_cache import load_folder_images, prepare_folder_cache
+
+    cache = tmp_path / "cache"
+    # images of two sizes: one file of each size named
+    root = small_folder(tmp_path / "mixed")
+    _jpeg(root / "train" / "bees" / "0003.jpg", 20)
+    with pytest.raises(UserError, match=r"more than one size.*ants/0000\.jpg is 16x16.*"
+                                        r"bees/0003\.jpg is 20x20"):
+        load_data("folder", root, cache_dir=cache)
+    # a file that is not an image is named
+    root = small_folder(tmp_path / "text")
+    (root / "train" / "cats" / "0003.jpg").write_text("not an image")
+    with pytest.raises(UserError, match=r"cats/0003\.jpg is not a readable image"):
+        prepare_folder_cache(root, cache)
+    # an empty class, and a folder without class folders
+    root = small_folder(tmp_path / "empty")
+    (root / "train" / "dogs").mkdir()
+    with pytest.raises(UserError, match=r"class folder .*train/dogs holds no images"):
+        load_folder_images(root / "train", cache)
+    (tmp_path / "flat").mkdir()
+    _jpeg(tmp_path / "flat" / "0.jpg")
+    with pytest.raises(UserError, match=r"flat has no class folders"):
+        load_folder_images(tmp_path / "flat", cache)
+    assert not cache.exists()
+
+
+def test_large_or_non_square_folders_keep_the_per_image_path(image_folder, tmp_path):
+    from sketch_core.folder_cache import default_input_size, prepare_folder_cache
+
+    assert prepare_folder_cache(image_folder, tmp_path / "cache") is None   # 40x48 images
+    assert default_input_size(image_folder) == 224
+    d = load_data("folder", image_folder, num_workers=0, cache_dir=tmp_path / "cache")
+    assert (d.family, d.input_size) == ("imagenet", 224) and not (tmp_path / "cache").exists()
+    assert default_input_size(small_folder(tmp_path / "small")) == 16
+
+
+def test_normalize_replaces_the_data_sets_statistics(cifar10_folder):
+    root, batches = cifar10_folder
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    d = load_data("cifar10", root, normalize=imagenet)
+    raw = torch.tensor(batches["test_batch"]["data"][:4]).view(4, 3, 32, 32).float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in imagenet)
+    x, _ = next(iter(d.test))
+    torch.testing.assert_close(x[:4], (raw - mean) / std)
+    for bad in (((0.5,), (0.0,)), ((0.5, 0.5), (0.2,)), "imagenet"):
+        with pytest.raises(UserError, match="normalize"):
+            load_data("digits", normalize=bad)
