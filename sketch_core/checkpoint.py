@@ -138,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike, cfg: CfgLike | None = None, data_se
                 what = "the architecture asked for" if isinstance(cfg, Arch) else f"data set {data_set}"
                 raise UserError(f"{p} holds a {fam}-family {file_cfg}; {what} uses the "
                                 f"{want_fam} family")
-        entry = resolve_arch(file_cfg, fam)
+        entry = resolve_arch(file_cfg, family=fam)
         state = obj["state_dict"]
         widths = list(obj.get("widths") or entry.plan().full_widths())
         ncls, inch = int(obj["num_classes"]), int(obj.get("in_channels", 3))

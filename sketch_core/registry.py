@@ -35,6 +35,7 @@ __all__ = ["Arch", "ArchEntry", "CfgLike", "ModelSpec", "resolve_arch", "get_arc
            "list_arches", "register", "unregister", "FAMILIES", "SMALL_INPUT"]
 
 CIFAR_SETS = ("cifar10", "digits", "synthetic")
+DATA_SETS = CIFAR_SETS + ("imagenet", "folder")
 # a class-folder set of images at most this size (height/width) uses the CIFAR models
 SMALL_INPUT = 64
 
@@ -107,6 +108,13 @@ ArchEntry = Arch  # the earlier name
 CfgLike = Union[str, Arch]  # what public functions take where they take a cfg
 
 
+def _explicit(data_set: str | None, family: str | None) -> str | None:
+    """The family asked for: ``family``, or a family name given as the data set (``cifar``)."""
+    if family is None and data_set in FAMILIES and data_set not in DATA_SETS:
+        return data_set
+    return family
+
+
 def _data_set_family(data_set: str | None, input_size: int | None) -> str:
     if data_set == "imagenet":
         return "imagenet"
@@ -130,8 +138,7 @@ def family_of(data_set: str | None = None, cfg: str | None = None, *, family: st
 
     Never raises for an unknown cfg: :func:`resolve_arch` says what is wrong with it.
     """
-    if family is None and data_set in FAMILIES:
-        family = data_set
+    family = _explicit(data_set, family)
     if family is not None:
         return family
     if cfg:
@@ -186,8 +193,8 @@ def resolve_arch(cfg: str | Arch, data_set: str | None = None, *, family: str | 
                  input_size: int | None = None, in_channels: int | None = None) -> Arch:
     """The architecture ``cfg`` means for this data set (or family); see the module doc.
 
-    ``data_set`` may also be a family name (``cifar``, ``imagenet``), which is then
-    explicit. ``arch`` (e.g. ``resnet``) is checked against the cfg's. An :class:`Arch`
+    ``data_set`` may also be the family name ``cifar``, which is then explicit
+    (``imagenet`` is a data set too, so it counts as one). ``arch`` (e.g. ``resnet``) is checked against the cfg's. An :class:`Arch`
     passes through (with ``start_conv``/``input_size``/``in_channels`` applied when given).
     """
     if isinstance(cfg, Arch):
@@ -199,9 +206,7 @@ def resolve_arch(cfg: str | Arch, data_set: str | None = None, *, family: str | 
     else:
         if not isinstance(cfg, str) or not cfg:
             raise UserError(f"--cfg must name an architecture (e.g. resnet56); got {cfg!r}")
-        if family is None and data_set in FAMILIES:
-            family = data_set
-        spec = _pick(cfg, data_set, family, input_size)
+        spec = _pick(cfg, data_set, _explicit(data_set, family), input_size)
         if arch is not None and arch != spec.arch:
             raise UserError(f"--cfg {cfg} belongs to --arch {spec.arch}, not --arch {arch}")
         out = Arch(spec, cfg, 1 if start_conv is None else int(start_conv),

@@ -56,7 +56,7 @@ def info(cfg: str | None, data_set: str = "cifar10", sketch_rate: str | None = N
             if cfg is not None and family is not None else cfg
         loaded = load_checkpoint(sketch_model, asked, data_set, num_classes=num_classes)
         cfg = loaded.meta["cfg"]
-        data_set, family = loaded.meta["family"], None
+        family = loaded.meta["family"]
         num_classes, in_channels = loaded.meta["num_classes"], loaded.meta["in_channels"]
         out["checkpoint"] = {"path": sketch_model, "loaded": "strict", "format": loaded.meta["format"],
                              "pruned": loaded.meta["pruned"]}
