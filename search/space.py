@@ -204,10 +204,20 @@ class RateSpace:
             self.grid = None
 
     def __getstate__(self) -> dict:
+        # the resolved architecture travels as its family and is resolved again on arrival
         state = dict(self.__dict__)
         state["_cost"] = None
         state["_cache"] = {}
+        state["family"] = state.pop("arch").family
+        state.pop("plan", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        family = state.pop("family")
+        self.__dict__.update(state)
+        self.arch = resolve_arch(self.cfg, family=family, start_conv=self.start_conv,
+                                 input_size=self.input_size)
+        self.plan = self.arch.plan()
 
     # ---------------------------------------------------------------- sampling
 

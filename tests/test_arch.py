@@ -201,6 +201,7 @@ def test_one_rates_to_widths_for_every_caller(cfg, data_set, kw):
     model = sc.build_model(cfg, data_set, rates=rates, **kw)
     assert model.sketch_widths == want
     assert list(space.cost(rates).widths) == want
+    assert pickle.loads(pickle.dumps(space)).widths(rates) == want
 
 
 # ------------------------------------------------------------------ huge expansions
