@@ -194,8 +194,9 @@ def resolve_arch(cfg: str | Arch, data_set: str | None = None, *, family: str | 
     """The architecture ``cfg`` means for this data set (or family); see the module doc.
 
     ``data_set`` may also be the family name ``cifar``, which is then explicit
-    (``imagenet`` is a data set too, so it counts as one). ``arch`` (e.g. ``resnet``) is checked against the cfg's. An :class:`Arch`
-    passes through (with ``start_conv``/``input_size``/``in_channels`` applied when given).
+    (``imagenet`` is a data set too, so it counts as one). ``arch`` (e.g. ``resnet``)
+    is checked against the cfg's. An :class:`Arch` passes through (with
+    ``start_conv``/``input_size``/``in_channels`` applied when given).
     """
     if isinstance(cfg, Arch):
         out = cfg.with_start_conv(start_conv) if start_conv is not None else cfg

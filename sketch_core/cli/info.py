@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
     p.add_argument("--arch", default=None, help=f"model family member: {', '.join(list_arches())}")
     p.add_argument("--cfg", default=None, help="architecture, e.g. resnet56, vgg16, resnet50")
     p.add_argument("--data_set", default="cifar10",
-                   help="picks the family of a cfg both have (resnet50, googlenet): imagenet, and "
-                        "folder above 64x64, -> ImageNet models; else CIFAR")
+                   help="for a cfg both families have (resnet50, googlenet): imagenet, or folder "
+                        "unless --input_size <= 64, -> ImageNet models; others -> CIFAR")
     p.add_argument("--sketch_rate", default=None, help="rate vector, e.g. '[0.6]*27'")
     p.add_argument("--sketch_model", default=None, help="a checkpoint to describe (loaded strictly)")
     p.add_argument("--start_conv", type=int, default=None, help="VGG only: first conv with a rate")
