@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from sketch_core.errors import UserError
-from sketch_core.rates import kept_width, parse_rates
-from sketch_core.registry import get_arch
+from sketch_core.rates import parse_rates, widths_for
+from sketch_core.registry import Arch, CfgLike, resolve_arch
 
 __all__ = ["CostModel", "RateSpace", "Cost", "stage_groups"]
 
@@ -37,10 +37,11 @@ class Cost:
     params_ratio: float
 
 
-def stage_groups(cfg: str, data_set: str = "cifar10", start_conv: int | None = None) -> list[list[int]]:
+def stage_groups(cfg: CfgLike, data_set: str = "cifar10",
+                 start_conv: int | None = None) -> list[list[int]]:
     """Unit indices grouped by stage (ResNet layerN, DenseNet block, GoogLeNet 3/4/5, VGG width)."""
-    entry = get_arch(cfg, data_set)
-    plan = entry.plan(start_conv)
+    entry = resolve_arch(cfg, data_set, start_conv=start_conv)
+    plan = entry.plan()
     groups = entry.unit_groups
     if groups and sum(groups) == plan.num_units:
         out, i = [], 0
@@ -71,15 +72,19 @@ def stage_groups(cfg: str, data_set: str = "cifar10", start_conv: int | None = N
 
 
 class CostModel:
-    """Exact MACs and parameters of (cfg, widths) from the unpruned network's geometry."""
+    """Exact MACs and parameters of (cfg, widths) from the unpruned network's geometry.
 
-    def __init__(self, cfg: str, data_set: str = "cifar10", num_classes: int | None = None,
+    ``cfg`` is a name (resolved with ``data_set``, ``start_conv``, ``input_size``) or an
+    :class:`~sketch_core.registry.Arch`.
+    """
+
+    def __init__(self, cfg: CfgLike, data_set: str = "cifar10", num_classes: int | None = None,
                  in_channels: int = 3, input_size: int | None = None,
                  start_conv: int | None = None) -> None:
-        self.cfg, self.data_set = cfg, data_set
-        entry = get_arch(cfg, data_set)
-        self.plan = entry.plan(start_conv)
-        size = input_size or entry.input_size
+        entry = resolve_arch(cfg, data_set, start_conv=start_conv, input_size=input_size)
+        self.cfg, self.data_set, self.arch = entry.cfg, data_set, entry
+        self.plan = entry.plan()
+        size = entry.input_size
         with torch.device("meta"):
             model = entry.build(None, num_classes, in_channels)
         modules = dict(model.named_modules())
@@ -160,7 +165,7 @@ class RateSpace:
     plain data plus a lazily built :class:`CostModel`, so it pickles cheaply.
     """
 
-    cfg: str
+    cfg: CfgLike
     data_set: str = "cifar10"
     low: float = 0.2
     high: float = 1.0
@@ -176,14 +181,17 @@ class RateSpace:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        entry = get_arch(self.cfg, self.data_set)
-        plan = entry.plan(self.start_conv)
+        self.arch = resolve_arch(self.cfg, self.data_set, start_conv=self.start_conv,
+                                 input_size=self.input_size)
+        if isinstance(self.cfg, Arch):
+            self.cfg = self.arch.cfg
+        plan = self.plan = self.arch.plan()
         self.num_units = plan.num_units
         self.unit_names = list(plan.unit_names)
         self.slot_n = [s.n for s in plan.slots]
         self.units = [list(u) for u in plan.units]
         if self.grouping == "per_stage":
-            self.groups = stage_groups(self.cfg, self.data_set, self.start_conv)
+            self.groups = stage_groups(self.arch)
         else:
             self.groups = [[u] for u in range(self.num_units)]
         width = 2 if len(self.groups) <= 100 else 3
@@ -196,10 +204,20 @@ class RateSpace:
             self.grid = None
 
     def __getstate__(self) -> dict:
+        # the resolved architecture travels as its family and is resolved again on arrival
         state = dict(self.__dict__)
         state["_cost"] = None
         state["_cache"] = {}
+        state["family"] = state.pop("arch").family
+        state.pop("plan", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        family = state.pop("family")
+        self.__dict__.update(state)
+        self.arch = resolve_arch(self.cfg, family=family, start_conv=self.start_conv,
+                                 input_size=self.input_size)
+        self.plan = self.arch.plan()
 
     # ---------------------------------------------------------------- sampling
 
@@ -239,7 +257,7 @@ class RateSpace:
         """``(text, params)`` for each rate string that the space can express."""
         points = []
         for text in texts:
-            rates = parse_rates(text, self.cfg, self.data_set, self.start_conv)
+            rates = parse_rates(text, self.arch)
             params = self.params_from_rates(rates)
             if params is None:
                 raise UserError(f"space.paper_rates {text!r}: not one rate per stage, which "
@@ -274,18 +292,13 @@ class RateSpace:
     @property
     def cost_model(self) -> CostModel:
         if self._cost is None:
-            self._cost = CostModel(self.cfg, self.data_set, self.num_classes, self.in_channels,
-                                   self.input_size, self.start_conv)
+            self._cost = CostModel(self.arch, self.data_set, self.num_classes, self.in_channels,
+                                   self.input_size)
         return self._cost
 
     def widths(self, rates: Sequence[float]) -> list[int]:
-        widths = list(self.slot_n)
-        for u, (slots, rate) in enumerate(zip(self.units, rates)):
-            if not self.sketch_lastconv and u == self.num_units - 1:
-                continue
-            for s in slots:
-                widths[s] = kept_width(rate, self.slot_n[s], self.round_to)
-        return widths
+        """Per-slot widths of a per-unit vector (:func:`sketch_core.rates.widths_for`)."""
+        return widths_for(self.plan, rates, self.sketch_lastconv, self.round_to)
 
     def cost(self, rates: Sequence[float]) -> Cost:
         widths = tuple(self.widths(rates))

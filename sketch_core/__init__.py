@@ -1,7 +1,8 @@
 """sketch_core: everything about one model (no Ray, no Optuna in here).
 
-Public API::
+Public API (a ``cfg`` is a name, resolved once, or a resolved :class:`Arch`)::
 
+    resolve_arch(cfg, data_set=None, family=None, start_conv=None, input_size=None) -> Arch
     build_model(cfg, data_set="cifar10", num_classes=None, rates=None, ...)
     load_checkpoint(path, cfg, data_set=..., num_classes=...)
     save_checkpoint(path, model, cfg=..., data_set=..., rates=..., metrics=...)
@@ -26,7 +27,7 @@ from .errors import UserError
 from .flops import count_arch, count_flops, input_shape
 from .sketching import MODES, RANDOM_RULES, SELECT_BY, sketch
 from .rates import format_rates, parse_rates, rates_to_widths
-from .registry import family_of, get_arch, list_cfgs
+from .registry import Arch, CfgLike, family_of, get_arch, list_cfgs, register, resolve_arch
 from .fd import frequent_directions
 from .spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 from .engine import execute
@@ -35,20 +36,22 @@ __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "LoadedModel", "sketch", "count_flops",
     "count_arch", "input_shape", "parse_rates", "format_rates", "rates_to_widths",
     "frequent_directions", "recalibrate_bn", "get_arch", "family_of", "list_cfgs", "UserError",
-    "MODES", "RANDOM_RULES", "SELECT_BY",
+    "MODES", "RANDOM_RULES", "SELECT_BY", "Arch", "resolve_arch", "register",
     "RunSpec", "DataSpec", "ModelSpec", "SketchSpec", "TrainSpec", "OutputSpec", "execute",
 ]
 
 
-def build_model(cfg: str, data_set: str = "cifar10", num_classes: int | None = None,
+def build_model(cfg: CfgLike, data_set: str = "cifar10", num_classes: int | None = None,
                 rates: Sequence[float] | str | None = None, *, in_channels: int = 3,
                 widths: list[int] | None = None, start_conv: int | None = None,
                 sketch_lastconv: bool = True, round_to: int = 1) -> nn.Module:
-    """A freshly initialised model; with ``rates`` (or ``widths``) the narrow version."""
-    entry = get_arch(cfg, data_set)
+    """A freshly initialised model; with ``rates`` (or ``widths``) the narrow version.
+
+    ``cfg`` is a name (resolved with ``data_set``) or a resolved :class:`Arch`.
+    """
+    entry = resolve_arch(cfg, data_set, start_conv=start_conv)
     if widths is None and rates is not None:
-        rates = parse_rates(rates if isinstance(rates, str) else list(rates), cfg, data_set, start_conv)
-        widths = rates_to_widths(cfg, rates, data_set, start_conv, sketch_lastconv, round_to)
+        widths = rates_to_widths(entry, rates, sketch_lastconv=sketch_lastconv, round_to=round_to)
     model = entry.build(widths, num_classes, in_channels)
     if widths is not None:
         model.sketch_widths = list(widths)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .atomic import atomic_torch_save
 from .errors import UserError
-from .registry import get_arch, family_of
+from .registry import Arch, CfgLike, family_of, resolve_arch
 
 __all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "atomic_save",
            "FORMAT", "HEAD_NAMES"]
@@ -168,25 +168,30 @@ def _torchvision_fixups(state: dict[str, torch.Tensor], entry) -> tuple[dict[str
     return state, notes
 
 
-def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: str = "cifar10",
+def load_checkpoint(path: str | os.PathLike, cfg: CfgLike | None = None, data_set: str = "cifar10",
                     num_classes: int | None = None, in_channels: int | None = None,
                     transform_input: bool | None = None) -> LoadedModel:
     """Build the model a checkpoint describes and load it strictly.
 
     sketchtune files describe themselves; original-project and torchvision files need
-    ``cfg`` (and ``data_set`` for the family); their widths come from tensor shapes.
+    ``cfg`` (a name, with ``data_set`` for the family, or a resolved :class:`Arch`);
+    their widths come from tensor shapes.
     """
     p = Path(path)
     obj = read_checkpoint(p)
     meta: dict[str, Any] = {"path": str(p)}
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         fam, file_cfg = obj["family"], obj["cfg"]
-        if cfg is not None and cfg != file_cfg:
-            raise UserError(f"{p} holds a {fam} {file_cfg}, not a {cfg}")
-        if cfg is not None and family_of(data_set) != fam:
-            raise UserError(f"{p} holds a {fam}-family {file_cfg}; data set {data_set} uses the "
-                            f"{family_of(data_set)} family")
-        entry = get_arch(file_cfg, fam)
+        want = cfg.cfg if isinstance(cfg, Arch) else cfg
+        if want is not None and want != file_cfg:
+            raise UserError(f"{p} holds a {fam} {file_cfg}, not a {want}")
+        if cfg is not None:
+            want_fam = cfg.family if isinstance(cfg, Arch) else family_of(data_set, cfg)
+            if want_fam != fam:
+                what = "the architecture asked for" if isinstance(cfg, Arch) else f"data set {data_set}"
+                raise UserError(f"{p} holds a {fam}-family {file_cfg}; {what} uses the "
+                                f"{want_fam} family")
+        entry = resolve_arch(file_cfg, family=fam)
         state = obj["state_dict"]
         widths = list(obj.get("widths") or entry.plan().full_widths())
         ncls, inch = int(obj["num_classes"]), int(obj.get("in_channels", 3))
@@ -198,7 +203,8 @@ def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: s
     else:
         if cfg is None:
             raise UserError(f"{p} is not a sketchtune checkpoint; say which model it holds with --cfg")
-        entry = get_arch(cfg, data_set)
+        entry = resolve_arch(cfg, data_set)
+        cfg = entry.cfg
         state = _state_of(obj, p)
         state, notes = _torchvision_fixups(state, entry)
         meta.update(notes)
@@ -256,13 +262,13 @@ def load_checkpoint(path: str | os.PathLike, cfg: str | None = None, data_set: s
     return LoadedModel(model, meta)
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: str, data_set: str = "cifar10",
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: CfgLike, data_set: str = "cifar10",
                     num_classes: int | None = None, in_channels: int | None = None,
                     rates: list[float] | None = None, widths: list[int] | None = None,
                     metrics: dict | None = None, extra: dict | None = None,
                     sketch_options: dict | None = None) -> None:
     """Write a sketchtune checkpoint atomically (description + plain tensors)."""
-    entry = get_arch(cfg, data_set)
+    entry = resolve_arch(cfg, data_set)
     if widths is None:
         widths = getattr(model, "sketch_widths", None) or [
             int(model.state_dict()[s.producer + ".weight"].shape[0]) for s in entry.plan().slots]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .registry import CfgLike, resolve_arch
+
 __all__ = ["count_flops", "count_arch", "input_shape"]
 
 
@@ -59,13 +61,14 @@ def input_shape(family: str, in_channels: int = 3, input_size: int | None = None
     return (in_channels, size, size)
 
 
-def count_arch(cfg: str, data_set: str = "cifar10", widths: list[int] | None = None,
+def count_arch(cfg: CfgLike, data_set: str = "cifar10", widths: list[int] | None = None,
                num_classes: int | None = None, in_channels: int = 3,
                input_size: int | None = None) -> tuple[int, int]:
-    """(MACs, params) of an architecture at some widths, built on the meta device."""
-    from .registry import get_arch
+    """(MACs, params) of an architecture (a name or an :class:`Arch`) at some widths.
 
-    entry = get_arch(cfg, data_set)
+    Built on the meta device, at ``input_size`` or the architecture's input size.
+    """
+    entry = resolve_arch(cfg, data_set, input_size=input_size)
     with torch.device("meta"):
         model = entry.build(widths, num_classes, in_channels)
-    return count_flops(model, input_shape(entry.family, in_channels, input_size or entry.input_size))
+    return count_flops(model, input_shape(entry.family, in_channels, entry.input_size))

@@ -19,8 +19,8 @@ from torch import nn
 
 from .errors import UserError
 from .plans import ModSpec, Plan, Seg
-from .rates import parse_rates, rates_to_widths
-from .registry import get_arch
+from .rates import parse_rates, widths_for
+from .registry import Arch, CfgLike, resolve_arch
 from .fd import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
 
 __all__ = ["sketch", "check_options", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
@@ -226,9 +226,10 @@ def _layers(keys: Iterable[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
 
 
-def _check_covered(state: dict[str, torch.Tensor], entry, cfg: str, in_ch: int,
+def _check_covered(state: dict[str, torch.Tensor], entry: Arch, in_ch: int,
                    classes: int) -> dict[str, torch.Tensor]:
     """The model's layers must be exactly those of the unpruned ``cfg`` that the plan describes."""
+    cfg = entry.cfg
     with torch.device("meta"):
         ref = entry.build(None, classes, in_ch).state_dict()
     missing, extra = set(ref) - set(state), set(state) - set(ref)
@@ -255,7 +256,7 @@ def check_options(mode: str, select_by: str = "filters", random_rule: str = "def
                         f"{', '.join(WEIGHT_NORMS)}")
 
 
-def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = None,
+def sketch(model: nn.Module, cfg: CfgLike, rates: Sequence[float] | str | None = None,
            data_set: str = "cifar10", *, mode: str = "sketch", weight_norm_method: str | None = None,
            filter_norm: bool = False, sketch_bn: bool = False, sketch_lastconv: bool = True,
            start_conv: int | None = None, random_rule: str = "default", round_to: int = 1,
@@ -263,7 +264,9 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
            lsq_log: list[str] | None = None, select_by: str = "filters") -> nn.Module:
     """Return a new, narrower model of the same builder, sketched from ``model``.
 
-    ``rates`` has one rate per unit (see :func:`sketch_core.parse_rates`); ``widths``
+    ``cfg`` is a name (resolved with ``data_set`` and ``start_conv``) or an
+    :class:`~sketch_core.registry.Arch`. ``rates`` has one rate per unit (see
+    :func:`sketch_core.parse_rates`); ``widths``
     (one per plan slot) overrides them when given. ``batches`` (an iterable of
     ``(x, y)``) is needed by ``select_lsq``. ``select_by`` (see :data:`SELECT_BY`)
     is what the selection modes sketch to rank channels: ``"filters"``, the producer's
@@ -275,18 +278,18 @@ def sketch(model: nn.Module, cfg: str, rates: Sequence[float] | str | None = Non
     if mode == "select_lsq" and batches is None:
         raise UserError("--sketch_mode select_lsq refits layers on training batches and needs a data "
                         "set; pass batches (or use --sketch_mode select)")
-    entry = get_arch(cfg, data_set)
-    plan = entry.plan(start_conv)
+    entry = resolve_arch(cfg, data_set, start_conv=start_conv)
+    cfg, plan = entry.cfg, entry.plan()
     if widths is None:
         if rates is None:
             raise UserError(f"no sketch rates given; {cfg} takes {plan.num_units}")
-        rates = parse_rates(rates if isinstance(rates, str) else list(rates), cfg, data_set, start_conv)
-        widths = rates_to_widths(cfg, rates, data_set, start_conv, sketch_lastconv, round_to)
+        rates = parse_rates(rates if isinstance(rates, str) else list(rates), entry)
+        widths = widths_for(plan, rates, sketch_lastconv, round_to)
     if len(widths) != len(plan.slots):
         raise UserError(f"{cfg} has {len(plan.slots)} prunable slots, got {len(widths)} widths")
     state = model.state_dict()
     in_ch, classes = model_io(model)
-    ref = _check_covered(state, entry, cfg, in_ch, classes)
+    ref = _check_covered(state, entry, in_ch, classes)
     for s in plan.slots:
         key = s.producer + ".weight"
         if state[key].shape[0] != s.n:

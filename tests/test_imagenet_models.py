@@ -294,7 +294,7 @@ def test_vgg_start_conv_chooses_the_units():
 
 @pytest.mark.parametrize("cfg", ["resnet18", "resnet50", "googlenet", "densenet121"])
 def test_start_conv_other_than_default_is_an_error(cfg):
-    mod = get_arch(cfg, "imagenet")._mod
+    mod = get_arch(cfg, "imagenet").spec
     assert mod.plan(cfg, start_conv=1).num_units == UNITS[cfg]
     with pytest.raises(UserError, match="start_conv"):
         mod.plan(cfg, start_conv=2)

@@ -9,18 +9,17 @@ from ..checkpoint import load_checkpoint
 from ..errors import UserError
 from ..flops import count_arch, count_flops, input_shape
 from ..rates import parse_rates, rates_to_widths
-from ..registry import get_arch
+from ..registry import list_arches, resolve_arch
 
 __all__ = ["add_arguments", "run", "info"]
 
-ARCHES = ("vgg", "resnet", "googlenet", "densenet")
-
 
 def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
-    p.add_argument("--arch", default=None, help=f"model family member: {', '.join(ARCHES)}")
+    p.add_argument("--arch", default=None, help=f"model family member: {', '.join(list_arches())}")
     p.add_argument("--cfg", default=None, help="architecture, e.g. resnet56, vgg16, resnet50")
     p.add_argument("--data_set", default="cifar10",
-                   help="selects the model family: imagenet/folder -> ImageNet models, else CIFAR")
+                   help="for a cfg both families have (resnet50, googlenet): imagenet, or folder "
+                        "unless --input_size <= 64, -> ImageNet models; others -> CIFAR")
     p.add_argument("--sketch_rate", default=None, help="rate vector, e.g. '[0.6]*27'")
     p.add_argument("--sketch_model", default=None, help="a checkpoint to describe (loaded strictly)")
     p.add_argument("--start_conv", type=int, default=None, help="VGG only: first conv with a rate")
@@ -44,32 +43,37 @@ def _bool(text: str, name: str) -> bool:
 def info(cfg: str | None, data_set: str = "cifar10", sketch_rate: str | None = None,
          sketch_model: str | None = None, arch: str | None = None, start_conv: int | None = None,
          sketch_lastconv: bool = True, num_classes: int | None = None, in_channels: int = 3,
-         input_size: int | None = None, round_to: int = 1) -> dict:
-    if arch is not None and arch not in ARCHES:
-        raise UserError(f"unknown --arch {arch!r}; valid: {', '.join(ARCHES)}")
+         input_size: int | None = None, round_to: int = 1, family: str | None = None) -> dict:
+    """What ``launch.py info`` prints, as a dict; ``family`` (cifar/imagenet) overrides the
+    data set's choice of model family."""
+    arches = list_arches()
+    if arch is not None and arch not in arches:
+        raise UserError(f"unknown --arch {arch!r}; valid: {', '.join(arches)}")
     out: dict = {}
     loaded = None
     if sketch_model:
-        loaded = load_checkpoint(sketch_model, cfg, data_set, num_classes=num_classes)
+        asked = resolve_arch(cfg, data_set, family=family, input_size=input_size) \
+            if cfg is not None and family is not None else cfg
+        loaded = load_checkpoint(sketch_model, asked, data_set, num_classes=num_classes)
         cfg = loaded.meta["cfg"]
-        data_set = loaded.meta["family"]
+        family = loaded.meta["family"]
         num_classes, in_channels = loaded.meta["num_classes"], loaded.meta["in_channels"]
         out["checkpoint"] = {"path": sketch_model, "loaded": "strict", "format": loaded.meta["format"],
                              "pruned": loaded.meta["pruned"]}
     if cfg is None:
         raise UserError("--cfg is required (e.g. --cfg resnet56), or give --sketch_model")
-    entry = get_arch(cfg, data_set, arch)
-    plan = entry.plan(start_conv)
-    size = input_size or entry.input_size
-    base_flops, base_params = count_arch(cfg, entry.family, None, num_classes, in_channels, size)
-    out.update({"cfg": cfg, "arch": entry.arch, "family": entry.family, "num_rates": plan.num_units,
+    entry = resolve_arch(cfg, data_set, family=family, arch=arch, start_conv=start_conv,
+                         input_size=input_size)
+    size = entry.input_size
+    base_flops, base_params = count_arch(entry, None, None, num_classes, in_channels)
+    out.update({"cfg": cfg, "arch": entry.arch, "family": entry.family, "num_rates": entry.num_units,
                 "input": list(input_shape(entry.family, in_channels, size)),
                 "base_flops": base_flops, "base_params": base_params, "flops_unit": "MACs"})
     rates = widths = None
     if sketch_rate is not None:
-        rates = parse_rates(sketch_rate, cfg, entry.family, start_conv)
-        widths = rates_to_widths(cfg, rates, entry.family, start_conv, sketch_lastconv, round_to)
-        flops, params = count_arch(cfg, entry.family, widths, num_classes, in_channels, size)
+        rates = parse_rates(sketch_rate, entry)
+        widths = rates_to_widths(entry, rates, sketch_lastconv=sketch_lastconv, round_to=round_to)
+        flops, params = count_arch(entry, None, widths, num_classes, in_channels)
     elif loaded is not None:
         rates, widths = loaded.meta.get("rates"), loaded.meta["widths"]
         flops, params = count_flops(loaded.model, input_shape(entry.family, in_channels, size))

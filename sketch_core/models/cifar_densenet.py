@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import register
 from ..plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarDenseNet", "build", "plan"]
@@ -101,3 +102,7 @@ def plan(cfg: str, start_conv: int = 1) -> Plan:
     pb.module("fc", "linear", None, layout)
     return pb.build()
 UNIT_GROUPS = (LAYERS, LAYERS, LAYERS)  # one rate per dense block also parses
+
+
+register("cifar", "densenet", r"densenet40", examples=("densenet40",), input_size=32, build=build,
+         plan=plan, unit_groups=UNIT_GROUPS, order=40)

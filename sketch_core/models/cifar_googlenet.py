@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import register
 from ..plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarGoogLeNet", "Inception", "build", "plan", "MODULES"]
@@ -96,3 +97,7 @@ def plan(cfg: str, start_conv: int = 1) -> Plan:
         pb.conv(f"{b5}.6", None, [Seg(m5, n5)])
         pb.unit(name, s3, s5, m5)
     return pb.build()
+
+
+register("cifar", "googlenet", r"googlenet", examples=("googlenet",), input_size=32, build=build,
+         plan=plan, order=30)

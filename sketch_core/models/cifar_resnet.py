@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import register
 from ..plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarResNet", "BasicBlock", "build", "plan", "depth_blocks"]
@@ -112,3 +113,15 @@ def plan(cfg: str, start_conv: int = 1) -> Plan:
             pb.conv(f"{pre}.conv2", None, [Seg(slot, planes)])
             pb.unit(pre, slot)
     return pb.build()
+
+
+def _depth_check(cfg: str) -> str | None:
+    depth = int(cfg.removeprefix("resnet"))
+    if depth < 8 or (depth - 2) % 6:
+        return f"CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110, ...); got {cfg}"
+    return None
+
+
+register("cifar", "resnet", r"resnet\d+", examples=("resnet20", "resnet32", "resnet44", "resnet56",
+                                                   "resnet110"),
+         input_size=32, build=build, plan=plan, check=_depth_check, order=20)

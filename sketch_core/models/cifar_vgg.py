@@ -14,6 +14,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from . import register
 from ..plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarVGG", "build", "plan", "CFG"]
@@ -88,3 +89,7 @@ def plan(cfg: str, start_conv: int = 1) -> Plan:
     for i in range(start_conv, len(full)):
         pb.unit(f"features.{pos[i]}", slots[i])
     return pb.build()
+
+
+register("cifar", "vgg", r"vgg16", examples=("vgg16",), input_size=32, build=build, plan=plan,
+         start_conv=True, order=10)

@@ -24,6 +24,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
+from . import register
 from ..errors import UserError
 from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from .imagenet_resnet import check_widths
@@ -185,3 +186,7 @@ def remap_legacy_keys(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Ten
         m = _LEGACY.match(key)
         out[f"{m.group(1)}{m.group(2)}.{m.group(3)}" if m else key] = value
     return out
+
+
+register("imagenet", "densenet", r"densenet(121|161|169|201)", examples=tuple(CONFIGS),
+         input_size=224, build=build, plan=plan, order=40)

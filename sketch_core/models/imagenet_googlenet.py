@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from . import register
 from ..errors import UserError
 from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from .imagenet_resnet import check_widths
@@ -165,3 +166,7 @@ def build(cfg: str, widths: list[int] | None = None, num_classes: int = 1000,
     pairs = [(widths[i], widths[i + 1]) for i in range(0, len(widths), 2)]
     return GoogLeNet(pairs, num_classes=num_classes, in_channels=in_channels,
                      transform_input=transform_input)
+
+
+register("imagenet", "googlenet", r"googlenet", examples=_CFGS, input_size=224, build=build,
+         plan=plan, order=30)

@@ -21,6 +21,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from . import register
 from ..errors import UserError
 from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
 
@@ -204,3 +205,7 @@ def build(cfg: str, widths: list[int] | None = None, num_classes: int = 1000,
     k = block.num_slots
     block_widths = [tuple(widths[i:i + k]) for i in range(0, len(widths), k)]
     return ResNet(block, layers, block_widths, num_classes=num_classes, in_channels=in_channels)
+
+
+register("imagenet", "resnet", r"resnet(18|34|50|101|152)", examples=tuple(CONFIGS), input_size=224,
+         build=build, plan=plan, order=10)

@@ -19,6 +19,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
+from . import register
 from ..errors import UserError
 from ..plans import Plan, PlanBuilder, Seg
 from .imagenet_resnet import check_widths
@@ -124,3 +125,7 @@ def build(cfg: str, widths: list[int] | None = None, num_classes: int = 1000,
     layers = _layers(cfg)
     widths = check_widths(cfg, widths, _plan(cfg, 1))
     return VGG(layers, widths, num_classes=num_classes, in_channels=in_channels)
+
+
+register("imagenet", "vgg", r"vgg16_bn", examples=("vgg16_bn",), input_size=224, build=build,
+         plan=plan, start_conv=True, order=20)
