@@ -123,7 +123,8 @@ class _Loop:
                  deadline: float | None, trial_log: TrialLog, quiet: bool) -> None:
         self.proposer, self.setup, self.state = proposer, setup, state
         self.deadline, self.log, self.quiet = deadline, trial_log, quiet
-        self.count = 0
+        self.count = 0  # trials asked
+        self.ended = 0
 
     def _next(self) -> tuple[str, dict] | None:
         if self.deadline is not None and time.time() >= self.deadline:
@@ -142,8 +143,9 @@ class _Loop:
                               "budget" if budget_ended else None)
         self.log.append(record)
         self.proposer.tell(key, last, error is not None)
+        self.ended += 1
         total = self.proposer.num_samples
-        say(self.quiet, f"[local] trial {key} ({self.count}{'/' + str(total) if total else ''})"
+        say(self.quiet, f"[local] trial {key} ({self.ended}{'/' + str(total) if total else ''})"
                         f" {status}: val acc {pct(record['val_acc'])}, FLOPs "
                         f"{pct(record['flops_ratio'])}, {record['epochs']} epoch(s)")
 
@@ -163,8 +165,13 @@ class _Loop:
             while True:
                 while len(running) < workers and (nxt := self._next()) is not None:
                     key, config = nxt
-                    future = pool.submit(run_one, config["rates"], self.setup, self.state,
-                                         self.deadline)
+                    try:
+                        future = pool.submit(run_one, config["rates"], self.setup, self.state,
+                                             self.deadline)
+                    except Exception as exc:  # the pool broke: no trial runs any more
+                        self._end(key, config, time.time(), None, False,
+                                  f"{type(exc).__name__}: {exc}")
+                        raise
                     running[future] = (key, config, time.time())
                 if not running:
                     return

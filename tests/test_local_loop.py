@@ -26,18 +26,19 @@ SCRIPT = textwrap.dedent("""
     from search.config import load_config
     from search.local_loop import run_local
 
-    exp_dir, cache, extra = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    exp_dir, cache = sys.argv[1], sys.argv[2]
+    extra, workers = json.loads(sys.argv[3]), int(sys.argv[4])
     sets = [f"model.pretrain.cache_dir={cache}", "retrain.enabled=false", "trial.epochs=1",
             "budget.num_samples=4", "space.paper_rates=['[0.6]*9']", *extra]
-    out = run_local(load_config("quickstart", sets), exp_dir, quiet=True)
+    out = run_local(load_config("quickstart", sets), exp_dir, quiet=True, workers=workers)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] == "ray" and sys.modules[m])
     print(json.dumps({"records": len(out.records), "ray_modules": loaded}))
 """)
 
 
-def _run_without_ray(exp_dir: Path, cache: Path, extra: list[str]) -> dict:
+def _run_without_ray(exp_dir: Path, cache: Path, extra: list[str], workers: int = 1) -> dict:
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(exp_dir), str(cache),
-                           json.dumps(extra)], cwd=ROOT, capture_output=True, text=True,
+                           json.dumps(extra), str(workers)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -47,9 +48,10 @@ def _study(folder: Path) -> optuna.Study:
     return optuna.load_study(study_name=folder.name, storage=f"sqlite:///{folder / 'study.db'}")
 
 
-def test_local_loop_runs_without_ray(tmp_path, search_cache_dir):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_loop_runs_without_ray(tmp_path, search_cache_dir, workers):
     folder = tmp_path / "local"
-    out = _run_without_ray(folder, search_cache_dir, [])
+    out = _run_without_ray(folder, search_cache_dir, [], workers)
     assert out["ray_modules"] == [] and out["records"] == 4
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["versions"]["ray"] is None and manifest["phases"]["search_s"] >= 0
@@ -61,7 +63,8 @@ def test_local_loop_runs_without_ray(tmp_path, search_cache_dir):
         cost = space.cost(r["rates"])
         assert (r["flops"], r["params"]) == (cost.flops, cost.params)
         assert r["epochs"] == 1 and 0 <= r["val_acc"] <= 1 and r["started"] <= r["ended"]
-    assert records[0]["paper_rates"] == "[0.6]*9" and records[0]["optuna_number"] == 0
+    paper = [r for r in records if r.get("paper_rates")]
+    assert [(r["paper_rates"], r["optuna_number"]) for r in paper] == [("[0.6]*9", 0)]
     study = _study(folder)
     states = Counter(t.state for t in study.trials)  # anchors not reached stay WAITING
     assert states[TrialState.COMPLETE] == 4 and set(states) <= {TrialState.COMPLETE,
