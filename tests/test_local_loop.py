@@ -91,3 +91,24 @@ def test_local_loop_rejects_over_budget_and_tells_the_sampler(tmp_path, search_c
     assert len(infeasible) == len(rejected)
     assert all(t.constraints["flops_budget"] > 0 for t in infeasible)
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+
+
+def test_time_budget_ends_a_local_trial_as_stopped(monkeypatch):
+    import search.local_loop as local_loop
+    from search.config import TrialConfig
+    from search.trainable import TrialSetup
+    from search.trial_status import trial_status
+
+    def fake_train(rates, setup, baseline, report):
+        for epoch in range(1, setup.trial.epochs + 1):
+            report({"val_acc": 0.5, "flops": 10, "epoch": epoch}, None)
+
+    monkeypatch.setattr(local_loop, "train_trial", fake_train)
+    setup = TrialSetup(cfg="resnet20", data_set="digits", num_classes=10, in_channels=1,
+                       trial=TrialConfig(epochs=3))
+    seen = []
+    last, ended = local_loop.run_one([1.0] * 9, setup, {}, None, seen.append)
+    assert (last["epoch"], ended, len(seen)) == (3, False, 3)
+    last, ended = local_loop.run_one([1.0] * 9, setup, {}, 0.0)  # the budget is spent
+    assert (last["epoch"], ended) == (1, True)
+    assert trial_status(last, False, 3) == ("stopped", None)
