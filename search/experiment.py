@@ -70,8 +70,13 @@ def git_commit() -> str | None:
 
 def versions() -> dict[str, str]:
     import optuna
-    import ray
     import torch
 
+    try:  # a search without Ray (search.local_loop) runs where Ray is not installed
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:
+        ray_version = None
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "ray": ray.__version__, "optuna": optuna.__version__, "sketchtune": "0.1.0"}
+            "ray": ray_version, "optuna": optuna.__version__, "sketchtune": "0.1.0"}

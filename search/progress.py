@@ -20,6 +20,7 @@ from ray.tune import Callback
 from search.config import format_duration
 from search.picks import pareto_records
 from search.records import TrialLog, read_records
+from search.trial_status import trial_record, trial_status
 
 __all__ = ["SearchCallback", "record_from_trial", "status_line"]
 
@@ -42,41 +43,13 @@ def record_from_trial(trial: Any, full_epochs: int, errored: bool, stop_reason: 
                       started: float | None) -> dict:
     """The trials.jsonl record of an ended Tune trial."""
     res = dict(trial.last_result or {})
-    cfg = dict(trial.config or {})
     now = time.time()
     started = started or getattr(trial.run_metadata, "start_time", None) or now
-    epochs = int(res.get("epoch", 0) or 0)
+    status, error = trial_status(res, errored, full_epochs)
     if errored:
-        status, error = "failed", _last_error_line(trial)
-    elif res.get("failed"):
-        status, error = "failed", str(res.get("error"))
-    elif not res:
-        status, error = "failed", "the trial ended without reporting a result"
-    elif epochs < full_epochs:
-        status, error = "stopped", None
-    else:
-        status, error = "completed", None
-    rec = {
-        "trial_id": trial.trial_id, "status": status,
-        "rates": res.get("rates") or cfg.get("rates"), "widths": res.get("widths"),
-        "val_acc": None if status == "failed" else res.get("val_acc"),
-        "flops": res.get("flops"), "flops_ratio": res.get("flops_ratio"),
-        "params": res.get("params"), "params_ratio": res.get("params_ratio"),
-        "epochs": epochs, "time_s": round(float(res.get("time_total_s", now - started)), 3),
-        "node": res.get("node"), "error": error, "started": started, "ended": now,
-        "val_acc_sketched": res.get("val_acc_sketched"),
-        "optuna_number": cfg.get("optuna_number"),
-    }
-    if status == "stopped":
-        rec["stop_reason"] = stop_reason
-    if cfg.get("proposed_rates") is not None:
-        rec["proposed_rates"] = cfg["proposed_rates"]
-        rec["flops_policy"] = "repaired"
-    if cfg.get("paper_rates"):
-        rec["paper_rates"] = cfg["paper_rates"]
-    if cfg.get("anchor"):
-        rec["anchor"] = cfg["anchor"]
-    return rec
+        error = _last_error_line(trial)
+    return trial_record(trial.trial_id, res, dict(trial.config or {}), status, error, started,
+                        stop_reason, ended=now)
 
 
 def status_line(records: list[dict], running: int, flops_budget: float | None,

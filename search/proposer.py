@@ -1,0 +1,241 @@
+"""Rate vectors from an Optuna study, priced and told back honestly; no Ray here.
+
+:class:`RateProposer` owns an :class:`optuna.Study` and talks to it through
+``ask`` / ``tell`` / ``enqueue_trial`` only. Whatever runs the trials (Ray Tune
+through :class:`search.searcher.SketchSearch`, or the plain loop of
+:mod:`search.local_loop`) asks it for a trial's config and tells it how the trial ended:
+
+- it counts trials itself and has nothing more to propose at ``num_samples`` (so a
+  resumed search ends at the total asked);
+- the paper's vectors are enqueued first, then uniform anchors across the FLOPs range;
+- every proposal is priced before it runs; above ``flops_budget`` it is either
+  *rejected* (told to Optuna as an infeasible result through a constraint, so the
+  sampler learns the boundary; logged as ``rejected`` in trials.jsonl; never trained)
+  or *repaired* (shrunk onto the budget; the proposal is closed and the repaired
+  vector enqueued, so Optuna is told exactly the vector that was trained);
+- a trial that did not run its full schedule (stopped early) is told as PRUNED, not as
+  COMPLETE with its early scores; a failed one as FAIL (:func:`outcome`, which applies
+  :func:`search.trial_status.trial_status`);
+- :meth:`RateProposer.reconcile` squares the study with the trials a resumed run will
+  continue, and :func:`close_unstarted` closes what a finished search left RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search.optuna_compat import close_running, trial_handle
+from search.records import TrialLog
+from search.sampling import constrain, open_study
+from search.space import RateSpace
+from search.trial_status import trial_status
+
+__all__ = ["RateProposer", "outcome", "close_unstarted", "MAX_REJECTIONS"]
+
+log = logging.getLogger("sketchtune.search")
+
+MAX_REJECTIONS = 500  # proposals in a row above the budget before falling back to repair
+_CONFIG_ATTRS = ("proposed_rates", "paper_rates", "anchor")  # enqueued attrs the trial sees
+
+
+def outcome(result: dict | None, error: bool, full_epochs: int
+            ) -> tuple[TrialState, list[float] | None, dict]:
+    """Optuna state, values and user attrs for a trial that ended with ``result``."""
+    status, message = trial_status(result, error, full_epochs)
+    if status == "failed":
+        attrs: dict[str, Any] = {"status": "failed"}
+        if not error and result and result.get("failed"):
+            attrs["error"] = str(message)[:500]
+        return TrialState.FAIL, None, attrs
+    acc, flops, epoch = float(result["val_acc"]), int(result["flops"]), int(result.get("epoch", 0))
+    attrs = {"val_acc": acc, "epochs": epoch, "flops": flops, "status": status}
+    if status == "stopped":
+        return TrialState.PRUNED, None, attrs
+    return TrialState.COMPLETE, [acc, float(flops)], attrs
+
+
+def close_unstarted(study: optuna.Study) -> int:
+    """After a search that ended (not interrupted): trials created but never started
+    (the time budget ran out first) are closed as FAIL, so none stays RUNNING."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for ft in running:
+        close_running(study, ft.number, "unstarted")
+    return len(running)
+
+
+class RateProposer:
+    """Asks the study for priced rate vectors and tells it how each trial ended.
+
+    Trials are named by the caller's key (a Ray Tune trial id, or the local loop's),
+    stored in the study as user attr ``tune_trial_id``. Picklable: the study is
+    reopened from ``storage`` and ``study_name`` after unpickling.
+    """
+
+    def __init__(self, space: RateSpace, *, sampler: optuna.samplers.BaseSampler,
+                 storage: optuna.storages.BaseStorage | str | None, study_name: str,
+                 full_epochs: int, num_samples: int | None = None,
+                 flops_budget: float | None = None, flops_policy: str = "reject",
+                 points: list[tuple[str, dict]] | None = None,
+                 anchors: list[tuple[str, dict]] | None = None,
+                 trial_log: TrialLog | None = None) -> None:
+        self.space = space
+        self.sampler = sampler
+        self.storage = storage
+        self.study_name = study_name
+        self.full_epochs = full_epochs
+        self.num_samples = num_samples
+        self.flops_budget = flops_budget
+        self.flops_policy = flops_policy
+        self.trial_log = trial_log
+        self.started = 0
+        self._open: dict[str, int] = {}       # key -> Optuna trial number, once asked
+        self._done: set[str] = set()          # keys told
+        self._study: optuna.Study | None = None
+        self._handles: dict[str, optuna.Trial] = {}
+        for text, params in points or []:  # the paper's vectors run first
+            self.study.enqueue_trial(params, user_attrs={"paper_rates": text},
+                                     skip_if_exists=True)
+        for text, params in anchors or []:  # then uniform vectors across the FLOPs range
+            self.study.enqueue_trial(params, user_attrs={"anchor": text}, skip_if_exists=True)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_study"] = None
+        state["_handles"] = {}
+        return state
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = open_study(self.storage, self.study_name, self.sampler)
+        return self._study
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """What a resumed driver needs: counts, open trials, told trials, the sampler."""
+        return {"started": self.started, "open": dict(self._open), "done": sorted(self._done),
+                "sampler": self.sampler}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = int(state["started"])
+        self._open = dict(state["open"])
+        self._done = set(state["done"])
+        self.sampler = state.get("sampler", self.sampler)
+        self._study = None
+        self._handles = {}
+
+    def unfinished(self) -> set[str]:
+        """Keys asked and not told yet."""
+        return set(self._open) - self._done
+
+    # ------------------------------------------------------------------ proposals
+
+    def _record_rejection(self, trial: optuna.Trial, rates: list[float], cost: Any,
+                          why: str) -> None:
+        if self.trial_log is None:
+            return
+        now = time.time()
+        self.trial_log.append({
+            "trial_id": f"rejected_{trial.number:05d}", "status": "rejected",
+            "rates": rates, "widths": list(cost.widths), "val_acc": None, "flops": cost.flops,
+            "flops_ratio": cost.flops_ratio, "params": cost.params,
+            "params_ratio": cost.params_ratio, "epochs": 0, "time_s": 0.0, "node": None,
+            "error": why, "started": now, "ended": now, "optuna_number": trial.number})
+
+    def ask(self, key: str) -> dict | None:
+        """The config of trial ``key`` (``rates`` and where they came from); None at
+        ``num_samples``."""
+        if self.num_samples is not None and self.started >= self.num_samples:
+            return None
+        study, space, budget = self.study, self.space, self.flops_budget
+        for attempt in range(MAX_REJECTIONS + 1):
+            trial = study.ask()
+            params = space(trial)
+            rates = list(params["rates"])
+            cost = space.cost(rates)
+            over = budget is not None and cost.flops_ratio > budget + 1e-12
+            if over and (self.flops_policy == "repair" or attempt == MAX_REJECTIONS):
+                fixed = space.repair(rates, budget)
+                fixed_params = space.params_from_rates(fixed) if fixed is not None else None
+                if fixed_params is not None:
+                    trial.set_user_attr("status", "repaired")
+                    study.tell(trial, state=TrialState.PRUNED)
+                    study.enqueue_trial(fixed_params, user_attrs={
+                        "proposed_rates": rates, "repaired_from": trial.number})
+                    continue
+            if over:
+                why = f"flops_ratio {cost.flops_ratio:.4f} above flops_budget {budget}"
+                constrain(trial, cost.flops_ratio - budget)
+                trial.set_user_attr("status", "rejected")
+                trial.set_user_attr("flops_ratio", cost.flops_ratio)
+                study.tell(trial, [0.0, float(cost.flops)], state=TrialState.COMPLETE)
+                self._record_rejection(trial, rates, cost, why)
+                continue
+            if budget is not None:
+                constrain(trial, cost.flops_ratio - budget)
+            trial.set_user_attr("tune_trial_id", key)
+            trial.set_user_attr("flops_ratio", cost.flops_ratio)
+            self._open[key] = trial.number
+            self._handles[key] = trial
+            self._done.discard(key)
+            self.started += 1
+            config = dict(params)
+            attrs = trial.user_attrs
+            config.update({k: attrs[k] for k in _CONFIG_ATTRS if k in attrs})
+            config["optuna_number"] = trial.number
+            return config
+        return None  # unreachable: the last attempt always repairs or runs
+
+    # ------------------------------------------------------------------ results
+
+    def tell(self, key: str, result: dict | None, error: bool = False) -> None:
+        """Tell the study how trial ``key`` ended (once; later calls are ignored)."""
+        if key in self._done or key not in self._open:
+            return
+        self._done.add(key)
+        number = self._open[key]
+        state, values, attrs = outcome(result, error, self.full_epochs)
+        try:
+            handle = self._handles.pop(key, None) or trial_handle(self.study, number)
+            for name, value in attrs.items():
+                handle.set_user_attr(name, value)
+            self.study.tell(number, values, state=state)
+        except Exception as exc:  # already finished (a resumed trial reported twice)
+            log.debug("trial %s: not told again to Optuna (%s)", key, exc)
+
+    # ------------------------------------------------------------------ resume
+
+    def reconcile(self, resumable: set[str]) -> dict[str, int]:
+        """Square the study with a resumed run.
+
+        ``resumable``: keys the runner will continue. Optuna trials left RUNNING by the
+        killed driver that will not be continued are closed as FAIL (``lost``), so none
+        stays RUNNING and the count of started trials is the number of finished plus
+        resumable ones.
+        """
+        lost = kept = started = 0
+        study = self.study
+        for ft in study.get_trials(deepcopy=False):
+            key = ft.user_attrs.get("tune_trial_id")
+            if ft.state == TrialState.RUNNING and (key is None or key not in resumable):
+                close_running(study, ft.number, "lost")  # asked, never ran or not continued
+                lost += 1
+                continue
+            if key is None:
+                continue
+            started += 1
+            if ft.state == TrialState.RUNNING:
+                kept += 1
+                self._open[key] = ft.number
+                self._done.discard(key)
+            else:
+                self._done.add(key)
+        self.started = started
+        self._handles = {}
+        return {"started": started, "resumable": kept, "lost": lost}

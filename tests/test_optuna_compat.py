@@ -1,0 +1,96 @@
+"""The sampler side on Optuna's API: the one private member, ask/tell, one status rule."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from search.optuna_compat import close_running, trial_handle
+from search.proposer import RateProposer, close_unstarted, outcome
+from search.sampling import SQLiteStorage, make_sampler
+from search.space import RateSpace
+from search.trial_status import NO_RESULT, NO_SCORES, trial_status
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _storage(tmp_path) -> SQLiteStorage:
+    return SQLiteStorage(f"sqlite:///{tmp_path / 'study.db'}")
+
+
+def test_trial_handle_writes_to_a_trial_another_process_asked(tmp_path):
+    storage = _storage(tmp_path)
+    asked = optuna.create_study(storage=storage, study_name="s", directions=["maximize"])
+    number = asked.ask().number
+    study = optuna.load_study(study_name="s", storage=_storage(tmp_path))  # a new driver
+    handle = trial_handle(study, number)
+    assert handle.number == number
+    handle.set_user_attr("k", 1)
+    close_running(study, number, "lost")
+    (frozen,) = study.get_trials()
+    assert frozen.state == TrialState.FAIL and frozen.user_attrs == {"k": 1, "status": "lost"}
+    with pytest.raises(KeyError):
+        trial_handle(study, number + 1)
+
+
+def _proposer(tmp_path, **kw) -> RateProposer:
+    space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1)
+    return RateProposer(space, sampler=make_sampler("nsga2", 0, 8, constrained=True),
+                        storage=_storage(tmp_path), study_name="p", full_epochs=2,
+                        points=space.paper_points(["[0.6]*9"]), **kw)
+
+
+def test_proposer_asks_tells_and_survives_a_new_driver(tmp_path):
+    p = _proposer(tmp_path, num_samples=3)
+    first = p.ask("a")
+    assert first["paper_rates"] == "[0.6]*9" and first["rates"] == [0.6] * 9
+    p.tell("a", {"val_acc": 0.9, "flops": 100, "epoch": 2})
+    p.tell("a", {"val_acc": 0.1, "flops": 100, "epoch": 2})  # told once only
+    p.ask("b")
+    p.tell("b", {"val_acc": 0.8, "flops": 90, "epoch": 1})
+    p.ask("c")
+    state = p.state_dict()
+    again = pickle.loads(pickle.dumps(p))  # a driver killed here, its state restored
+    again.load_state_dict(state)
+    assert again.reconcile(again.unfinished()) == {"started": 3, "resumable": 1, "lost": 0}
+    assert again.ask("d") is None  # num_samples reached
+    again.tell("c", None, error=True)
+    trials = again.study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+    assert trials[0].values == [0.9, 100.0] and trials[1].user_attrs["status"] == "stopped"
+    assert close_unstarted(again.study) == 0
+
+
+def test_reconcile_closes_trials_that_will_not_continue(tmp_path):
+    p = _proposer(tmp_path)
+    p.ask("a")
+    p.study.ask()  # asked, never became a trial
+    assert p.reconcile(set()) == {"started": 0, "resumable": 0, "lost": 2}
+    assert {t.user_attrs["status"] for t in p.study.get_trials()} == {"lost"}
+
+
+def test_one_status_rule_for_the_study_and_the_records():
+    from search.progress import record_from_trial
+
+    full = {"val_acc": 0.9, "flops": 100, "epoch": 3}
+    cases = [(full, False, "completed"), ({**full, "epoch": 1}, False, "stopped"),
+             ({**full, "failed": True, "error": "boom"}, False, "failed"),
+             (full, True, "failed"), ({}, False, "failed"),
+             ({**full, "val_acc": float("nan")}, False, "failed"),
+             ({**full, "flops": None}, False, "failed")]
+    states = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED,
+              "failed": TrialState.FAIL}
+    for result, errored, status in cases:
+        assert trial_status(result, errored, 3)[0] == status
+        state, _, attrs = outcome(result, errored, 3)
+        assert state == states[status] and attrs["status"] == status
+        trial = SimpleNamespace(trial_id="t", last_result=result, config={"rates": [1.0]},
+                                run_metadata=None, error_file=None)
+        assert record_from_trial(trial, 3, errored, "asha", 1.0)["status"] == status
+    assert trial_status({}, False, 3) == ("failed", NO_RESULT)
+    assert trial_status({**full, "val_acc": None}, False, 3) == ("failed", NO_SCORES)
+    assert trial_status({**full, "failed": True, "error": "boom"}, False, 3) == ("failed", "boom")
