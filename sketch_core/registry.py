@@ -28,10 +28,10 @@ from typing import Union
 from torch import nn
 
 from .errors import UserError
-from .models import FAMILIES, ModelSpec, register, registered, unregister
+from .models import FAMILIES, ModelEntry, register, registered, unregister
 from .plans import Plan, require_default_start_conv
 
-__all__ = ["Arch", "ArchEntry", "CfgLike", "ModelSpec", "resolve_arch", "get_arch", "family_of", "list_cfgs",
+__all__ = ["Arch", "ArchEntry", "CfgLike", "ModelEntry", "resolve_arch", "get_arch", "family_of", "list_cfgs",
            "list_arches", "register", "unregister", "FAMILIES", "SMALL_INPUT"]
 
 CIFAR_SETS = ("cifar10", "digits", "synthetic")
@@ -44,7 +44,7 @@ SMALL_INPUT = 64
 class Arch:
     """One resolved architecture: a registration, a cfg, a start_conv, an input size."""
 
-    spec: ModelSpec
+    spec: ModelEntry
     cfg: str
     start_conv: int = 1
     input_size: int = 32
@@ -123,9 +123,9 @@ def _data_set_family(data_set: str | None, input_size: int | None) -> str:
     return "cifar"
 
 
-def _having(cfg: str) -> dict[str, ModelSpec]:
+def _having(cfg: str) -> dict[str, ModelEntry]:
     """family -> the registration that builds ``cfg`` in it."""
-    out: dict[str, ModelSpec] = {}
+    out: dict[str, ModelEntry] = {}
     for spec in registered():
         if spec.family not in out and spec.matches(cfg) and spec.refusal(cfg) is None:
             out[spec.family] = spec
@@ -162,7 +162,7 @@ def list_arches(family: str | None = None) -> list[str]:
     return list(dict.fromkeys(s.arch for s in registered() if family is None or s.family == family))
 
 
-def _pick(cfg: str, data_set: str | None, family: str | None, input_size: int | None) -> ModelSpec:
+def _pick(cfg: str, data_set: str | None, family: str | None, input_size: int | None) -> ModelEntry:
     if family is not None:
         if family not in FAMILIES:
             raise UserError(f"unknown --family {family!r}; valid: {', '.join(FAMILIES)}")

@@ -159,8 +159,8 @@ def test_config_literals_are_built_from_the_cores_lists():
     (["model.cfg=resnt20"], "config key model.cfg: unknown --cfg 'resnt20' for data set digits"),
     (["model.cfg=resnt20"], "did you mean 'resnet20'?"),
     (["model.cfg=resnet57"], "config key model.cfg: CIFAR ResNet depth must be 6n+2"),
-    (["model.data_set=imagenet"], "config key model.cfg: unknown --cfg 'resnet20' for data set "
-                                  "imagenet (imagenet family)"),
+    (["model.data_set=imagenet", "model.cfg=resnt20"],
+     "config key model.cfg: unknown --cfg 'resnt20' for data set imagenet (imagenet family)"),
     (["model.data_set=cifar"], "'cifar' is not one of cifar10, imagenet, folder, digits, "
                                "synthetic; did you mean 'cifar10'?"),
     (["sketch.weight_norm_method=l3"], "is not one of max, sum, l2, l1, l2_2, 2max"),

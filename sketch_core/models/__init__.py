@@ -20,14 +20,14 @@ from torch import nn
 
 from ..plans import Plan
 
-__all__ = ["ModelSpec", "register", "unregister", "registered", "FAMILIES"]
+__all__ = ["ModelEntry", "register", "unregister", "registered", "FAMILIES"]
 
 FAMILIES = ("cifar", "imagenet")
 _DEFAULT_CLASSES = {"cifar": 10, "imagenet": 1000}
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelEntry:
     """One registration: the cfgs of one family that one builder and one plan serve.
 
     ``build(cfg, widths=None, num_classes=..., in_channels=...)`` returns the model;
@@ -59,7 +59,7 @@ class ModelSpec:
         return self.check(cfg) if self.check is not None else None
 
 
-_SPECS: list[ModelSpec] = []
+_SPECS: list[ModelEntry] = []
 _LOADED = False
 
 
@@ -67,7 +67,7 @@ def register(family: str, arch: str, pattern: str, *, examples: Sequence[str], i
              build: Callable[..., nn.Module], plan: Callable[..., Plan],
              check: Callable[[str], str | None] | None = None,
              unit_groups: Sequence[int] | None = None, start_conv: bool = False,
-             num_classes: int | None = None, order: int = 100) -> ModelSpec:
+             num_classes: int | None = None, order: int = 100) -> ModelEntry:
     """Make ``pattern``'s cfgs of ``family`` known; returns the registration.
 
     Registering the same (family, pattern) again replaces the earlier registration.
@@ -75,7 +75,7 @@ def register(family: str, arch: str, pattern: str, *, examples: Sequence[str], i
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     re.compile(pattern)
-    spec = ModelSpec(family, arch, pattern, tuple(examples), int(input_size), build, plan, check,
+    spec = ModelEntry(family, arch, pattern, tuple(examples), int(input_size), build, plan, check,
                      tuple(unit_groups) if unit_groups else None, bool(start_conv),
                      int(num_classes or _DEFAULT_CLASSES[family]), int(order))
     for i, old in enumerate(_SPECS):
@@ -87,7 +87,7 @@ def register(family: str, arch: str, pattern: str, *, examples: Sequence[str], i
     return spec
 
 
-def unregister(spec: ModelSpec) -> None:
+def unregister(spec: ModelEntry) -> None:
     """Forget a registration (e.g. one a test made)."""
     if spec in _SPECS:
         _SPECS.remove(spec)
@@ -103,7 +103,7 @@ def _load_package() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def registered() -> list[ModelSpec]:
+def registered() -> list[ModelEntry]:
     """Every registration, in listing order (family, then ``order``, then registration)."""
     _load_package()
     seq = {id(s): i for i, s in enumerate(_SPECS)}
