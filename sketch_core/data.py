@@ -37,12 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .registry import DATA_SETS
 from .folder_cache import (FOLDER_LAYOUT, fits_in_memory, folder_splits, list_folder,
                            load_folder_images, small_image_side)
 
 __all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "DATA_SETS", "CIFAR10_FILES"]
 
-DATA_SETS = ("cifar10", "imagenet", "folder", "digits", "synthetic")
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

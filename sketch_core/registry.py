@@ -34,8 +34,9 @@ from .plans import Plan, require_default_start_conv
 __all__ = ["Arch", "ArchEntry", "CfgLike", "ModelEntry", "resolve_arch", "get_arch", "family_of", "list_cfgs",
            "list_arches", "register", "unregister", "FAMILIES", "SMALL_INPUT"]
 
+# the data sets sketchtune reads, and those whose models are the CIFAR family
+DATA_SETS = ("cifar10", "imagenet", "folder", "digits", "synthetic")
 CIFAR_SETS = ("cifar10", "digits", "synthetic")
-DATA_SETS = CIFAR_SETS + ("imagenet", "folder")
 # a class-folder set of images at most this size (height/width) uses the CIFAR models
 SMALL_INPUT = 64
 

@@ -131,3 +131,17 @@ def test_core_stays_free_of_search_libraries():
         assert not tops & {"ray", "optuna", "pydantic"}, f"{name} imports {tops & {'ray', 'optuna', 'pydantic'}}"
         if not name.startswith("sketch_core.cli"):
             assert "argparse" not in tops, f"{name} imports argparse outside sketch_core.cli"
+
+
+def _function_lines(path: Path, name: str) -> int:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            return node.end_lineno - start + 1
+    raise AssertionError(f"{path.name} defines no {name}()")
+
+
+def test_the_training_loop_and_the_search_driver_read_in_one_screen():
+    assert _function_lines(ROOT / "sketch_core" / "train.py", "fit") <= 60
+    assert _function_lines(ROOT / "search" / "tuner.py", "run_search") <= 60
