@@ -3,7 +3,7 @@
 Both sides run the quickstart's trials (digits, ResNet-20, the same seeded rate
 vectors, ``trial.epochs`` epochs each) one at a time on one CPU thread, through the
 same function (:func:`search.trainable.train_trial`). The plain loop calls it in this
-process; the search runs it as Tune trials (OptunaSearch told the vectors up front,
+process; the search runs it as Tune trials (the searcher told the vectors up front,
 no early stopping, one trial at a time, a checkpoint per epoch, trials.jsonl, the
 Optuna study in SQLite), timed from ``Tuner.fit()`` to its return (the search phase;
 starting Ray itself is not counted, the trial worker's start is).
