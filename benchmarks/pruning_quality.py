@@ -29,17 +29,30 @@ epoch (wall clock, so only comparable within one run). Last line:
 
     pip install -e ".[bench]"
     python benchmarks/pruning_quality.py [--epochs 3] [--seeds 3] [--work DIR]
+
+``--data real`` runs the same comparison on the public CIFAR ResNet-56 and the JPEG copy
+of CIFAR-10 (``--data_root``, default ``../shared/data`` beside the repository): the
+network adapted to the JPEG training images first (cached in ``--work_dir``; ``--no_adapt``
+skips it), rates 0.9 0.6 0.4 0.2 zero-shot (BN recalibrated on 10 training batches) on
+all 10,000 test images, rates 0.6 0.4 0.2 after one pass over a fixed 2,000 training
+images with 2 seeds, each method's prune time; Markdown tables, last line ``ratio=``.
+``--smoke`` shrinks it to a check of a minute or two (500 test images, one rate, one
+seed, 100 fine-tune images, a 256-image adaptation).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import Clock, hypervolume, mean_sd, pretrained, seeded
+from _common import ROOT, Clock, hypervolume, mean_sd, pretrained, seeded
 
 # method -> (sketch mode, select_by)
 MODES = {"sketch": ("sketch", "filters"), "select": ("select", "filters"),
@@ -73,22 +86,8 @@ def tp_l1(model, cfg: str, rates: list[float], data_set: str, example):
     return net
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs (a search trial's)")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rates", default=",".join(map(str, RATES)))
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--bn_batches", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads; default 1 (small 8x8 convolutions: more threads gain "
-                         "little, and on a busy machine they wait on each other)")
-    ap.add_argument("--work", default=None,
-                    help="folder for the pretrained baseline (reused by a later run); "
-                         "default: a temporary folder")
-    ap.add_argument("--pretrain_args", default="",
-                    help="extra `launch.py pretrain` options, e.g. '--num_epochs 20'")
-    args = ap.parse_args()
+def run_digits(args: argparse.Namespace) -> int:
+    """The digits benchmark (ResNet-20 pretrained here, epochs of fine-tune)."""
     try:
         import torch_pruning  # noqa: F401
     except ImportError:
@@ -226,6 +225,354 @@ def main() -> int:
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+
+# ----------------------------------------------------------------------------------------
+# --data real: the public ResNet-56 on the JPEG copy of CIFAR-10
+
+REAL_CFG = "resnet56"
+REAL_CKPT = "pretrained/resnet56-4bfd9763.th"
+REAL_JPEG = "cifar10-jpg"
+REAL_RATES = (0.9, 0.6, 0.4, 0.2)
+REAL_FT_RATES = (0.6, 0.4, 0.2)
+LABELS = {"sketch": "`sketch`", "select": "`select`", "select_lsq": "`select_lsq`",
+          "select_ch": "`select`, channels", "select_lsq_ch": "`select_lsq`, channels",
+          "tp_l1": "Torch-Pruning L1, same widths"}
+SMOKE = dict(test_images=500, rates="0.4", ft_rates="0.4", seeds=1, finetune_images=100,
+             adapt_images=256)
+
+
+def default_data_root() -> Path:
+    """``../shared/data`` beside the repository (the folder its README describes)."""
+    return ROOT.parent / "shared" / "data"
+
+
+def default_work_dir() -> Path:
+    """``$XDG_CACHE_HOME/sketchtune/pruning_quality``, else ``~/.cache/...``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sketchtune" / "pruning_quality"
+
+
+def check_real_inputs(root: Path, finetune_images: int, adapt_images: int | None,
+                      test_images: int | None) -> int:
+    """The real data's presence and the sizes asked for; the number of training images."""
+    from sketch_core.errors import UserError
+
+    need = [root / REAL_JPEG / "train", root / REAL_JPEG / "test", root / REAL_CKPT]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise UserError(f"--data real needs the JPEG CIFAR-10 ({REAL_JPEG}/train, {REAL_JPEG}/test) "
+                        f"and the public ResNet-56 ({REAL_CKPT}) under --data_root {root}; missing: "
+                        f"{', '.join(missing)}; point --data_root at the folder that holds them "
+                        f"(default: ../shared/data beside the repository)")
+    train_dir = root / REAL_JPEG / "train"
+    n_train = sum(len(os.listdir(d)) for d in train_dir.iterdir() if d.is_dir())
+    if not 1 <= finetune_images <= n_train:
+        raise UserError(f"--finetune_images {finetune_images}: expected 1 to {n_train} (the "
+                        f"training split of {train_dir})")
+    if adapt_images is not None and not 1 <= adapt_images <= n_train:
+        raise UserError(f"--adapt_images {adapt_images}: expected 1 to {n_train} (the training "
+                        f"split of {train_dir})")
+    if test_images is not None and test_images < 1:
+        raise UserError(f"--test_images {test_images}: expected a positive number (at most the "
+                        f"test split's size)")
+    return n_train
+
+
+def subset(loader, n: int | None, seed: int):
+    """A copy of ``loader`` serving a fixed seeded random ``n`` of its images (all: None)."""
+    import torch
+
+    if n is None or n >= len(loader.index):
+        return loader
+    out = copy.copy(loader)
+    pick = torch.randperm(len(loader.index), generator=torch.Generator().manual_seed(seed))[:n]
+    out.index = loader.index[pick.to(loader.index.device)].sort().values
+    return out
+
+
+def adapted_baseline(public: Path, data, work: Path, *, epochs: int, images: int | None,
+                     lr: float, clock: Clock):
+    """The public ResNet-56 fine-tuned on the JPEG training images; cached in ``work``.
+
+    ``epochs`` passes of SGD (momentum 0.9, weight decay 5e-4, constant ``lr``) over
+    ``images`` training images (all: None). Returns (model, test acc before, after).
+    """
+    from sketch_core import load_checkpoint, save_checkpoint
+    from sketch_core.train import evaluate, fit
+
+    n_test = len(data.test.index)
+    tag = f"{REAL_CFG}-jpeg-e{epochs}-n{images or 'all'}-lr{lr:g}"
+    ckpt, info = work / f"{tag}.pt", work / f"{tag}.json"
+    facts = json.loads(info.read_text()) if info.exists() else {}
+    public_model = load_checkpoint(public, REAL_CFG).model.eval()
+    if ckpt.exists():
+        model = load_checkpoint(ckpt).model.eval()
+        print(f"[{clock()}] adapted baseline reused: {ckpt}", flush=True)
+    else:
+        model = copy.deepcopy(public_model)
+        train = subset(data.train, images, seed=7)
+        n = len(train.index)
+        print(f"[{clock()}] adapting the public {REAL_CFG} to the JPEG training images: {epochs} "
+              f"epoch(s) over {n} images, SGD lr {lr:g} (cached as {ckpt})", flush=True)
+        seeded(0)
+        fit(model, dataclasses.replace(data, train=train, val=None), epochs=epochs, lr=lr,
+            momentum=0.9, weight_decay=5e-4, lr_decay_step=[], seed=0, progress=False)
+        model.eval()
+        work.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(ckpt, model, cfg=REAL_CFG, data_set="cifar10",
+                        extra={"adapted_from": public.name, "epochs": epochs, "images": n, "lr": lr})
+        facts = {}
+    key = str(n_test)
+    if key not in facts:
+        facts[key] = {"before": evaluate(public_model, data.test)["acc"],
+                      "after": evaluate(model, data.test)["acc"]}
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = info.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(facts, indent=1))
+        tmp.replace(info)
+    return model, facts[key]["before"], facts[key]["after"]
+
+
+def hv_table(rows: list[tuple[str, list[str], str, str]], rates: list[float], title: str) -> None:
+    """A Markdown table: method | one cell per rate | hypervolume | extra column."""
+    print()
+    print(title)
+    print()
+    print("| method | " + " | ".join(f"{r:g}" for r in rates) + " | hypervolume | "
+          + rows[0][3] + " |")
+    print("| --- | " + " | ".join("---" for _ in rates) + " | --- | --- |")
+    for label, cells, hv, _ in rows[1:]:
+        print(f"| {label} | " + " | ".join(cells) + f" | {hv} | {_} |")
+
+
+def run_real(args: argparse.Namespace) -> int:
+    """The real benchmark: zero-shot and short-fine-tune tables on the JPEG CIFAR-10."""
+    import torch
+
+    from sketch_core import count_flops, get_arch, rates_to_widths, recalibrate_bn, sketch
+    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.errors import UserError
+    from sketch_core.train import evaluate, fit
+
+    smoke = SMOKE if args.smoke else {}
+
+    def pick(name: str, default):
+        """The flag when given, else the smoke value (with --smoke), else ``default``."""
+        value = getattr(args, name)
+        return value if value is not None else smoke.get(name, default)
+
+    rates = [float(r) for r in pick("rates", ",".join(map(str, REAL_RATES))).split(",") if r]
+    ft_rates = [float(r) for r in pick("ft_rates", ",".join(map(str, REAL_FT_RATES))).split(",") if r]
+    seeds, n_ft = pick("seeds", 2), pick("finetune_images", 2000)
+    n_adapt, n_test = pick("adapt_images", None), pick("test_images", None)
+    bn_batches = pick("bn_batches", 10)
+    if not rates or seeds < 1 or bn_batches < 1:
+        raise UserError(f"--rates needs at least one rate, --seeds and --bn_batches at least 1; "
+                        f"got rates {rates}, seeds {seeds}, bn_batches {bn_batches}")
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise UserError(f"unknown methods {sorted(unknown)}; valid: {', '.join(METHODS)}")
+    bad = [r for r in rates + ft_rates if not 0 < r <= 1]
+    if bad:
+        raise UserError(f"rates must be in (0, 1], got {bad}")
+    root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
+    n_train = check_real_inputs(root, n_ft, n_adapt, n_test)
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        raise SystemExit("torch-pruning is missing: pip install -e \".[bench]\"")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    work = Path(args.work).expanduser() if args.work else default_work_dir()
+    clock = Clock()
+    data = load_data("folder", root / REAL_JPEG, input_size=32, normalize=(IMAGENET_MEAN, IMAGENET_STD),
+                     batch_size=128, eval_batch_size=500, val_fraction=0.0, seed=0)
+    data.test = subset(data.test, n_test, seed=3)
+    n_test = len(data.test.index)
+    print(f"[{clock()}] JPEG CIFAR-10: {len(data.train.index)} training images, {n_test} test "
+          f"images; torch threads {torch.get_num_threads()}", flush=True)
+    public = root / REAL_CKPT
+    if args.no_adapt:
+        from sketch_core import load_checkpoint
+
+        full = load_checkpoint(public, REAL_CFG).model.eval()
+        before = after = evaluate(full, data.test)["acc"]
+        what = f"the public {REAL_CFG}, not adapted"
+        print(f"[{clock()}] public {REAL_CFG} (not adapted, --no_adapt): test acc "
+              f"{100 * before:.2f}%", flush=True)
+    else:
+        full, before, after = adapted_baseline(public, data, work, epochs=args.adapt_epochs,
+                                               images=n_adapt, lr=args.adapt_lr, clock=clock)
+        what = (f"the public {REAL_CFG} adapted to the JPEG training images ({args.adapt_epochs} "
+                f"epoch(s) over {n_adapt or n_train} images)")
+        print(f"[{clock()}] public {REAL_CFG} test acc {100 * before:.2f}% before adaptation, "
+              f"{100 * after:.2f}% after", flush=True)
+    calib = data.calibration_batches(bn_batches)
+    shape = data.shape
+    base_macs = count_flops(full, shape)[0]
+    plan = get_arch(REAL_CFG, "cifar10").plan()
+    units = len(plan.slots)
+    example = calib[0][0][:1]
+    ft_data = dataclasses.replace(data, train=subset(data.train, n_ft, seed=5), val=None)
+
+    zero: dict[str, dict[float, float]] = {m: {} for m in methods}
+    tuned: dict[str, dict[float, list[float]]] = {m: {} for m in methods}
+    macs: dict[float, float] = {}
+    prune_s: dict[str, list[float]] = {m: [] for m in methods}
+    for rate in sorted(set(rates) | set(ft_rates), reverse=True):
+        vec = [rate] * units
+        widths = rates_to_widths(REAL_CFG, vec, "cifar10")
+        for method in methods:
+            t0 = time.perf_counter()
+            if method == "tp_l1":
+                net = tp_l1(full, REAL_CFG, vec, "cifar10", example)
+            else:
+                mode, select_by = MODES[method]
+                net = sketch(full, REAL_CFG, vec, "cifar10", mode=mode, select_by=select_by,
+                             batches=calib)
+            prune_s[method].append(time.perf_counter() - t0)
+            got = [net.get_submodule(s.producer).out_channels for s in plan.slots]
+            assert got == widths, f"{method} at {rate}: widths {got}, expected {widths}"
+            recalibrate_bn(net, calib)
+            ratio = count_flops(net, shape)[0] / base_macs
+            assert abs(macs.setdefault(rate, ratio) - ratio) < 1e-9, f"MACs differ at {rate}"
+            line = f"rate {rate:<4} {method:<13} MACs {ratio:.3f}  prune {prune_s[method][-1]:5.1f}s"
+            if rate in rates:
+                zero[method][rate] = evaluate(net, data.test)["acc"]
+                line += f"  zero-shot {100 * zero[method][rate]:6.2f}%"
+            if rate in ft_rates:
+                start = copy.deepcopy(net.state_dict())
+                tuned[method][rate] = []
+                for seed in range(seeds):
+                    net.load_state_dict(start)
+                    seeded(seed)
+                    ft_data.train.seed = seed
+                    fit(net, ft_data, epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                        lr_decay_step=[], seed=seed, progress=False)
+                    tuned[method][rate].append(evaluate(net, data.test)["acc"])
+                line += "  fine-tuned " + ", ".join(f"{100 * a:.2f}%" for a in tuned[method][rate])
+            print(f"[{clock()}] {line}", flush=True)
+
+    def pct(a: float) -> str:
+        return f"{100 * a:.1f}%"
+
+    def span(ts: list[float]) -> str:
+        lo, hi = min(ts), max(ts)
+        return f"{lo:.1f} s" if hi - lo < 0.05 else f"{lo:.1f}-{hi:.1f} s"
+
+    accs = (f"test acc {pct(before)} (the network pruned here)" if args.no_adapt else
+            f"test acc {pct(before)} before adaptation, {pct(after)} after (the network pruned here)")
+    head = (f"{what}: {accs}; "
+            f"{n_test} test images, uniform rates, MACs ratios "
+            + ", ".join(f"{r:g}: {macs[r]:.3f}" for r in sorted(macs, reverse=True)))
+    print()
+    print(head)
+    print(f"(one accuracy on {n_test} test images has a sampling sd of at most "
+          f"{50 / n_test ** 0.5:.2f} points)")
+    zs_rows = [("", [], "", "prune time here")]
+    hv_zero = {}
+    for m in methods:
+        hv_zero[m] = hypervolume([(zero[m][r], macs[r]) for r in rates])
+        zs_rows.append((LABELS[m], [pct(zero[m][r]) for r in rates], f"{hv_zero[m]:.3f}",
+                        span(prune_s[m])))
+    hv_table(zs_rows, rates, f"zero-shot (BN recalibrated on {bn_batches} training batches of 128, "
+                             f"no fine-tune), test accuracy:")
+    hv_seed = {m: [hypervolume([(tuned[m][r][s], macs[r]) for r in ft_rates]) for s in range(seeds)]
+               for m in methods} if ft_rates else {}
+    if ft_rates:
+        ft_rows = [("", [], "", "hypervolume over seeds (min-max)")]
+        for m in methods:
+            cells = [pct(mean_sd(tuned[m][r])[0]) for r in ft_rates]
+            ft_rows.append((LABELS[m], cells, f"{mean_sd(hv_seed[m])[0]:.3f}",
+                            f"{min(hv_seed[m]):.3f}-{max(hv_seed[m]):.3f}"))
+        hv_table(ft_rows, ft_rates,
+                 f"after the short fine-tune (BN recalibrated, then one pass of SGD lr 0.01, "
+                 f"momentum 0.9, weight decay 5e-4, batch 128, over the same {n_ft} of the "
+                 f"{n_train} training images; {seeds} seed(s), each its own shuffle and "
+                 f"augmentation), test accuracy (mean over seeds):")
+    print()
+    print(f"total time {clock()}")
+    modes = [m for m in methods if m in MODES]
+    if "tp_l1" not in methods or not modes:
+        print("ratio=nan")
+        return 0
+    best0 = max(modes, key=lambda m: hv_zero[m])
+    print(f"zero-shot: best mode {best0}, hypervolume / Torch-Pruning L1's = {hv_zero[best0]:.4f} "
+          f"/ {hv_zero['tp_l1']:.4f} = {hv_zero[best0] / hv_zero['tp_l1']:.4f}")
+    if not ft_rates:
+        print(f"ratio={hv_zero[best0] / hv_zero['tp_l1']:.4f}")
+        return 0
+    best = max(modes, key=lambda m: mean_sd(hv_seed[m])[0])
+    paired = [hv_seed[best][s] / hv_seed["tp_l1"][s] for s in range(seeds)]
+    ratio = mean_sd(hv_seed[best])[0] / mean_sd(hv_seed["tp_l1"])[0]
+    print(f"after the fine-tune: best mode {best}, hypervolume / Torch-Pruning L1's = "
+          f"{mean_sd(hv_seed[best])[0]:.4f} / {mean_sd(hv_seed['tp_l1'])[0]:.4f} = {ratio:.4f}; "
+          f"per seed (the same shuffles for every method): "
+          + ", ".join(f"{r:.4f}" for r in paired)
+          + f" (range {min(paired):.4f}-{max(paired):.4f} over {seeds} seed(s): the spread the "
+            f"choice of {seeds} seed(s), {n_ft} fine-tune images and {len(ft_rates)} rate(s) leaves)")
+    print(f"ratio={ratio:.4f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from sketch_core.errors import UserError
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", choices=("digits", "real"), default="digits",
+                    help="digits (default: a ResNet-20 pretrained here) or real (the public "
+                         "ResNet-56 on the JPEG CIFAR-10 copy)")
+    ap.add_argument("--epochs", type=int, default=3,
+                    help="digits: fine-tune epochs (a search trial's)")
+    ap.add_argument("--seeds", type=int, default=None, help="default: 3 (digits), 2 (real)")
+    ap.add_argument("--rates", default=None,
+                    help=f"default: {','.join(map(str, RATES))} (digits), "
+                         f"{','.join(map(str, REAL_RATES))} (real, zero-shot)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--bn_batches", type=int, default=None, help="default: 8 (digits), 10 (real)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads; digits default 1 (small 8x8 convolutions: more threads "
+                         "gain little, and on a busy machine they wait on each other); real "
+                         "default: one per CPU core")
+    ap.add_argument("--work", "--work_dir", dest="work", default=None,
+                    help="folder for the baseline (reused by a later run); default: a temporary "
+                         "folder (digits), $XDG_CACHE_HOME or ~/.cache /sketchtune/pruning_quality "
+                         "(real)")
+    ap.add_argument("--pretrain_args", default="",
+                    help="digits: extra `launch.py pretrain` options, e.g. '--num_epochs 20'")
+    real = ap.add_argument_group("--data real")
+    real.add_argument("--data_root", default=None,
+                      help="the folder holding cifar10-jpg/ and pretrained/resnet56-4bfd9763.th "
+                           "(default: ../shared/data beside the repository)")
+    real.add_argument("--no_adapt", action="store_true",
+                      help="prune the public network as it is (no adaptation to the JPEG images)")
+    real.add_argument("--adapt_epochs", type=int, default=1)
+    real.add_argument("--adapt_images", type=int, default=None,
+                      help="training images of the adaptation (default: all)")
+    real.add_argument("--adapt_lr", type=float, default=0.01)
+    real.add_argument("--ft_rates", default=None,
+                      help=f"rates fine-tuned (default {','.join(map(str, REAL_FT_RATES))}; '' for "
+                           f"zero-shot only)")
+    real.add_argument("--finetune_images", type=int, default=None,
+                      help="training images of the short fine-tune, one pass (default 2000)")
+    real.add_argument("--test_images", type=int, default=None,
+                      help="a fixed random subset of the test split (default: all 10,000)")
+    real.add_argument("--smoke", action="store_true",
+                      help="a check in about a minute: " + ", ".join(f"{k} {v}" for k, v in SMOKE.items()))
+    args = ap.parse_args(argv)
+    try:
+        if args.data == "real":
+            return run_real(args)
+        args.seeds = 3 if args.seeds is None else args.seeds
+        args.rates = args.rates or ",".join(map(str, RATES))
+        args.bn_batches = 8 if args.bn_batches is None else args.bn_batches
+        args.threads = 1 if args.threads is None else args.threads
+        return run_digits(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

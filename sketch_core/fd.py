@@ -8,6 +8,11 @@ result B satisfies ||A^T A - B^T B||_2 <= ||A - A_k||_F^2 / (l - k) for every k 
 
 The decomposition of a short, wide buffer goes through its Gram matrix (2l x 2l):
 ``eigh`` of B B^T is far cheaper than an SVD of B when d >> l.
+
+:func:`released_fd` is the variant of the released FilterSketch code, for users who
+want the paper's exact procedure: an l-row buffer shrunk by the squared singular value
+at index l // 2, no final shrink, and the last rows skipped once fewer than l // 2 are
+left when the buffer is full (so about half the output rows are raw input rows).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 
 from .errors import UserError
 
-__all__ = ["frequent_directions", "row_space_energy", "weight_norm", "WEIGHT_NORMS"]
+__all__ = ["frequent_directions", "released_fd", "row_space_energy", "weight_norm",
+           "WEIGHT_NORMS"]
 
 WEIGHT_NORMS = ("max", "sum", "l2", "l1", "l2_2", "2max")
 
@@ -60,6 +66,43 @@ def frequent_directions(matrix: torch.Tensor, rows: int) -> torch.Tensor:
         out = torch.cat([out, out.new_zeros(rows - out.shape[0], d)])
     return out.to(matrix.dtype)
 
+
+
+def released_fd(matrix: torch.Tensor, rows: int) -> torch.Tensor:
+    """The released FilterSketch code's Frequent Directions: ``rows`` rows, float64 inside.
+
+    The rows of ``matrix`` fill an l-row buffer (l = ``rows``). When a row arrives at a
+    full buffer: if fewer than l // 2 rows (this one included) are left, they are all
+    skipped; otherwise the buffer is replaced by its shrunken directions, each squared
+    singular value minus the one at index l // 2 (0-based, clamped at 0), which leaves
+    rows l // 2 onward zero, and the row is written at index l // 2. The buffer is
+    returned as it stands, without a last shrink. Where the released code's SVD would
+    fail (a buffer wider than it is long: d < l), the missing singular values count as 0.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"released_fd takes a 2-D matrix, got shape {tuple(matrix.shape)}")
+    if rows < 1:
+        raise ValueError(f"a sketch needs at least one row, got {rows}")
+    a = matrix.detach().to(torch.float64)
+    n, d = a.shape
+    half = rows // 2
+    buf = a.new_zeros(rows, d)
+    filled = 0
+    for i in range(n):
+        if filled == rows:
+            if n - i < half:
+                break
+            _, sigma, vh = torch.linalg.svd(buf, full_matrices=False)
+            sq = sigma.pow(2)
+            theta = sq[half] if half < sq.numel() else sq.new_zeros(())
+            shrunk = torch.sqrt((sq - theta).clamp_min(0))
+            buf = buf.new_zeros(rows, d)
+            k = shrunk.numel()
+            buf[:k] = shrunk[:, None] * vh
+            filled = half
+        buf[filled] = a[i]
+        filled += 1
+    return buf.to(matrix.dtype)
 
 def row_space_energy(matrix: torch.Tensor, sketch: torch.Tensor) -> torch.Tensor:
     """Squared norm of each row of ``matrix`` projected onto the row space of ``sketch``."""

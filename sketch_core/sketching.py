@@ -2,8 +2,10 @@
 
 One generic pass over the architecture's plan (:mod:`sketch_core.plans`): for every
 slot that narrows, the producer's filters are either replaced by their Frequent
-Directions sketch (mode ``sketch``, the original method) or a subset of them is kept
-(``select`` / ``select_lsq``, and the original's ``random_rule`` baselines); each
+Directions sketch (mode ``sketch``, the paper's method with textbook FD;
+``sketch_released``, the same with the released code's FD arithmetic) or a subset of
+them is kept (``select`` / ``select_lsq``, and the original's ``random_rule``
+baselines); each
 consumer's input channels follow (channel sketch, transposed as it should be, or the
 same subset). The result is loaded strictly into ``build(widths)``: a pruned network
 is a constructor call, never graph surgery. Nothing here branches on architecture.
@@ -21,13 +23,15 @@ from .errors import UserError
 from .plans import ModSpec, Plan, Seg
 from .rates import parse_rates, widths_for
 from .registry import Arch, CfgLike, resolve_arch
-from .fd import frequent_directions, row_space_energy, weight_norm, WEIGHT_NORMS
+from .fd import frequent_directions, released_fd, row_space_energy, weight_norm, WEIGHT_NORMS
 
 __all__ = ["sketch", "check_options", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
 
 log = logging.getLogger("sketchtune.sketching")
 
-MODES = ("sketch", "select", "select_lsq")
+# sketch_released: `sketch` with the released FilterSketch code's FD arithmetic (fd.released_fd)
+MODES = ("sketch", "select", "select_lsq", "sketch_released")
+SKETCH_MODES = ("sketch", "sketch_released")
 RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")
 # what the selection modes sketch to rank a slot's channels: the producer's filters, or
 # the channels as the consumers receive them (see _Pruner.channel_rows)
@@ -51,7 +55,8 @@ class _Pruner:
                  sketch_bn: bool, seed: int, select_by: str = "filters") -> None:
         self.src, self.plan, self.widths = state, plan, widths
         self.select_by = select_by
-        self.index_mode = mode != "sketch" or random_rule != "default"
+        self.index_mode = mode not in SKETCH_MODES or random_rule != "default"
+        self.fd = released_fd if mode == "sketch_released" else frequent_directions
         self.mode, self.random_rule = mode, random_rule
         self.norm, self.filter_norm, self.sketch_bn = weight_norm_method, filter_norm, sketch_bn
         self.gen = torch.Generator().manual_seed(seed)
@@ -124,7 +129,7 @@ class _Pruner:
         bn = info.bn if (self.sketch_bn and info.bn) else None
         if bn:
             cols += [self.src[bn + ".weight"][:, None], self.src[bn + ".bias"][:, None]]
-        sk = frequent_directions(torch.cat(cols, 1), l)
+        sk = self.fd(torch.cat(cols, 1), l)
         d = cols[0].shape[1]
         new_w = weight_norm(sk[:, :d].reshape(l, *w.shape[1:]), self.norm, self.filter_norm)
         new_b = sk[:, d] if b is not None else None
@@ -162,7 +167,7 @@ class _Pruner:
             raise AssertionError("BN segments are handled by _bn_channels")
         else:  # channel sketch: channels are the rows (the transpose the original forgot)
             moved = grouped.movedim(dim, 0)
-            sk = frequent_directions(moved.reshape(seg.n, -1), l)
+            sk = self.fd(moved.reshape(seg.n, -1), l)
             out = sk.reshape(l, *moved.shape[1:]).movedim(0, dim)
         return out.reshape(*shape[:dim], l * seg.repeat, *shape[dim + 1:])
 
