@@ -32,7 +32,8 @@ from .errors import UserError
 from .normalize import Normalization, as_record, from_record
 from .registry import Arch, CfgLike, family_of, resolve_arch
 
-__all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "atomic_save",
+__all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "read_record",
+           "atomic_save",
            "FORMAT", "HEAD_NAMES"]
 
 FORMAT = "sketchtune"
@@ -71,6 +72,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     except Exception as exc:  # noqa: BLE001 - any failure to read means a bad file
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{p} is truncated or not a checkpoint ({first})") from None
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What a sketchtune checkpoint says about its network besides the weights: ``family``,
+    ``cfg``, ``normalize`` (``(mean, std)`` or None) and ``split``; ``{}`` for files of the
+    other formats, which record none of it."""
+    obj = read_checkpoint(Path(path).expanduser())
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return {}
+    return {"family": obj.get("family"), "cfg": obj.get("cfg"),
+            "normalize": from_record(obj.get("normalize")), "split": obj.get("split")}
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:

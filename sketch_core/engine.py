@@ -133,7 +133,7 @@ def check_spec(spec: RunSpec) -> RunSpec:
 def _check_model_options(spec: RunSpec) -> None:
     """``family``, ``init``, ``normalize``: known values, and a normalisation that agrees
     with the starting checkpoint's record (read here, before anything is written)."""
-    from .normalize import parse_normalize
+    from .normalize import check_channels, parse_normalize
     from .registry import FAMILIES
 
     m = spec.model
@@ -149,11 +149,16 @@ def _check_model_options(spec: RunSpec) -> None:
     if m.force_normalize and m.normalize is None:
         raise UserError("--force_normalize overrides a checkpoint's normalisation with "
                         "--normalize: give --normalize too")
+    if m.family is not None and m.cfg:
+        _arch(spec, m.cfg, _input_size_hint(spec))  # --family cifar --cfg densenet121
     if m.normalize is not None:
-        parse_normalize(m.normalize, DATA_CHANNELS.get(spec.data.data_set))
-        if m.family is not None and spec.model.cfg:
-            _arch(spec, spec.model.cfg, _input_size_hint(spec))
-        run_normalize(spec)
+        channels = DATA_CHANNELS.get(spec.data.data_set)
+        check_channels(parse_normalize(m.normalize), channels, f"data set {spec.data.data_set}")
+    if m.normalize is not None or m.family is not None:
+        recorded, family, source = _source_record(spec)
+        if m.family is not None and family is not None and family != m.family:
+            raise UserError(f"--family {m.family}: {source} holds a {family}-family network")
+        run_normalize(spec, (recorded, source))
 
 
 # channels of each data set's images, for checks before the data is loaded
@@ -180,8 +185,9 @@ def _arch(spec: RunSpec, cfg, input_size: int | None, family: str | None = None)
                         arch=spec.model.arch, input_size=input_size)
 
 
-def _recorded_normalize(spec: RunSpec) -> tuple[Any, str | None]:
-    """(the starting checkpoint's recorded normalisation or None, its path or None)."""
+def _source_record(spec: RunSpec) -> tuple[Any, str | None, str | None]:
+    """What the starting checkpoint records: (its normalisation, its family, its path);
+    None for what it does not say (files of other formats record neither)."""
     from .checkpoint import FORMAT, read_checkpoint
     from .normalize import from_record
 
@@ -190,25 +196,26 @@ def _recorded_normalize(spec: RunSpec) -> tuple[Any, str | None]:
         from .train import load_state
 
         path = _state_path(spec.resume)
-        return from_record(load_state(path)["meta"].get("normalize")), str(path)
+        meta = load_state(path)["meta"]
+        return from_record(meta.get("normalize")), meta.get("family"), str(path)
     source = m.refine or m.sketch_model if spec.command == "sketch" else m.init
     if spec.test_only and source is None:
         source = m.refine or m.sketch_model
     if source is None or not Path(source).expanduser().is_file():
-        return None, None
+        return None, None, None
     obj = read_checkpoint(Path(source).expanduser())
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return from_record(obj.get("normalize")), str(source)
-    return None, str(source)
+        return from_record(obj.get("normalize")), obj.get("family"), str(source)
+    return None, None, str(source)
 
 
-def run_normalize(spec: RunSpec):
+def run_normalize(spec: RunSpec, record: tuple[Any, str | None] | None = None):
     """The ``(mean, std)`` a run normalises with: ``normalize`` when given (an error when
     it contradicts the starting checkpoint's record, unless ``force_normalize``), else
-    the record, else None (the data set's own)."""
+    the record, else None (the data set's own). ``record``: (recorded, path) when read."""
     from .normalize import choose_normalize
 
-    recorded, source = _recorded_normalize(spec)
+    recorded, source = record if record is not None else _source_record(spec)[::2]
     return choose_normalize(spec.model.normalize, recorded, force=spec.model.force_normalize,
                             source=f"{source}" if source else "the checkpoint")
 
