@@ -109,9 +109,9 @@ def _say_split(config: SearchConfig, split: dict | None, source: str) -> None:
         print(f"[pretrain] {source} was trained on this search's training split: its "
               f"validation images are unseen", flush=True)
     else:
-        log.warning("%s was trained on another split (%s): the search's validation images "
-                    "may include some it trained on", source,
-                    ", ".join(f"{k} {v}" for k, v in split.items()))
+        print(f"[pretrain] warning: {source} was trained on another split "
+              f"({', '.join(f'{k} {v}' for k, v in split.items())}): the search's validation "
+              f"images may include some it trained on", flush=True)
 
 
 def set_cpu_threads(config: SearchConfig, data: Any) -> None:
