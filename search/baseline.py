@@ -25,7 +25,7 @@ from sketch_core.atomic import atomic_copy
 from sketch_core.errors import UserError
 
 __all__ = ["Baseline", "prepare_baseline", "cache_dir", "load_search_data", "load_baseline_file",
-           "check_pretrained", "set_cpu_threads"]
+           "check_pretrained", "set_cpu_threads", "search_normalize", "split_record"]
 
 log = logging.getLogger("sketchtune.search")
 PRETRAINABLE = ("digits", "synthetic")
@@ -44,12 +44,15 @@ class Baseline:
     source: str
     pretrain_s: float = 0.0
     transform_input: bool = False
+    family: str | None = None                    # the model family the search sketches
+    normalize: dict[str, list[float]] | None = None  # the (mean, std) its inputs use, as recorded
 
     def summary(self) -> dict[str, Any]:
         return {"flops": self.flops, "params": self.params, "val_acc": self.val_acc,
                 "test_acc": self.test_acc, "source": self.source,
                 "num_classes": self.num_classes, "in_channels": self.in_channels,
-                "input_size": self.input_size}
+                "input_size": self.input_size, "family": self.family,
+                "normalize": self.normalize}
 
 
 def cache_dir(config: SearchConfig) -> Path:
@@ -59,15 +62,56 @@ def cache_dir(config: SearchConfig) -> Path:
     return Path(root) / "sketchtune" / "baselines"
 
 
-def load_search_data(config: SearchConfig, batch_size: int | None = None, device: str = "cpu"):
-    """The data set with the search's validation split (same fraction and seed everywhere)."""
+def load_search_data(config: SearchConfig, batch_size: int | None = None, device: str = "cpu",
+                     normalize: Any = None):
+    """The data set with the search's validation split (same fraction and seed everywhere);
+    ``normalize`` as :func:`sketch_core.data.load_data` takes it (None: the data set's own)."""
     from sketch_core.data import load_data
 
     m, t = config.model, config.trial
     return load_data(m.data_set, m.data_path, batch_size=batch_size or t.batch_size,
                      eval_batch_size=t.eval_batch_size, val_fraction=t.val_fraction,
                      seed=t.seed, device=device, download=m.download,
-                     input_size=m.input_size, synthetic=m.synthetic)
+                     input_size=m.input_size, synthetic=m.synthetic, normalize=normalize)
+
+
+def search_normalize(config: SearchConfig) -> Any:
+    """The ``(mean, std)`` the search normalises with: ``model.normalize`` when set (an
+    error when it contradicts ``model.pretrained``'s record, unless
+    ``model.force_normalize``), else the record, else None (the data set's own)."""
+    from sketch_core.checkpoint import read_record
+    from sketch_core.normalize import choose_normalize
+
+    m = config.model
+    recorded = None
+    if m.pretrained:
+        path = Path(m.pretrained).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.pretrained {m.pretrained}: no such file")
+        recorded = read_record(path).get("normalize")
+    return choose_normalize(m.normalize, recorded, force=m.force_normalize,
+                            source=f"model.pretrained {m.pretrained}")
+
+
+def split_record(config: SearchConfig) -> dict[str, Any]:
+    """The training split of the search (what a checkpoint records as ``split``)."""
+    m, t = config.model, config.trial
+    path = str(Path(m.data_path).expanduser().resolve()) if m.data_path else None
+    return {"data_set": m.data_set, "data_path": path, "seed": t.seed,
+            "val_fraction": t.val_fraction}
+
+
+def _say_split(config: SearchConfig, split: dict | None, source: str) -> None:
+    """Whether the validation split holds images the baseline never trained on."""
+    if not split:
+        return
+    if split == split_record(config):
+        print(f"[pretrain] {source} was trained on this search's training split: its "
+              f"validation images are unseen", flush=True)
+    else:
+        print(f"[pretrain] warning: {source} was trained on another split "
+              f"({', '.join(f'{k} {v}' for k, v in split.items())}): the search's validation "
+              f"images may include some it trained on", flush=True)
 
 
 def set_cpu_threads(config: SearchConfig, data: Any) -> None:
@@ -93,17 +137,18 @@ def _evaluate(model: torch.nn.Module, data: Any) -> tuple[float | None, float | 
 
 
 def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classes: int | None,
-                       in_channels: int | None) -> Any:
-    """Load a checkpoint and check that it is the config's unpruned architecture."""
+                       in_channels: int | None, input_size: int | None = None) -> Any:
+    """Load a checkpoint and check that it is the config's unpruned architecture (at the
+    data's ``input_size``, which decides the family of a cfg both families have)."""
     from sketch_core.checkpoint import load_checkpoint
-    from sketch_core.registry import get_arch
 
     m = config.model
     if not Path(path).expanduser().is_file():
         raise UserError(f"model.pretrained {path}: no such file")
-    loaded = load_checkpoint(str(Path(path).expanduser()), cfg=m.cfg, data_set=m.data_set,
+    entry = m.resolved_arch(input_size)
+    loaded = load_checkpoint(str(Path(path).expanduser()), cfg=entry, data_set=m.data_set,
                              num_classes=num_classes, in_channels=in_channels)
-    plan = get_arch(m.cfg, m.data_set).plan(config.sketch.start_conv)
+    plan = entry.plan(config.sketch.start_conv)
     state = loaded.model.state_dict()
     for slot in plan.slots:
         w = state.get(slot.producer + ".weight")
@@ -122,11 +167,11 @@ def check_pretrained(config: SearchConfig) -> None:
 
 def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -> None:
     from sketch_core.checkpoint import save_checkpoint
-    from sketch_core.registry import get_arch
     from sketch_core.train import fit
 
     m, p = config.model, config.model.pretrain
-    model = get_arch(m.cfg, m.data_set).build(None, num_classes, data.in_channels)
+    entry = m.resolved_arch(data.input_size)
+    model = entry.build(None, num_classes, data.in_channels)
     print(f"[pretrain] no baseline for {m.cfg} on {m.data_set} with this recipe yet: training "
           f"one ({p.epochs} epochs, lr {p.lr}); cached as {target}", flush=True)
     result = fit(model, data, epochs=p.epochs, lr=p.lr, lr_decay_step=p.lr_decay_step,
@@ -134,10 +179,11 @@ def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -
                  progress=sys.stderr.isatty())
     model.load_state_dict(result.best_state)  # best epoch on the validation split
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(str(target), model, cfg=m.cfg, data_set=m.data_set, num_classes=num_classes,
+    save_checkpoint(str(target), model, cfg=entry, num_classes=num_classes,
                     in_channels=data.in_channels,
                     metrics={"val_acc": result.best_val_acc, "epochs": p.epochs},
-                    extra={"recipe_hash": recipe_hash(config)})
+                    extra={"recipe_hash": recipe_hash(config)}, normalize=data.normalize,
+                    split=split_record(config))
 
 
 def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
@@ -145,14 +191,20 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
     from sketch_core.checkpoint import save_checkpoint
     from sketch_core.flops import count_flops
 
+    from sketch_core.normalize import as_record
+
     m = config.model
     t0 = time.time()
-    data = load_search_data(config, batch_size=m.pretrain.batch_size)
+    normalize = search_normalize(config)
+    data = load_search_data(config, batch_size=m.pretrain.batch_size, normalize=normalize)
     set_cpu_threads(config, data)
     num_classes = m.num_classes or data.num_classes
+    entry = m.resolved_arch(data.input_size)
     if m.pretrained:
         source = str(Path(m.pretrained).expanduser().resolve())
-        loaded = load_baseline_file(source, config, num_classes, data.in_channels)
+        loaded = load_baseline_file(source, config, num_classes, data.in_channels,
+                                    data.input_size)
+        _say_split(config, loaded.meta.get("split"), f"model.pretrained {m.pretrained}")
         pretrain_s = 0.0
     else:
         if m.data_set not in PRETRAINABLE:
@@ -165,7 +217,8 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
         else:
             print(f"[pretrain] cached baseline {target}", flush=True)
         source = str(target)
-        loaded = load_baseline_file(target, config, num_classes, data.in_channels)
+        loaded = load_baseline_file(target, config, num_classes, data.in_channels,
+                                    data.input_size)
         pretrain_s = time.time() - t0
     model = loaded.model.cpu().eval()
     flops, params = count_flops(model, data.shape)
@@ -174,15 +227,17 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
         metrics = (loaded.meta or {}).get("metrics") or {}
         val_acc, test_acc = metrics.get("val_acc"), metrics.get("test_acc")
     if exp_dir is not None:
-        save_checkpoint(str(exp_dir / "baseline.pt"), model, cfg=m.cfg, data_set=m.data_set,
+        split = loaded.meta.get("split") if m.pretrained else split_record(config)
+        save_checkpoint(str(exp_dir / "baseline.pt"), model, cfg=entry,
                         num_classes=num_classes, in_channels=data.in_channels,
                         metrics={"val_acc": val_acc, "test_acc": test_acc},
-                        extra={"source": source})
+                        extra={"source": source}, normalize=data.normalize, split=split)
     return Baseline(state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                     num_classes=num_classes, in_channels=data.in_channels,
                     input_size=data.input_size, flops=flops, params=params, val_acc=val_acc,
                     test_acc=test_acc, source=source, pretrain_s=pretrain_s,
-                    transform_input=bool(getattr(model, "transform_input", False)))
+                    transform_input=bool(getattr(model, "transform_input", False)),
+                    family=entry.family, normalize=as_record(data.normalize))
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -36,7 +36,8 @@ from search.picks import parse_pick
 from sketch_core.data import DATA_SETS
 from sketch_core.errors import UserError
 from sketch_core.fd import WEIGHT_NORMS as NORMS
-from sketch_core.registry import family_of, get_arch, list_cfgs
+from sketch_core.normalize import check_channels, parse_normalize
+from sketch_core.registry import FAMILIES, Arch, family_of, list_cfgs, resolve_arch
 from sketch_core.sketching import MODES, RANDOM_RULES, SELECT_BY
 
 __all__ = [
@@ -102,6 +103,7 @@ Fraction = Annotated[float, Field(gt=0, le=1),
                      _Note("rates and FLOPs budgets are fractions of the unpruned network")]
 
 DataSet = Literal[DATA_SETS]
+Family = Literal[FAMILIES]
 Mode = Literal[MODES]
 SelectBy = Literal[SELECT_BY]
 WeightNorm = Literal[NORMS]
@@ -147,19 +149,54 @@ class ModelConfig(_Section):
     pretrained: str | None = None
     num_classes: PositiveInt | None = None
     input_size: PositiveInt | None = None
+    family: Family | None = None   # None: the only family that has cfg, else the data set's
+    normalize: str | None = None   # cifar, imagenet or MEAN/STD; None: the checkpoint's record
+    force_normalize: Bool = False  # normalize even where it contradicts model.pretrained's
     download: Bool = False
     synthetic: dict | None = None
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    def data_input_size(self) -> int | None:
+        """The input size the data will have: ``input_size``, else a folder's images' own
+        side (when the folder is there to look at), else None (the family's default)."""
+        if self.input_size:
+            return self.input_size
+        if self.data_set == "folder" and self.data_path and Path(self.data_path).expanduser().is_dir():
+            from sketch_core.folder_cache import default_input_size
+
+            try:
+                return default_input_size(Path(self.data_path).expanduser())
+            except UserError:
+                return None  # loading the data says what is wrong with the folder
+        return 224 if self.data_set == "imagenet" else None
+
+    def resolved_arch(self, input_size: int | None = None) -> Arch:
+        """The architecture the search sketches (``family``, else the family rule at the
+        data's input size)."""
+        return resolve_arch(self.cfg, self.data_set, family=self.family,
+                            input_size=input_size or self.data_input_size())
 
     @model_validator(mode="after")
     def _known_cfg(self) -> ModelConfig:
         if not self.cfg:
             raise _config_error("required (e.g. resnet56)", "cfg")
         try:
-            get_arch(self.cfg, self.data_set)
+            resolve_arch(self.cfg, self.data_set, family=self.family,
+                                 input_size=self.data_input_size())
         except UserError as exc:
-            raise _config_error(f"{exc}{_did_you_mean(self.cfg, list_cfgs(family_of(self.data_set)))}",
+            fam = self.family or family_of(self.data_set, input_size=self.data_input_size())
+            raise _config_error(f"{exc}{_did_you_mean(self.cfg, list_cfgs(fam))}",
                                 "cfg") from None
+        if self.normalize is not None:
+            try:
+                check_channels(parse_normalize(self.normalize), 1 if self.data_set == "digits"
+                               else int((self.synthetic or {}).get("channels", 3)),
+                               f"data set {self.data_set}")
+            except UserError as exc:
+                raise _config_error(str(exc), "normalize") from None
+        if self.force_normalize and self.normalize is None:
+            raise _config_error("overrides the checkpoint's normalisation with model.normalize: "
+                                "set model.normalize too", "force_normalize")
         return self
 
 
@@ -634,4 +671,7 @@ def recipe_hash(config: SearchConfig) -> str:
               "num_classes": m.num_classes, "input_size": m.input_size, "synthetic": m.synthetic,
               "val_fraction": config.trial.val_fraction, "split_seed": config.trial.seed,
               "pretrain": m.pretrain.model_dump(exclude={"cache_dir"})}
+    for key in ("family", "normalize"):  # only when set: earlier recipes keep their hash
+        if getattr(m, key) is not None:
+            recipe[key] = getattr(m, key)
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

@@ -22,7 +22,7 @@ from search.experiment import git_commit, read_manifest, versions, write_manifes
 from sketch_core.atomic import atomic_write_text
 from sketch_core.errors import UserError
 
-__all__ = ["SearchOutcome", "open_study_storage", "make_setup", "ended_reports", "rate_space",
+__all__ = ["SearchOutcome", "open_study_storage", "prepare_data", "make_setup", "ended_reports", "rate_space",
            "baseline_dict", "say", "check_folder", "new_experiment", "open_new_experiment",
            "finish_manifest", "pct"]
 
@@ -55,10 +55,24 @@ def open_study_storage(config: SearchConfig, exp_dir: Path) -> tuple[Any, str]:
                         f"({str(exc).splitlines()[0]})") from None
 
 
+def prepare_data(config: SearchConfig) -> None:
+    """Decode a small-image folder set into its cache before any trial starts, so that
+    concurrent trials only read the cache (none of them decodes, none races to write)."""
+    m = config.model
+    if m.data_set != "folder" or not m.data_path:
+        return
+    from sketch_core.folder_cache import prepare_folder_cache
+
+    prepare_folder_cache(Path(m.data_path).expanduser())
+
+
 def make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> Any:
+    """The trials' :class:`~search.trainable.TrialSetup` (the folder cache is built first)."""
     from search.trainable import TrialSetup
 
+    prepare_data(config)
     m, s, t, r = config.model, config.sketch, config.trial, config.resources
+    family = baseline.get("family") or m.resolved_arch(baseline.get("input_size")).family
     setup = TrialSetup(
         cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
         in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
@@ -66,7 +80,8 @@ def make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> A
         round_to=config.space.round_to, threads=t.threads or max(1, int(r.cpu or 1)),
         use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
         baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),
-        ended=ended, transform_input=bool(baseline.get("transform_input")))
+        ended=ended, transform_input=bool(baseline.get("transform_input")),
+        family=family, normalize=baseline.get("normalize"))
     return setup
 
 
@@ -91,7 +106,8 @@ def rate_space(config: SearchConfig, baseline: dict) -> Any:
     from search.space import RateSpace
 
     m, sp = config.model, config.space
-    return RateSpace(cfg=m.cfg, data_set=m.data_set, low=sp.low, high=sp.high, step=sp.step,
+    cfg = m.resolved_arch(baseline.get("input_size"))  # the family the data decides
+    return RateSpace(cfg=cfg, data_set=m.data_set, low=sp.low, high=sp.high, step=sp.step,
                      grouping=sp.grouping, round_to=sp.round_to, start_conv=config.sketch.start_conv,
                      sketch_lastconv=config.sketch.sketch_lastconv,
                      num_classes=baseline["num_classes"], in_channels=baseline["in_channels"],
@@ -134,9 +150,10 @@ def check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[Sea
     rate_space(config, {"num_classes": config.model.num_classes, "in_channels": 3,
                     "input_size": None}).paper_points(config.space.paper_rates)
     if config.model.pretrained:
-        from search.baseline import check_pretrained
+        from search.baseline import check_pretrained, search_normalize
 
         check_pretrained(config)
+        search_normalize(config)  # a model.normalize that contradicts its record
     return config, None
 
 
@@ -169,7 +186,7 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
     manifest = {
         "name": name, "command": command, "config": config_to_dict(config),
         "cfg": config.model.cfg, "data_set": config.model.data_set,
-        "family": "imagenet" if config.model.data_set in ("imagenet", "folder") else "cifar",
+        "family": baseline.get("family") or config.model.resolved_arch(b.input_size).family,
         "num_units": space.num_units, "unit_names": space.unit_names,
         "param_names": space.param_names, "baseline": baseline,
         "paper_rates": {text: space.rates_from_params(p) for text, p in paper},

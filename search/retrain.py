@@ -50,20 +50,23 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest: dict,
-            epochs: int, quiet: bool) -> dict[str, Any]:
+            epochs: int, quiet: bool, normalize: Any = None) -> dict[str, Any]:
     """Retrain in this process on its best device; resumes from job/train_state.pt."""
     from search.baseline import load_baseline_file, load_search_data, set_cpu_threads
     from sketch_core.bn import recalibrate_bn
     from sketch_core.checkpoint import save_checkpoint
     from sketch_core.flops import count_flops
     from sketch_core.sketching import sketch
-    from sketch_core.registry import get_arch
+    from sketch_core.registry import resolve_arch
     from sketch_core.train import evaluate, fit, load_state, resolve_device
 
     m, s, rt = config.model, config.sketch, config.retrain
     b = manifest["baseline"]
     device = resolve_device(None)
-    data = load_search_data(config, batch_size=rt.batch_size, device=str(device))
+    data = load_search_data(config, batch_size=rt.batch_size, device=str(device),
+                            normalize=normalize)
+    entry = resolve_arch(m.cfg, m.data_set, family=b.get("family") or m.family,
+                         input_size=data.input_size)
     if device.type == "cpu":
         set_cpu_threads(config, data)
     rates = [float(r) for r in rec["rates"]]
@@ -78,14 +81,14 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
             start_state = None
     if start_state is not None:
         widths = start_state["meta"]["widths"]
-        model = get_arch(m.cfg, m.data_set).build(widths, b["num_classes"], b["in_channels"])
+        model = entry.build(widths, b["num_classes"], b["in_channels"])
         _say(quiet, f"[retrain] continuing from {state_path} (epoch {start_state['epoch']})")
         after = start_state["meta"].get("val_acc_sketched")
     else:
         full = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
-                                  b["in_channels"]).model.to(device)
+                                  b["in_channels"], data.input_size).model.to(device)
         calib = data.calibration_batches(max(1, config.trial.bn_batches))
-        model = sketch(full, m.cfg, rates, m.data_set, **s.model_dump(),
+        model = sketch(full, entry, rates, m.data_set, **s.model_dump(),
                        round_to=config.space.round_to, seed=config.trial.seed, batches=calib,
                        widths=list(widths) if widths else None)
         widths = list(model.sketch_widths)
@@ -103,18 +106,22 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
     test = evaluate(model, data.test, device)
     metrics = {"test_acc": test["acc"], "val_acc": result.best_val_acc, "flops": flops,
                "params": params, "best_epoch": result.best_epoch, "epochs": epochs}
-    save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=m.cfg, data_set=m.data_set,
+    from search.baseline import split_record
+
+    save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=entry,
                     num_classes=b["num_classes"], in_channels=b["in_channels"], rates=rates,
                     widths=list(widths), metrics=metrics,
                     extra={"sketch_mode": s.mode, "select_by": s.select_by,
-                           "trial_id": rec.get("trial_id"), "experiment": str(exp_dir)})
+                           "trial_id": rec.get("trial_id"), "experiment": str(exp_dir)},
+                    normalize=data.normalize, split=split_record(config))
     return {"test_acc": test["acc"], "test_top5": test["top5"], "val_acc": result.best_val_acc,
             "best_epoch": result.best_epoch, "flops": flops, "params": params,
             "widths": list(widths), "val_acc_sketched": after}
 
 
 def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epochs: int,
-                 workers: int, address: str | None) -> dict[str, Any]:
+                 workers: int, address: str | None, normalize: Any = None,
+                 family: str | None = None) -> dict[str, Any]:
     """Data-parallel retrain through the single-shot command's Ray Train path."""
     from search.distributed import run_distributed
     from search.ray_session import ray_session
@@ -134,7 +141,8 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
                       train_batch_size=rt.batch_size, val_fraction=config.trial.val_fraction,
                       seed=config.trial.seed, input_size=m.input_size or None,
                       num_classes=(m.synthetic or {}).get("num_classes")),
-        model=ModelSpec(cfg=m.cfg, sketch_model=str(exp_dir / "baseline.pt")),
+        model=ModelSpec(cfg=m.cfg, sketch_model=str(exp_dir / "baseline.pt"), family=family,
+                        normalize=normalize, force_normalize=normalize is not None),
         sketch=SketchSpec(rates=[float(r) for r in rec["rates"]], mode=s.mode,
                           select_by=s.select_by, weight_norm_method=s.weight_norm_method or None,
                           filter_norm=s.filter_norm, sketch_bn=s.sketch_bn,
@@ -162,8 +170,14 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
 
 def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                        workers: int | None = None, epochs: int | None = None,
-                       quiet: bool = False, address: str | None = None) -> dict[str, Any]:
-    """Retrain the configuration ``pick`` names; returns (and writes) its result.json."""
+                       quiet: bool = False, address: str | None = None,
+                       normalize: Any = None, force_normalize: bool = False) -> dict[str, Any]:
+    """Retrain the configuration ``pick`` names; returns (and writes) its result.json.
+
+    The retrain normalises as the search's baseline was recorded (``baseline.pt``);
+    ``normalize`` (``cifar``, ``imagenet``, ``MEAN/STD``) that contradicts the record is
+    an error unless ``force_normalize``.
+    """
     from search.experiment import read_manifest
 
     exp_dir = Path(exp_dir).expanduser().resolve()
@@ -171,6 +185,7 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         raise UserError(f"--experiment {exp_dir}: no such folder")
     manifest = read_manifest(exp_dir)
     config = load_experiment_config(exp_dir)
+    norm = _retrain_normalize(exp_dir, normalize, force_normalize)
     pick = parse_pick(pick) if isinstance(pick, str) else pick
     records = read_records(exp_dir / "trials.jsonl")
     rec = select_record(records, pick)
@@ -189,9 +204,10 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                 f"{f' on {workers} workers' if workers > 1 else ''}")
     t0 = time.time()
     if workers > 1:
-        out = _distributed(config, exp_dir, job, rec, epochs, workers, address)
+        out = _distributed(config, exp_dir, job, rec, epochs, workers, address, norm,
+                           manifest["baseline"].get("family"))
     else:
-        out = _single(config, exp_dir, job, rec, manifest, epochs, quiet)
+        out = _single(config, exp_dir, job, rec, manifest, epochs, quiet, norm)
     bf, bp = base.get("flops"), base.get("params")
     result = {
         "trial_id": rec.get("trial_id"), "pick": pick.label, "rates": rec.get("rates"),
@@ -217,6 +233,21 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                 f"{_pct(result['params_reduction'])}) in {result['time_s']:.0f}s; model "
                 f"{job / 'model.pt'}")
     return result
+
+
+def _retrain_normalize(exp_dir: Path, normalize: Any, force: bool) -> Any:
+    """baseline.pt's recorded normalisation, or ``normalize`` (checked against it)."""
+    from sketch_core.checkpoint import read_record
+    from sketch_core.normalize import choose_normalize, parse_normalize
+
+    if force and normalize is None:
+        raise UserError("--force_normalize overrides the baseline's normalisation with "
+                        "--normalize: give --normalize too")
+    path = exp_dir / "baseline.pt"
+    recorded = read_record(path).get("normalize") if path.is_file() else None
+    if normalize is not None:
+        parse_normalize(normalize)
+    return choose_normalize(normalize, recorded, force=force, source=str(path))
 
 
 def _pct(x: Any) -> str:

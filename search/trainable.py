@@ -60,33 +60,41 @@ class TrialSetup:
     baseline_params: int = 1
     transform_input: bool = False
     ended: dict[str, dict] = field(default_factory=dict)  # trial id -> final report (resume)
+    family: str | None = None        # the baseline's model family (None: the family rule)
+    normalize: dict | None = None    # the baseline's recorded (mean, std); None: the data set's
+
+    def arch(self):
+        """The resolved architecture of the baseline (its family, the data's input size)."""
+        from sketch_core.registry import resolve_arch
+
+        return resolve_arch(self.cfg, self.data_set, family=self.family,
+                            input_size=self.input_size)
 
 
 def trial_data(setup: TrialSetup, device: str):
     """The data set, loaded once per worker process and device."""
     from sketch_core.data import load_data
+    from sketch_core.normalize import from_record
 
     t = setup.trial
     key = repr(("data", setup.data_set, setup.data_path, setup.input_size, setup.synthetic,
-                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device))
+                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device, setup.normalize))
     if key not in _CACHE:
         _CACHE[key] = load_data(setup.data_set, setup.data_path, batch_size=t.batch_size,
                                 eval_batch_size=t.eval_batch_size,
                                 val_fraction=t.val_fraction, seed=t.seed, device=device,
-                                input_size=setup.input_size, synthetic=setup.synthetic)
+                                input_size=setup.input_size, synthetic=setup.synthetic,
+                                normalize=from_record(setup.normalize))
     return _CACHE[key]
 
 
 def baseline_model(setup: TrialSetup, state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
     """The unpruned model with the baseline's weights, built once per worker process."""
-    from sketch_core.registry import get_arch
-
     key = repr(("model", setup.baseline_key, device))
     if key not in _CACHE:
         for k in [k for k in _CACHE if k.startswith("('model'")]:
             del _CACHE[k]  # one baseline per process at a time
-        model = get_arch(setup.cfg, setup.data_set).build(None, setup.num_classes,
-                                                          setup.in_channels)
+        model = setup.arch().build(None, setup.num_classes, setup.in_channels)
         model.load_state_dict(state)
         if setup.transform_input:
             model.transform_input = True
@@ -122,7 +130,6 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
     from sketch_core.flops import count_flops
     from sketch_core.sketching import sketch
     from sketch_core.rates import rates_to_widths
-    from sketch_core.registry import get_arch
     from sketch_core.train import TrainingDiverged, evaluate, fit
 
     started = time.time()
@@ -135,17 +142,17 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
     epoch_done = 0
     try:
         data = trial_data(setup, device)
-        widths = rates_to_widths(setup.cfg, rates, setup.data_set, sk.start_conv,
+        entry = setup.arch()
+        widths = rates_to_widths(entry, rates, setup.data_set, sk.start_conv,
                                  sk.sketch_lastconv, setup.round_to)
         if start_state is not None:
-            entry = get_arch(setup.cfg, setup.data_set)
             narrow = entry.build(widths, setup.num_classes, setup.in_channels).to(device)
             val_sketched = start_state["meta"].get("val_acc_sketched")
             epoch_done = int(start_state["epoch"])
         else:
             full = baseline_model(setup, baseline, device)
             calib = data.calibration_batches(max(1, t.bn_batches))
-            narrow = sketch(full, setup.cfg, rates, setup.data_set, **sk.model_dump(),
+            narrow = sketch(full, entry, rates, setup.data_set, **sk.model_dump(),
                             round_to=setup.round_to, seed=t.seed, batches=calib, widths=widths)
             if t.bn_batches:
                 recalibrate_bn(narrow, calib, device)

@@ -2,8 +2,9 @@
 
 Every file is read with ``torch.load(..., weights_only=True)``: a pickle that would run
 code is refused, never executed. sketchtune's format is a plain dict: the model's
-description (family, cfg, num_classes, in_channels, rates, widths) plus a state_dict of
-plain tensors and metrics; no pickled modules. Widths of a pruned original-format file
+description (family, cfg, num_classes, in_channels, rates, widths, the input
+normalisation it was trained with and its training split) plus a state_dict of plain
+tensors and metrics; no pickled modules. Widths of a pruned original-format file
 follow from its tensor shapes. Saving is atomic: a temporary file, then a rename.
 
 Layouts read as they are: a ``module.`` prefix (``DataParallel``) is stripped, extra
@@ -28,9 +29,11 @@ from torch import nn
 
 from .atomic import atomic_torch_save
 from .errors import UserError
+from .normalize import Normalization, as_record, from_record
 from .registry import Arch, CfgLike, family_of, resolve_arch
 
-__all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "atomic_save",
+__all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "read_record",
+           "atomic_save",
            "FORMAT", "HEAD_NAMES"]
 
 FORMAT = "sketchtune"
@@ -69,6 +72,17 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     except Exception as exc:  # noqa: BLE001 - any failure to read means a bad file
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{p} is truncated or not a checkpoint ({first})") from None
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What a sketchtune checkpoint says about its network besides the weights: ``family``,
+    ``cfg``, ``normalize`` (``(mean, std)`` or None) and ``split``; ``{}`` for files of the
+    other formats, which record none of it."""
+    obj = read_checkpoint(Path(path).expanduser())
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return {}
+    return {"family": obj.get("family"), "cfg": obj.get("cfg"),
+            "normalize": from_record(obj.get("normalize")), "split": obj.get("split")}
 
 
 def _strip_prefix(state: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +211,9 @@ def load_checkpoint(path: str | os.PathLike, cfg: CfgLike | None = None, data_se
         ncls, inch = int(obj["num_classes"]), int(obj.get("in_channels", 3))
         if num_classes is not None and num_classes != ncls:
             raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
-        meta.update({k: obj.get(k) for k in ("rates", "metrics", "extra", "sketch_options")})
+        meta.update({k: obj.get(k) for k in ("rates", "metrics", "extra", "sketch_options",
+                                             "split")})
+        meta["normalize"] = from_record(obj.get("normalize"))
         meta["format"] = FORMAT
         tin = obj.get("transform_input")
     else:
@@ -266,8 +282,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: CfgLike, 
                     num_classes: int | None = None, in_channels: int | None = None,
                     rates: list[float] | None = None, widths: list[int] | None = None,
                     metrics: dict | None = None, extra: dict | None = None,
-                    sketch_options: dict | None = None) -> None:
-    """Write a sketchtune checkpoint atomically (description + plain tensors)."""
+                    sketch_options: dict | None = None, normalize: Normalization | None = None,
+                    split: dict | None = None) -> None:
+    """Write a sketchtune checkpoint atomically (description + plain tensors).
+
+    ``normalize`` records the ``(mean, std)`` the network was trained with (later runs
+    use it; :func:`load_checkpoint` returns it as ``meta["normalize"]``); ``split`` the
+    training split it saw (data_set, data_path, seed, val_fraction), as ``meta["split"]``.
+    """
     entry = resolve_arch(cfg, data_set)
     if widths is None:
         widths = getattr(model, "sketch_widths", None) or [
@@ -284,4 +306,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: CfgLike, 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "metrics": metrics or {}, "extra": extra or {}, "sketch_options": sketch_options or {},
     }
+    if normalize is not None:
+        obj["normalize"] = as_record(normalize)
+    if split is not None:
+        obj["split"] = dict(split)
     atomic_save(obj, path)

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .registry import DATA_SETS
-from .folder_cache import (FOLDER_LAYOUT, fits_in_memory, folder_splits, list_folder,
-                           load_folder_images, small_image_side)
+from .folder_cache import (FOLDER_LAYOUT, SMALL_IMAGE_SIDE, fits_in_memory, folder_splits,
+                           list_folder, load_folder_images, small_image_side)
+from .normalize import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalization,
+                        check_channels, parse_normalize)
 
 __all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "DATA_SETS", "CIFAR10_FILES"]
 
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 20240601  # the digits test split never changes
 SYNTHETIC_DEFAULTS = dict(n_train=2048, n_test=512, num_classes=10, channels=3, size=32, seed=0)
@@ -207,6 +207,7 @@ class Data:
     test: TensorLoader | FolderLoader
     calibration: TensorLoader | FolderLoader = field(repr=False)
     classes: list[str] | None = None
+    normalize: Normalization | None = None  # the (mean, std) its batches are normalised with
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -241,28 +242,12 @@ def _check_common(data_set: str, batch_size: int, eval_batch_size: int,
         raise UserError(f"--val_fraction must be in [0, 1), got {val_fraction}")
 
 
-def _check_normalize(normalize: Any) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """``(mean, std)``: two sequences of equal length (1 or one per channel), std > 0."""
-    if normalize is None:
-        return None
-    try:
-        mean, std = normalize
-        mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    except (TypeError, ValueError):
-        raise UserError(f"normalize takes (mean, std), two sequences of floats, e.g. "
-                        f"((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)); got {normalize!r}") from None
-    if not mean or len(mean) != len(std) or min(std) <= 0:
-        raise UserError(f"normalize needs a mean and a positive std of the same length (1 or one "
-                        f"per channel); got mean {mean}, std {std}")
-    return mean, std
-
-
 def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
               batch_size: int = 128, eval_batch_size: int = 100, val_fraction: float = 0.1,
               seed: int = 0, device: str | torch.device = "cpu", download: bool = False,
               input_size: int | None = None, num_workers: int | None = None,
               synthetic: dict | None = None,
-              normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+              normalize: Normalization | str | None = None,
               cache_dir: str | os.PathLike | None = None) -> Data:
     """Load ``data_set`` (one of :data:`DATA_SETS`) with its train/val/test batches on ``device``.
 
@@ -274,18 +259,23 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
     their side, and resized image by image otherwise. ``synthetic`` overrides
     :data:`SYNTHETIC_DEFAULTS` (n_train, n_test, num_classes, channels, size, seed).
     ``normalize`` = ``(mean, std)`` on [0, 1] pixels replaces the data set's own
-    statistics (e.g. ImageNet's for a network trained with them). ``cache_dir`` is where
+    statistics (e.g. ImageNet's for a network trained with them); it also takes the
+    command-line spelling (``imagenet``, ``MEAN/STD``, see
+    :func:`sketch_core.normalize.parse_normalize`). ``Data.normalize`` says which pair
+    the batches use. ``cache_dir`` is where
     a small-image folder's decoded tensor is cached
     (:func:`sketch_core.folder_cache.default_cache_dir` by default).
     """
     _check_common(data_set, batch_size, eval_batch_size, val_fraction)
-    norm_override = _check_normalize(normalize)
+    norm_override = parse_normalize(normalize)
     device = torch.device(device)
     opts = dict(batch_size=batch_size, eval_batch_size=eval_batch_size,
                 val_fraction=val_fraction, seed=seed, device=device)
 
-    def norm_of(mean: tuple[float, ...], std: tuple[float, ...], scale: float) -> dict:
+    def norm_of(mean: tuple[float, ...], std: tuple[float, ...], scale: float,
+                channels: int = 3) -> dict:
         if norm_override is not None:
+            check_channels(norm_override, channels, f"data set {data_set}")
             mean, std = norm_override
         return dict(mean=mean, std=std, scale=scale)
 
@@ -304,7 +294,7 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
         xtr, ytr, xte, yte = _digits()
         mean = float(xtr.mean()) / 16
         std = float((xtr / 16).std())
-        norm = norm_of((mean,), (std,), 1 / 16)
+        norm = norm_of((mean,), (std,), 1 / 16, channels=1)
         return _tensor_data("digits", xtr, ytr, xte, yte, 10, norm, dict(pad=1, flip=False),
                             **opts)
     spec = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
@@ -316,7 +306,7 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
         spec["size"] = input_size
     xtr, ytr, xte, yte = _synthetic(**spec)
     aug = dict(pad=max(1, spec["size"] // 8), flip=True)
-    norm = norm_of((0.0,), (1.0,), 1.0)
+    norm = norm_of((0.0,), (1.0,), 1.0, channels=spec["channels"])
     return _tensor_data("synthetic", xtr, ytr, xte, yte, spec["num_classes"], norm, aug, **opts)
 
 
@@ -336,7 +326,8 @@ def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Ten
     test = TensorLoader(xte, yte, batch_size=eval_batch_size, **common)
     calibration = TensorLoader(xtr, ytr, index=perm, batch_size=batch_size, **common)
     return Data(name, "cifar", num_classes, xtr.shape[1], xtr.shape[2], train, val, test,
-                calibration, classes=classes)
+                calibration, classes=classes,
+                normalize=(tuple(norm["mean"]), tuple(norm["std"])))
 
 
 def _read_cifar10(data_path: str | os.PathLike | None, download: bool):
@@ -450,8 +441,11 @@ def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_si
                         shuffle=False, **common)
     perm = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + 1))]
     calibration = FolderLoader(train_eval, perm, batch_size=batch_size, shuffle=False, **common)
-    return Data(data_set, "imagenet", len(train_set.classes), 3, size, train, val, test,
-                calibration, classes=list(train_set.classes))
+    # the family rule: a folder of images at most SMALL_IMAGE_SIDE pixels is CIFAR-sized
+    family = "cifar" if data_set == "folder" and size <= SMALL_IMAGE_SIDE else "imagenet"
+    return Data(data_set, family, len(train_set.classes), 3, size, train, val, test,
+                calibration, classes=list(train_set.classes),
+                normalize=(tuple(norm["mean"]), tuple(norm["std"])))
 
 
 def _resident_folder_data(data_set: str, train_dir: Path, test_dir: Path, side: int, norm: dict,

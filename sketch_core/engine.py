@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .errors import UserError
+from .normalize import as_record
 from .spec import RunSpec, SketchSpec
 
 __all__ = ["execute", "resolve", "check_spec", "preflight", "select_devices", "prepare_job_dir",
@@ -125,7 +126,98 @@ def check_spec(spec: RunSpec) -> RunSpec:
         from .sketching import check_options
 
         check_options(s.mode, s.select_by, s.random_rule, s.weight_norm_method)
+    _check_model_options(spec)
     return spec
+
+
+def _check_model_options(spec: RunSpec) -> None:
+    """``family``, ``init``, ``normalize``: known values, and a normalisation that agrees
+    with the starting checkpoint's record (read here, before anything is written)."""
+    from .normalize import check_channels, parse_normalize
+    from .registry import FAMILIES
+
+    m = spec.model
+    if m.family is not None and m.family not in FAMILIES:
+        raise UserError(f"unknown --family {m.family!r}; valid: {', '.join(FAMILIES)}")
+    if m.init is not None:
+        if spec.command != "pretrain":
+            raise UserError("--init is a pretrain option (sketch starts from --sketch_model)")
+        if spec.resume:
+            raise UserError("--init starts a new training and --resume continues one; use one")
+        if not Path(m.init).expanduser().is_file():
+            raise UserError(f"--init {m.init}: checkpoint does not exist")
+    if m.force_normalize and m.normalize is None:
+        raise UserError("--force_normalize overrides a checkpoint's normalisation with "
+                        "--normalize: give --normalize too")
+    if m.family is not None and m.cfg:
+        _arch(spec, m.cfg, _input_size_hint(spec))  # --family cifar --cfg densenet121
+    if m.normalize is not None:
+        channels = DATA_CHANNELS.get(spec.data.data_set)
+        check_channels(parse_normalize(m.normalize), channels, f"data set {spec.data.data_set}")
+    if m.normalize is not None or m.family is not None:
+        recorded, family, source = _source_record(spec)
+        if m.family is not None and family is not None and family != m.family:
+            raise UserError(f"--family {m.family}: {source} holds a {family}-family network")
+        run_normalize(spec, (recorded, source))
+
+
+# channels of each data set's images, for checks before the data is loaded
+DATA_CHANNELS = {"cifar10": 3, "imagenet": 3, "folder": 3, "digits": 1, "synthetic": 3}
+
+
+def _input_size_hint(spec: RunSpec) -> int | None:
+    """The input size the data will have, without loading it (None: the family's default)."""
+    d = spec.data
+    if d.input_size:
+        return d.input_size
+    if d.data_set == "folder" and d.data_path is not None:
+        from .folder_cache import default_input_size
+
+        return default_input_size(d.data_path)
+    return 224 if d.data_set == "imagenet" else None
+
+
+def _arch(spec: RunSpec, cfg, input_size: int | None, family: str | None = None):
+    """The architecture ``cfg`` means for this run (``--family``, else the family rule)."""
+    from .registry import resolve_arch
+
+    return resolve_arch(cfg, spec.data.data_set, family=family or spec.model.family,
+                        arch=spec.model.arch, input_size=input_size)
+
+
+def _source_record(spec: RunSpec) -> tuple[Any, str | None, str | None]:
+    """What the starting checkpoint records: (its normalisation, its family, its path);
+    None for what it does not say (files of other formats record neither)."""
+    from .checkpoint import FORMAT, read_checkpoint
+    from .normalize import from_record
+
+    m = spec.model
+    if spec.resume:
+        from .train import load_state
+
+        path = _state_path(spec.resume)
+        meta = load_state(path)["meta"]
+        return from_record(meta.get("normalize")), meta.get("family"), str(path)
+    source = m.refine or m.sketch_model if spec.command == "sketch" else m.init
+    if spec.test_only and source is None:
+        source = m.refine or m.sketch_model
+    if source is None or not Path(source).expanduser().is_file():
+        return None, None, None
+    obj = read_checkpoint(Path(source).expanduser())
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return from_record(obj.get("normalize")), obj.get("family"), str(source)
+    return None, None, str(source)
+
+
+def run_normalize(spec: RunSpec, record: tuple[Any, str | None] | None = None):
+    """The ``(mean, std)`` a run normalises with: ``normalize`` when given (an error when
+    it contradicts the starting checkpoint's record, unless ``force_normalize``), else
+    the record, else None (the data set's own). ``record``: (recorded, path) when read."""
+    from .normalize import choose_normalize
+
+    recorded, source = record if record is not None else _source_record(spec)[::2]
+    return choose_normalize(spec.model.normalize, recorded, force=spec.model.force_normalize,
+                            source=f"{source}" if source else "the checkpoint")
 
 
 def select_devices(gpus: list[int] | None) -> list[torch.device]:
@@ -184,7 +276,7 @@ def preflight(spec: RunSpec) -> RunSpec:
     _sketch_source(spec)
     s = spec.sketch
     if s.rates and spec.model.cfg and not spec.model.refine:
-        parse_rates(s.rates, spec.model.cfg, spec.data.data_set, s.start_conv)
+        parse_rates(s.rates, _arch(spec, spec.model.cfg, _input_size_hint(spec)), start_conv=s.start_conv)
     return spec
 
 
@@ -239,12 +331,14 @@ def _load_data(spec: RunSpec, device: torch.device):
     from .data import load_data
 
     d = spec.data
+    normalize = run_normalize(spec)
     synthetic = {"num_classes": d.num_classes} if d.num_classes else None
     data = load_data(d.data_set, None if d.data_path is None else str(d.data_path),
                      batch_size=d.train_batch_size, eval_batch_size=d.eval_batch_size,
                      val_fraction=d.val_fraction, seed=d.seed, device=device,
                      download=d.download, input_size=d.input_size, num_workers=d.num_workers,
-                     synthetic=synthetic if d.data_set == "synthetic" else None)
+                     synthetic=synthetic if d.data_set == "synthetic" else None,
+                     normalize=normalize)
     if d.num_classes and d.num_classes != data.num_classes:
         raise UserError(f"--num_classes {d.num_classes} but {d.data_set} has "
                         f"{data.num_classes} classes")
@@ -304,7 +398,17 @@ def _describe(spec: RunSpec, data) -> dict[str, Any]:
             "in_channels": data.in_channels, "input_size": data.input_size,
             "train_batch_size": d.train_batch_size, "momentum": t.momentum, "lr": t.lr,
             "lr_decay_step": list(t.lr_decay_step), "weight_decay": t.weight_decay,
-            "label_smoothing": t.label_smoothing, "seed": d.seed, "val_fraction": d.val_fraction}
+            "label_smoothing": t.label_smoothing, "seed": d.seed, "val_fraction": d.val_fraction,
+            "family": data.family if spec.model.family is None else spec.model.family,
+            "normalize": as_record(data.normalize)}
+
+
+def _split_record(spec: RunSpec) -> dict[str, Any]:
+    """The training split a checkpoint saw (so later runs know which images it never saw)."""
+    d = spec.data
+    path = None if d.data_path is None else str(Path(d.data_path).expanduser().resolve())
+    return {"data_set": d.data_set, "data_path": path, "seed": d.seed,
+            "val_fraction": d.val_fraction}
 
 
 def _check_resume(meta: dict[str, Any], run: dict[str, Any], path: Path) -> None:
@@ -324,6 +428,7 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
     data_set, s = spec.data.data_set, spec.sketch
     arch, cfg = spec.model.arch, spec.model.cfg
     kw = dict(num_classes=data.num_classes, in_channels=data.in_channels)
+    size = data.input_size
     if spec.resume:
         path = _state_path(spec.resume)
         state = load_state(path)
@@ -331,37 +436,60 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
         for key, value in (("arch", arch), ("cfg", cfg)):
             if value is None:
                 run[key] = meta.get(key)
+        entry = _arch(spec, meta["cfg"], size, family=meta.get("family"))
         if s is not None and s.rates and meta.get("rates") is not None:
-            rates = sc.parse_rates(s.rates, meta["cfg"], data_set, s.start_conv)
+            rates = sc.parse_rates(s.rates, entry, start_conv=s.start_conv)
             if [round(r, 6) for r in rates] != [round(r, 6) for r in meta["rates"]]:
                 raise UserError(f"--resume {path} was sketched at --sketch_rate "
                                 f"'{sc.format_rates(meta['rates'])}', not '{_rates_text(s.rates)}'")
         _check_resume(meta, run, path)
-        model = sc.build_model(meta["cfg"], data_set, widths=meta.get("widths"), **kw)
+        model = sc.build_model(entry, widths=meta.get("widths"), **kw)
         log.info("resuming %s from %s (epoch %d, batch %d)", meta["cfg"], path,
                  state["epoch"] + 1, state["batch"])
         return model.to(device), dict(meta), state
 
     if spec.command == "pretrain":
-        arch, cfg = arch or "vgg", cfg or "vgg16"
-        sc.get_arch(cfg, data_set, arch)
-        model = sc.build_model(cfg, data_set, **kw).to(device)
+        if spec.model.init:
+            loaded = sc.load_checkpoint(spec.model.init,
+                                        cfg=None if cfg is None else _arch(spec, cfg, size),
+                                        data_set=data_set, **kw)
+            m = loaded.meta
+            if m["pruned"]:
+                raise UserError(f"--init {spec.model.init} holds a pruned {m['cfg']}; pretrain "
+                                f"--init takes an unpruned network (fine-tune a pruned one with "
+                                f"sketch --refine)")
+            entry = _arch(spec, m["cfg"], size, family=m["family"])
+            _check_family(spec, entry, spec.model.init)
+            arch, cfg = entry.arch, entry.cfg
+            model = loaded.model.to(device)
+            for line in m.get("messages") or ():
+                log.info("%s: %s", spec.model.init, line)
+            log.info("starting from %s (%s)", spec.model.init, m["format"])
+        else:
+            arch, cfg = arch or "vgg", cfg or "vgg16"
+            entry = _arch(spec, cfg, size)
+            model = sc.build_model(entry, **kw).to(device)
         _check_forward(model, data, cfg)
         base_macs, base_params = sc.count_flops(model, data.shape)
-        return model, {**run, "arch": arch, "cfg": cfg, "rates": None,
+        return model, {**run, "arch": arch, "cfg": cfg, "family": entry.family, "rates": None,
                        "widths": None, "base_flops": base_macs, "base_params": base_params}, None
 
     source = _sketch_source(spec)
-    loaded = sc.load_checkpoint(source, cfg=cfg, data_set=data_set, **kw)
+    asked = None if cfg is None else _arch(spec, cfg, size)
+    loaded = sc.load_checkpoint(source, cfg=asked, data_set=data_set, **kw)
     m = loaded.meta
-    cfg = cfg or m["cfg"]
+    for line in m.get("messages") or ():
+        log.info("%s: %s", source, line)
+    entry = _arch(spec, m["cfg"], size, family=m["family"])
+    _check_family(spec, entry, source)
+    cfg = entry.cfg
     arch = arch or m["arch"]
-    sc.get_arch(cfg, data_set, arch)
+    sc.get_arch(entry, arch=arch)
     model = loaded.model.to(device)
     _check_forward(model, data, cfg)
-    full = sc.build_model(cfg, data_set, **kw)
+    full = sc.build_model(entry, **kw)
     base_macs, base_params = sc.count_flops(full, data.shape)
-    desc = {**run, "arch": arch, "cfg": cfg, "base_flops": base_macs,
+    desc = {**run, "arch": arch, "cfg": cfg, "family": entry.family, "base_flops": base_macs,
             "base_params": base_params}
     if spec.model.refine:
         log.info("fine-tuning the sketched checkpoint %s", spec.model.refine)
@@ -370,16 +498,16 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
                        "select_by": (m.get("extra") or {}).get("select_by")}, None
 
     if not s.rates:
-        units = sc.get_arch(cfg, data_set).plan(s.start_conv).num_units
+        units = entry.plan(s.start_conv).num_units
         raise UserError(f"--sketch_rate is required to sketch: {cfg} takes {units} rates, "
                         f"e.g. '[0.5]*{units}'")
-    rates = sc.parse_rates(s.rates, cfg, data_set, s.start_conv)
-    widths = sc.rates_to_widths(cfg, rates, data_set=data_set, start_conv=s.start_conv,
+    rates = sc.parse_rates(s.rates, entry, start_conv=s.start_conv)
+    widths = sc.rates_to_widths(entry, rates, start_conv=s.start_conv,
                                 sketch_lastconv=s.sketch_lastconv)
     base = evaluate(model, data.val if data.val is not None else data.test, device)
     calib = data.calibration_batches(s.calibration_batches)
     lsq_log: list[str] = []
-    narrow = sc.sketch(model, cfg, rates, data_set, mode=s.mode,
+    narrow = sc.sketch(model, entry, rates, mode=s.mode,
                        weight_norm_method=s.weight_norm_method, filter_norm=s.filter_norm,
                        sketch_bn=s.sketch_bn, sketch_lastconv=s.sketch_lastconv,
                        start_conv=s.start_conv, random_rule=s.random_rule, seed=spec.data.seed,
@@ -395,6 +523,12 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
     return narrow, {**desc, "rates": rates, "widths": widths, "sketch_mode": s.mode,
                     "select_by": s.select_by if s.mode != "sketch" else None,
                     "acc_before_sketch": base["acc"], "acc_after_sketch": after["acc"]}, None
+
+
+def _check_family(spec: RunSpec, entry, source: str) -> None:
+    if spec.model.family is not None and spec.model.family != entry.family:
+        raise UserError(f"--family {spec.model.family}: {source} holds a {entry.family}-family "
+                        f"{entry.cfg}")
 
 
 def _train(spec: RunSpec, device: torch.device, *,
@@ -419,8 +553,10 @@ def _train(spec: RunSpec, device: torch.device, *,
              _reduction(base_macs, macs), _human(base_params), _human(params),
              _reduction(base_params, params))
     data_set = spec.data.data_set
-    save_kw = dict(cfg=meta["cfg"], data_set=data_set, num_classes=data.num_classes,
-                   in_channels=data.in_channels, rates=meta.get("rates"), widths=meta.get("widths"))
+    entry = _arch(spec, meta["cfg"], data.input_size, family=meta.get("family"))
+    save_kw = dict(cfg=entry, num_classes=data.num_classes,
+                   in_channels=data.in_channels, rates=meta.get("rates"), widths=meta.get("widths"),
+                   normalize=data.normalize, split=_split_record(spec))
     extra = {k: meta[k] for k in ("sketch_mode", "select_by", "command")
              if meta.get(k) is not None}
 
@@ -472,16 +608,22 @@ def _test_only(spec: RunSpec, device: torch.device) -> dict[str, Any]:
 
     data = _load_data(spec, device)
     cfg, data_set = spec.model.cfg, spec.data.data_set
-    kw = dict(cfg=cfg, data_set=data_set, num_classes=data.num_classes,
-              in_channels=data.in_channels)
     if spec.model.refine or spec.model.sketch_model:
         source = spec.model.refine or spec.model.sketch_model
-        model = sc.load_checkpoint(source, **kw).model
+        asked = None if cfg is None else _arch(spec, cfg, data.input_size)
+        loaded = sc.load_checkpoint(source, cfg=asked, data_set=data_set,
+                                    num_classes=data.num_classes, in_channels=data.in_channels)
+        _check_family(spec, _arch(spec, loaded.meta["cfg"], data.input_size,
+                                  family=loaded.meta["family"]), source)
+        for line in loaded.meta.get("messages") or ():
+            print(f"{source}: {line}")
+        model = loaded.model
     elif spec.resume:
         source = _state_path(spec.resume)
         state = load_state(source)
         meta = state["meta"]
-        model = sc.build_model(meta["cfg"], data_set, widths=meta.get("widths"),
+        entry = _arch(spec, meta["cfg"], data.input_size, family=meta.get("family"))
+        model = sc.build_model(entry, widths=meta.get("widths"),
                                num_classes=data.num_classes, in_channels=data.in_channels)
         model.load_state_dict(state["model"])
     else:

@@ -11,7 +11,7 @@ command's default (see :data:`sketch_core.engine.PRETRAIN_DEFAULTS`), resolved b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 __all__ = ["DataSpec", "ModelSpec", "SketchSpec", "TrainSpec", "OutputSpec", "RunSpec"]
 
@@ -39,12 +39,23 @@ class ModelSpec:
     ``sketch_model`` is the pretrained checkpoint a sketch run sketches, ``refine`` an
     already sketched one that it only fine-tunes; ``arch``/``cfg`` default to the
     checkpoint's (for pretrain, to ``vgg``/``vgg16``). Paths may be ``str`` or ``Path``.
+
+    ``init`` (pretrain only) is a loadable checkpoint of the unpruned network to start
+    from instead of a fresh initialisation. ``family`` (``cifar``/``imagenet``) picks the
+    model family explicitly (default: :func:`sketch_core.registry.resolve_arch`'s rule).
+    ``normalize`` is the input normalisation (``cifar``, ``imagenet``, ``MEAN/STD`` or a
+    ``(mean, std)`` pair; default: the checkpoint's record, else the data set's own); one
+    that contradicts the checkpoint's record is an error unless ``force_normalize``.
     """
 
     arch: str | None = None
     cfg: str | None = None
     sketch_model: str | None = None
     refine: str | None = None
+    init: str | None = None
+    family: str | None = None
+    normalize: Any = None
+    force_normalize: bool = False
 
 
 @dataclass

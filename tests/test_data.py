@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from sketch_core.data import TensorLoader, _batch_crop, _shard, load_data
+from sketch_core.data import FolderLoader, TensorLoader, _batch_crop, _shard, load_data
 from sketch_core.errors import UserError
 
 
@@ -103,7 +103,8 @@ def test_cifar10_missing_or_broken_says_the_expected_layout(tmp_path, cifar10_fo
 def test_image_folder_set(image_folder):
     d = load_data("folder", image_folder, input_size=32, batch_size=4, eval_batch_size=5,
                   val_fraction=0.2, num_workers=0)
-    assert (d.num_classes, d.in_channels, d.input_size, d.family) == (3, 3, 32, "imagenet")
+    # 40x48 images resized to 32: the per-image path, the CIFAR family (input size <= 64)
+    assert (d.num_classes, d.in_channels, d.input_size, d.family) == (3, 3, 32, "cifar")
     assert d.classes == ["ants", "bees", "cats"]
     xb, yb = next(iter(d.train))
     assert xb.shape == (4, 3, 32, 32) and yb.dtype == torch.int64
@@ -225,7 +226,9 @@ def test_small_image_folder_is_decoded_once_and_resident(tmp_path, monkeypatch):
     # the validation split holds out the same images the per-image path holds out
     per_image = load_data("folder", root, input_size=24, val_fraction=0.2, num_workers=0,
                           cache_dir=cache)
-    assert per_image.family == "imagenet" and per_image.input_size == 24
+    # resized image by image, still CIFAR-sized (input size <= 64)
+    assert isinstance(per_image.train, FolderLoader) and per_image.input_size == 24
+    assert per_image.family == "cifar"
     assert torch.equal(per_image.val.indices, d.val.index)
     # a second load reads the cache: nothing decoded
     calls.clear()

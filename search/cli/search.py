@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
         a("--address", default=None,
           help="Ray cluster for --workers > 1 (auto, host:port); default: a local instance")
         a("--quiet", action="store_true", help="print only the result")
+        _normalize_arguments(parser, "the baseline's recorded one")
         parser.set_defaults(command_name="retrain")
         return
     a("--config", default=None,
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
     a("--cfg", default=None, help="override model.cfg (e.g. another ImageNet ResNet)")
     a("--data_path", default=None, help="override model.data_path")
     a("--pretrained", default=None, help="override model.pretrained (a checkpoint)")
+    a("--family", default=None, help="override model.family (cifar or imagenet)")
+    _normalize_arguments(parser, "model.normalize, else model.pretrained's record, else the "
+                                 "data set's own")
     a("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
       help="override any config value, e.g. --set trial.epochs=5 (repeatable)")
     a("--no_retrain", action="store_true", help="skip the final retrain the config asks for")
@@ -65,13 +69,24 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
     parser.set_defaults(command_name="search")
 
 
+def _normalize_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--normalize", default=None, metavar="cifar|imagenet|MEAN/STD",
+                        help=f"input normalisation, e.g. 0.5,0.5,0.5/0.25,0.25,0.25; default: "
+                             f"{default}")
+    parser.add_argument("--force_normalize", action="store_true",
+                        help="use --normalize even where it contradicts the checkpoint's record")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     out = list(args.overrides or [])
+    if getattr(args, "force_normalize", False):
+        out.append("model.force_normalize=true")
     for flag, key in (("budget", "budget.time"), ("num_samples", "budget.num_samples"),
                       ("flops_budget", "budget.flops_budget"), ("name", "storage.name"),
                       ("storage_path", "storage.storage_path"),
                       ("study_storage", "storage.study_storage"), ("cfg", "model.cfg"),
-                      ("data_path", "model.data_path"), ("pretrained", "model.pretrained")):
+                      ("data_path", "model.data_path"), ("pretrained", "model.pretrained"),
+                      ("family", "model.family"), ("normalize", "model.normalize")):
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"{key}={_yaml_str(value)}")
@@ -160,7 +175,8 @@ def _run_retrain(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     retrain_experiment(args.experiment, args.pick, workers=args.workers, epochs=args.epochs,
-                       quiet=args.quiet, address=args.address)
+                       quiet=args.quiet, address=args.address, normalize=args.normalize,
+                       force_normalize=args.force_normalize)
     return 0
 
 

@@ -20,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
     p.add_argument("--data_set", default="cifar10",
                    help="for a cfg both families have (resnet50, googlenet): imagenet, or folder "
                         "unless --input_size <= 64, -> ImageNet models; others -> CIFAR")
+    p.add_argument("--family", default=None,
+                   help="cifar or imagenet: the model family, explicitly (default: the only "
+                        "family that has --cfg, else the data set's)")
     p.add_argument("--sketch_rate", default=None, help="rate vector, e.g. '[0.6]*27'")
     p.add_argument("--sketch_model", default=None, help="a checkpoint to describe (loaded strictly)")
     p.add_argument("--start_conv", type=int, default=None, help="VGG only: first conv with a rate")
@@ -53,13 +56,17 @@ def info(cfg: str | None, data_set: str = "cifar10", sketch_rate: str | None = N
     loaded = None
     if sketch_model:
         asked = resolve_arch(cfg, data_set, family=family, input_size=input_size) \
-            if cfg is not None and family is not None else cfg
+            if cfg is not None else None
         loaded = load_checkpoint(sketch_model, asked, data_set, num_classes=num_classes)
+        if family is not None and family != loaded.meta["family"]:
+            raise UserError(f"--family {family}: {sketch_model} holds a {loaded.meta['family']}-"
+                            f"family {loaded.meta['cfg']}")
         cfg = loaded.meta["cfg"]
         family = loaded.meta["family"]
         num_classes, in_channels = loaded.meta["num_classes"], loaded.meta["in_channels"]
         out["checkpoint"] = {"path": sketch_model, "loaded": "strict", "format": loaded.meta["format"],
-                             "pruned": loaded.meta["pruned"]}
+                             "pruned": loaded.meta["pruned"],
+                             "messages": list(loaded.meta.get("messages") or [])}
     if cfg is None:
         raise UserError("--cfg is required (e.g. --cfg resnet56), or give --sketch_model")
     entry = resolve_arch(cfg, data_set, family=family, arch=arch, start_conv=start_conv,
@@ -96,13 +103,15 @@ def _human(x: float) -> str:
 def run(args: argparse.Namespace) -> int:
     res = info(args.cfg, args.data_set, args.sketch_rate, args.sketch_model, args.arch, args.start_conv,
                _bool(args.sketch_lastconv, "--sketch_lastconv"), args.num_classes, args.in_channels,
-               args.input_size, args.round_to)
+               args.input_size, args.round_to, args.family)
     if args.json:
         print(json.dumps(res))
         return 0
     if "checkpoint" in res:
         c = res["checkpoint"]
         print(f"loaded {c['path']} ({c['format']}, strict){' - pruned' if c['pruned'] else ''}")
+        for line in c.get("messages") or ():
+            print(f"  {line}")
     print(f"{res['family']} {res['cfg']}: {res['num_rates']} sketch rates, input "
           f"{'x'.join(map(str, res['input']))}")
     print(f"{'':10}{'FLOPs (MACs)':>14}{'params':>12}")

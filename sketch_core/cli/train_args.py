@@ -133,6 +133,21 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
     a("--num_workers", type=int, default=None,
       help="Decoding processes for class-folder data. default:min(8, CPUs)")
     a("--no_progress", action="store_true", help="No per-batch progress bar.")
+    a("--family", default=None,
+      help="Model family: cifar or imagenet. default: the only family that has --cfg; for a "
+           "cfg in both (resnet50, googlenet), the data set's (folder: cifar when the input "
+           "size is at most 64)")
+    a("--normalize", default=None, metavar="cifar|imagenet|MEAN/STD",
+      help="Input normalisation on [0, 1] pixels: a preset or MEAN/STD with one value per "
+           "channel, e.g. 0.5,0.5,0.5/0.25,0.25,0.25. default: the checkpoint's record, else "
+           "the data set's own")
+    a("--force_normalize", action="store_true",
+      help="Use --normalize even where it contradicts the checkpoint's recorded normalisation.")
+    if pre:
+        a("--init", default=None,
+          help="Start from this checkpoint of the unpruned network (a public or original-project "
+               "file with --cfg, a torchvision or sketchtune file) instead of a fresh "
+               "initialisation. default:None")
     parser.set_defaults(command_name=command)
 
 
@@ -173,7 +188,9 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                       seed=args.seed, input_size=args.input_size, num_classes=args.num_classes,
                       num_workers=args.num_workers, download=bool(args.download)),
         model=ModelSpec(arch=args.arch, cfg=args.cfg, sketch_model=get("sketch_model"),
-                        refine=get("refine")),
+                        refine=get("refine"), init=get("init"), family=get("family"),
+                        normalize=get("normalize"),
+                        force_normalize=bool(get("force_normalize", False))),
         sketch=sketch,
         train=TrainSpec(epochs=args.num_epochs, lr=args.lr,
                         lr_decay_step=None if steps is None else list(steps),
