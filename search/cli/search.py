@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
         a("--address", default=None,
           help="Ray cluster for --workers > 1 (auto, host:port); default: a local instance")
         a("--quiet", action="store_true", help="print only the result")
+        a("--export", default=None,
+          help="also export the retrained model (onnx or pt2) beside its model.pt")
         parser.set_defaults(command_name="retrain")
         return
     a("--config", default=None,
@@ -160,7 +162,7 @@ def _run_retrain(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     retrain_experiment(args.experiment, args.pick, workers=args.workers, epochs=args.epochs,
-                       quiet=args.quiet, address=args.address)
+                       quiet=args.quiet, address=args.address, export=args.export)
     return 0
 
 
