@@ -37,7 +37,7 @@ from .errors import UserError
 
 __all__ = ["FORMATS", "ExportResult", "export_model", "export_checkpoint", "check_format",
            "check_output_path", "run_exported", "read_metadata", "example_batch",
-           "onnx_model_bytes", "require_onnx", "checkpoint_normalize"]
+           "onnx_model_bytes", "require_onnx", "checkpoint_normalize", "prepare_checkpoint", "trace"]
 
 FORMATS = ("onnx", "pt2")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2"}
@@ -101,6 +101,14 @@ def _quiet(fn, *args, **kwargs):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         return fn(*args, **kwargs)
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...], *, batch: int = 1,
+          dynamic_batch: bool = False, seed: int = 0) -> torch.export.ExportedProgram:
+    """The ``torch.export`` program :func:`export_model` would trace (model in eval mode)."""
+    model.eval()
+    x = example_batch(tuple(input_shape), max(batch, 2) if dynamic_batch else batch, seed)
+    return _program(model, x, dynamic_batch)
 
 
 def _program(model: nn.Module, x: torch.Tensor, dynamic_batch: bool) -> torch.export.ExportedProgram:
@@ -167,13 +175,15 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def export_model(model: nn.Module, path: str | os.PathLike, *, to: str,
                  input_shape: tuple[int, ...], batch: int = 1, dynamic_batch: bool = False,
-                 metadata: dict[str, str] | None = None, seed: int = 0) -> ExportResult:
+                 metadata: dict[str, str] | None = None, seed: int = 0,
+                 program: torch.export.ExportedProgram | None = None) -> ExportResult:
     """Export ``model`` (in eval mode, on the CPU) to ``path`` and check it.
 
     The file is traced on a seeded batch of ``batch`` inputs of ``input_shape`` (C, H, W)
     (at least 2 with ``dynamic_batch``, whose graph takes any batch size), run on the
     same batch and compared with the module's logits; the largest absolute difference
-    is returned. The file is written atomically, only once it ran.
+    is returned. The file is written atomically, only once it ran. ``program`` (from
+    :func:`trace`, same model and arguments) saves tracing again for a second format.
     """
     check_format(to)
     if batch < 1:
@@ -189,7 +199,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, *, to: str,
     try:
         with torch.no_grad():
             want = model(x)
-        program = _program(model, x, dynamic_batch)
+        if program is None:
+            program = _program(model, x, dynamic_batch)
         diff: list[float] = []
 
         def write(tmp: str) -> None:
@@ -267,9 +278,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, to: str, out: str | os.P
     ``input_size`` defaults to the checkpoint's own (when recorded), else the family's
     (32 CIFAR, 224 ImageNet); ``normalize`` (mean, std) overrides what the checkpoint says.
     """
-    from .checkpoint import FORMAT, load_checkpoint, read_checkpoint
-    from .flops import input_shape as shape_of
-
     check_format(to)
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
@@ -277,6 +285,20 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, to: str, out: str | os.P
         require_onnx()
     src = Path(checkpoint).expanduser()
     path = check_output_path(out if out is not None else src.with_suffix(SUFFIX[to]), force)
+    model, shape, metadata = prepare_checkpoint(src, input_size=input_size, normalize=normalize)
+    return export_model(model, path, to=to, input_shape=shape, batch=batch,
+                        dynamic_batch=dynamic_batch, metadata=metadata)
+
+
+def prepare_checkpoint(checkpoint: str | os.PathLike, *, input_size: int | None = None,
+                       normalize: tuple | dict | None = None
+                       ) -> tuple[nn.Module, tuple[int, int, int], dict[str, str]]:
+    """(model, input shape (C, H, W), metadata) of a sketchtune checkpoint, as
+    :func:`export_checkpoint` exports them; a UserError for any other file."""
+    from .checkpoint import FORMAT, load_checkpoint, read_checkpoint
+    from .flops import input_shape as shape_of
+
+    src = Path(checkpoint).expanduser()
     try:
         raw = read_checkpoint(src)
     except UserError as exc:
@@ -302,5 +324,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, *, to: str, out: str | os.P
         "input_shape": json.dumps(list(shape)), "input": INPUT_DOC, "normalize": json.dumps(norm),
         "normalize_source": norm_src, "output": "logits", "torch_version": torch.__version__,
     }
-    return export_model(loaded.model, path, to=to, input_shape=shape, batch=batch,
-                        dynamic_batch=dynamic_batch, metadata=metadata)
+    return loaded.model, shape, metadata
