@@ -158,3 +158,30 @@ def test_bad_input_is_one_line_and_writes_nothing(checkpoints, tmp_path, capsys)
     _one_line_error(capsys, ["export", "--checkpoint", str(path), "--to", "pt2", "--batch", "0",
                              "--out", str(tmp_path / "d.pt2")], "--batch")
     assert set(tmp_path.iterdir()) == before | {bare, text}
+
+
+def test_retrain_refuses_an_unknown_export_before_training(tmp_path, capsys):
+    _one_line_error(capsys, ["retrain", "--experiment", str(tmp_path), "--export", "tflite"],
+                    "unknown --to 'tflite'", "onnx, pt2")
+    assert not (tmp_path / "retrain").exists()
+
+
+@pytest.mark.slow
+@needs_onnx
+def test_retrain_exports_in_the_same_step(quickstart_experiment, tmp_path, capsys):
+    import shutil
+
+    exp = tmp_path / "exp"
+    shutil.copytree(quickstart_experiment, exp, ignore=shutil.ignore_patterns("checkpoint_*", "trial_*"))
+    assert launch.main(["retrain", "--experiment", str(exp), "--pick", "best", "--epochs", "0",
+                        "--export", "onnx"]) == 0
+    assert "[retrain] exported " in capsys.readouterr().out
+    job = exp / "retrain" / "best"
+    result = json.loads((job / "result.json").read_text())
+    assert result["export"]["path"] == str(job / "model.onnx")
+    assert result["export"]["max_abs_diff"] <= TOLERANCE
+    meta = read_metadata(job / "model.onnx")
+    manifest = json.loads((exp / "manifest.json").read_text())
+    side = manifest["baseline"]["input_size"]
+    assert json.loads(meta["input_shape"]) == [1, side, side]  # digits: one channel, 8x8
+    assert json.loads(meta["rates"]) == result["rates"]
