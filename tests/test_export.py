@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 import launch
 from sketch_core.checkpoint import save_checkpoint
-from sketch_core.export import (example_batch, export_model, prepare_checkpoint, read_metadata,
+from sketch_core.export import (example_batch, export_checkpoint, export_model, prepare_checkpoint, read_metadata,
                                  run_exported, trace)
 from sketch_core.rates import rates_to_widths
 from sketch_core.registry import resolve_arch
@@ -185,3 +186,53 @@ def test_retrain_exports_in_the_same_step(quickstart_experiment, tmp_path, capsy
     side = manifest["baseline"]["input_size"]
     assert json.loads(meta["input_shape"]) == [1, side, side]  # digits: one channel, 8x8
     assert json.loads(meta["rates"]) == result["rates"]
+
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.slow
+@needs_onnx
+def test_a_real_network_scores_the_same_in_onnxruntime(tmp_path, one_torch_thread):
+    """The public CIFAR ResNet-20, sketched once (select, [0.8]*9), exported to ONNX: on
+    the 10,000 JPEG test images onnxruntime's top-1 is PyTorch's within 0.1 point."""
+    import os
+
+    import onnxruntime as ort
+
+    from sketch_core.checkpoint import load_checkpoint
+    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.sketching import sketch
+
+    weights, jpeg = REAL / "pretrained" / "resnet20-12fca82f.th", REAL / "cifar10-jpg"
+    missing = [str(p) for p in (weights, jpeg / "train", jpeg / "test") if not p.exists()]
+    if missing:
+        pytest.skip(f"real data not found: {', '.join(missing)} (expected ../shared/data beside "
+                    f"the repository)")
+    root = tmp_path / "jpg"
+    for c in sorted(os.listdir(jpeg / "train")):  # a token training split; the real test split
+        (root / "train" / c).mkdir(parents=True)
+        for name in sorted(os.listdir(jpeg / "train" / c))[:2]:
+            (root / "train" / c / name).symlink_to(jpeg / "train" / c / name)
+    (root / "test").symlink_to(jpeg / "test")
+    data = load_data("folder", root, val_fraction=0.0, eval_batch_size=500,
+                     cache_dir=tmp_path / "cache", normalize=(IMAGENET_MEAN, IMAGENET_STD))
+    model = sketch(load_checkpoint(weights, "resnet20").model, "resnet20", "[0.8]*9", mode="select")
+    ckpt = tmp_path / "r20.pt"
+    save_checkpoint(ckpt, model, cfg="resnet20", rates=[0.8] * 9)
+    res = export_checkpoint(ckpt, to="onnx", dynamic_batch=True)
+    assert res.max_abs_diff <= TOLERANCE
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(res.path), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    model.eval()
+    right_torch = right_ort = n = 0
+    with torch.no_grad():
+        for x, y in data.test:
+            right_torch += int((model(x).argmax(1) == y).sum())
+            right_ort += int((torch.from_numpy(sess.run(None, {name: x.numpy()})[0]).argmax(1) == y).sum())
+            n += len(y)
+    assert n == 10_000
+    assert right_torch > 5_000  # the sketched network still works
+    assert abs(right_torch - right_ort) <= 10, (right_torch, right_ort)
