@@ -1,4 +1,4 @@
-"""sketchtune's one command line: sketch | info | pretrain | search | retrain | analyze.
+"""sketchtune's one command line: sketch | info | pretrain | search | retrain | analyze | export.
 
 Each subcommand lives in its own module, imported only when it runs (``info`` never
 pays for importing Ray). A :class:`sketch_core.errors.UserError` anywhere ends the
@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("search.cli.search", "search per-layer sketch rates on Ray Tune + Optuna"),
     "retrain": ("search.cli.search", "fully retrain a configuration picked from a search"),
     "analyze": ("search.cli.analyze", "results of one or more searches: dataframe, Pareto front, plots"),
+    "export": ("sketch_core.cli.export", "a sketchtune checkpoint to ONNX or a torch.export program (.pt2)"),
 }
 
 

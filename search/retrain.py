@@ -171,14 +171,24 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
 def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                        workers: int | None = None, epochs: int | None = None,
                        quiet: bool = False, address: str | None = None,
-                       normalize: Any = None, force_normalize: bool = False) -> dict[str, Any]:
+                       normalize: Any = None, force_normalize: bool = False,
+                       export: str | None = None) -> dict[str, Any]:
     """Retrain the configuration ``pick`` names; returns (and writes) its result.json.
 
     The retrain normalises as the search's baseline was recorded (``baseline.pt``);
     ``normalize`` (``cifar``, ``imagenet``, ``MEAN/STD``) that contradicts the record is
-    an error unless ``force_normalize``.
+    an error unless ``force_normalize``. ``export`` (onnx or pt2) also writes
+    ``model.onnx``/``model.pt2`` beside ``model.pt``
+    (:func:`sketch_core.export.export_checkpoint`); its path and logit difference go into
+    result.json under ``export``.
     """
     from search.experiment import read_manifest
+
+    if export is not None:  # refused before hours of training, not after
+        from sketch_core.export import check_format, require_onnx
+
+        if check_format(export) == "onnx":
+            require_onnx()
 
     exp_dir = Path(exp_dir).expanduser().resolve()
     if not exp_dir.is_dir():
@@ -226,6 +236,15 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         "model": str(job / "model.pt"), "lr": config.retrain.lr,
         "lr_decay_step": list(config.retrain.lr_decay_step),
     }
+    if export is not None:
+        from sketch_core.export import export_checkpoint
+
+        done = export_checkpoint(job / "model.pt", to=export, force=True,
+                                 input_size=base.get("input_size") or config.model.input_size or None)
+        result["export"] = {"path": str(done.path), "format": export,
+                            "max_abs_diff": done.max_abs_diff}
+        _say(quiet, f"[retrain] exported {done.path} (max abs logit difference "
+                    f"{done.max_abs_diff:.3g})")
     atomic_write_json(job / "result.json", result)
     _say(quiet, f"[retrain] test acc {_pct(result['test_acc'])} (baseline "
                 f"{_pct(base.get('test_acc'))}), FLOPs {_m(result['flops'])} (-"

@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
           help="Ray cluster for --workers > 1 (auto, host:port); default: a local instance")
         a("--quiet", action="store_true", help="print only the result")
         _normalize_arguments(parser, "the baseline's recorded one")
+        a("--export", default=None,
+          help="also export the retrained model (onnx or pt2) beside its model.pt")
         parser.set_defaults(command_name="retrain")
         return
     a("--config", default=None,
@@ -176,7 +178,7 @@ def _run_retrain(args: argparse.Namespace) -> int:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     retrain_experiment(args.experiment, args.pick, workers=args.workers, epochs=args.epochs,
                        quiet=args.quiet, address=args.address, normalize=args.normalize,
-                       force_normalize=args.force_normalize)
+                       force_normalize=args.force_normalize, export=args.export)
     return 0
 
 

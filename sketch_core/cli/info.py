@@ -11,7 +11,7 @@ from ..flops import count_arch, count_flops, input_shape
 from ..rates import parse_rates, rates_to_widths
 from ..registry import list_arches, resolve_arch
 
-__all__ = ["add_arguments", "run", "info"]
+__all__ = ["add_arguments", "run", "info", "latency_report"]
 
 
 def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
@@ -32,6 +32,57 @@ def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
     p.add_argument("--input_size", type=int, default=None, help="input height/width (default: 32 or 224)")
     p.add_argument("--round_to", type=int, default=1, help="round kept widths up to a multiple")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_latency_arguments(p)
+
+
+# --- measured latency (info --latency) ---------------------------------------------
+
+def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measured latency")
+    g.add_argument("--latency", action="store_true",
+                   help="also measure the latency of the unpruned and the sketched model")
+    g.add_argument("--latency_device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument("--latency_batch", type=int, default=1, help="batch size to time (default 1)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads to time with (default: torch's current count, printed)")
+    g.add_argument("--runtime", default="torch", help="torch (eager, default) or onnxruntime")
+    g.add_argument("--latency_repeats", type=int, default=30,
+                   help="timed calls after the warm-up (default 30)")
+
+
+def latency_report(res: dict, *, device: str = "cpu", batch: int = 1, threads: int | None = None,
+                   runtime: str = "torch", repeats: int = 30, warmup: int = 5,
+                   num_classes: int | None = None) -> dict:
+    """Measured latency of the unpruned and the sketched model ``res`` (an :func:`info`
+    result) describes, both built fresh at their widths (weights do not change the time)."""
+    from ..latency import check_latency_args, measure_latency
+
+    check_latency_args(device, runtime, batch, threads, repeats, warmup)
+    entry = resolve_arch(res["cfg"], family=res["family"], input_size=res["input"][-1])
+    ncls, inch = num_classes, res["input"][0]
+    shape = tuple(res["input"])
+    kw = dict(device=device, batch=batch, threads=threads, runtime=runtime, repeats=repeats,
+              warmup=warmup)
+    out = {"unpruned": measure_latency(entry.build(None, ncls, inch), shape, **kw).as_dict()}
+    if res["widths"] is not None:
+        out["sketched"] = measure_latency(entry.build(res["widths"], ncls, inch), shape, **kw).as_dict()
+        out["speedup"] = out["unpruned"]["median_ms"] / out["sketched"]["median_ms"]
+    return out
+
+
+def _print_latency(lat: dict) -> None:
+    u = lat["unpruned"]
+    threads = f", {u['threads']} thread(s)" if u["threads"] is not None else ""
+    print(f"latency ({u['runtime']} on {u['device']}{threads}, batch {u['batch']}; median "
+          f"[p10-p90] of {u['repeats']} calls after {u['warmup']} warm-up)")
+    for name in ("unpruned", "sketched"):
+        if name in lat:
+            s = lat[name]
+            print(f"{name:10}{s['median_ms']:>10.3f} ms  [{s['p10_ms']:.3f}-{s['p90_ms']:.3f}]")
+    if "speedup" in lat:
+        print(f"{'speed-up':10}{lat['speedup']:>10.2f}x")
+
+# ------------------------------------------------------------------------------------
 
 
 def _bool(text: str, name: str) -> bool:
@@ -104,6 +155,10 @@ def run(args: argparse.Namespace) -> int:
     res = info(args.cfg, args.data_set, args.sketch_rate, args.sketch_model, args.arch, args.start_conv,
                _bool(args.sketch_lastconv, "--sketch_lastconv"), args.num_classes, args.in_channels,
                args.input_size, args.round_to, args.family)
+    if args.latency:
+        res["latency"] = latency_report(res, device=args.latency_device, batch=args.latency_batch,
+                                        threads=args.threads, runtime=args.runtime,
+                                        repeats=args.latency_repeats, num_classes=args.num_classes)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -119,4 +174,6 @@ def run(args: argparse.Namespace) -> int:
     if res["rates"] is not None:
         print(f"{'sketched':10}{_human(res['flops']):>14}{_human(res['params']):>12}")
         print(f"{'reduction':10}{res['flops_reduction_pct']:>13.2f}%{res['params_reduction_pct']:>11.2f}%")
+    if "latency" in res:
+        _print_latency(res["latency"])
     return 0
