@@ -8,13 +8,14 @@ against the eager step, the learning-rate tensor and every fallback run on the C
 from __future__ import annotations
 
 import logging
+import typing
 
 import pytest
 import torch
 from torch import nn
 
 from search.config import TrialConfig, config_from_dict
-from sketch_core.cuda_graph import GraphStep, graph_unavailable, sgd_update_
+from sketch_core.cuda_graph import STEPS, GraphStep, graph_unavailable, sgd_update_
 from sketch_core.data import load_data
 from sketch_core.errors import UserError
 from sketch_core.train import Recipe, Run, fit
@@ -113,6 +114,7 @@ def test_the_step_option_is_checked():
     with pytest.raises(UserError, match=r"one of eager, graph, got 'grpah'; did you mean 'graph'"):
         Recipe(epochs=1, step="grpah")
     assert TrialConfig(step="graph").step == "graph"
+    assert typing.get_args(TrialConfig.model_fields["step"].annotation) == STEPS
     with pytest.raises(UserError, match=r"trial.step: 'fast' is not one of eager, graph"):
         config_from_dict({"trial": {"step": "fast"}})
 
