@@ -284,6 +284,7 @@ class TrialConfig(_Section):
     seed: Int = 0
     label_smoothing: float = 0.0
     threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
+    step: Literal["eager", "graph"] = "eager"  # graph: the step as one CUDA graph (on CUDA)
 
 
 class SchedulerConfig(_Section):

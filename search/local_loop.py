@@ -8,19 +8,29 @@ few worker processes, and writes the same experiment folder (manifest.json,
 config.yaml, baseline.pt, study.db, trials.jsonl). There is no early stopping here:
 each trial runs its full schedule unless the time budget ends it (``stopped``, stop
 reason ``budget``), and no retrain. Nothing on this path imports Ray.
+
+``gpus_per_trial`` packs trials onto GPUs: ``floor(1 / gpus_per_trial)`` worker
+processes share each visible GPU (:mod:`search.gpu_share`; one line says what is
+packed and whether CUDA MPS is on). ``python -m search.local_loop --config ...`` runs
+it from a shell.
 """
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
+import dataclasses
 import logging
 import multiprocessing
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from search.config import SearchConfig
 from search.experiment import experiment_location
+from search.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
 from search.prepare import (SearchOutcome, check_folder, finish_manifest, make_setup,
                             open_new_experiment, pct, rate_space, say)
 from search.proposer import RateProposer, close_unstarted
@@ -28,8 +38,9 @@ from search.records import TrialLog, read_records
 from search.sampling import make_sampler
 from search.trainable import TrialSetup, train_trial
 from search.trial_status import trial_record, trial_status
+from sketch_core.errors import UserError
 
-__all__ = ["run_local", "run_one"]
+__all__ = ["run_local", "run_one", "main"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -62,13 +73,17 @@ def run_one(rates: list[float], setup: TrialSetup, baseline: dict, deadline: flo
 
 def run_local(config: SearchConfig, exp_dir: str | Path | None = None, *, workers: int = 1,
               command: str = "", quiet: bool = False,
-              on_epoch: Callable[[str, dict], None] | None = None) -> SearchOutcome:
+              on_epoch: Callable[[str, dict], None] | None = None,
+              gpus_per_trial: float | None = None) -> SearchOutcome:
     """The search of ``config`` without Ray, into ``exp_dir`` (a new folder; by default
     where ``launch.py search`` would put it).
 
     ``workers`` > 1 trains that many trials at a time in worker processes; with one,
     trials run in this process and ``on_epoch(trial_id, metrics)`` sees every epoch's
-    report.
+    report. ``gpus_per_trial`` (in (0, 1]) trains on the GPUs, ``floor(1 /
+    gpus_per_trial)`` trials at a time on each, one worker process per trial (a
+    ``workers`` above 1 caps the number of processes); on a machine without CUDA it
+    says so and keeps ``workers`` on the CPU.
     """
     import optuna
 
@@ -84,6 +99,9 @@ def run_local(config: SearchConfig, exp_dir: str | Path | None = None, *, worker
         config, exp_dir, name, storage_path, None, command, quiet)
     proposer = _proposer(config, exp_dir, name, baseline, study_storage)
     setup = make_setup(config, baseline, {})
+    slots = None
+    if gpus_per_trial is not None:
+        workers, slots, setup = _pack(gpus_per_trial, workers, setup, quiet)
     b = config.budget
     say(quiet, f"[local] {name}: {b.num_samples or 'unlimited'} trials"
                f"{', budget ' + b.time if b.time else ''}, sampler {config.sampler.name}, "
@@ -92,13 +110,43 @@ def run_local(config: SearchConfig, exp_dir: str | Path | None = None, *, worker
     loop = _Loop(proposer, setup, state, deadline, TrialLog(exp_dir / "trials.jsonl"), quiet)
     t_search = time.time()
     if workers > 1:
-        loop.parallel(workers)
+        loop.parallel(workers, slots)
     else:
         loop.serial(on_epoch)
     close_unstarted(proposer.study)
     phases = finish_manifest(exp_dir, time.time() - t_search, False, t_start, command, quiet)
     return SearchOutcome(exp_dir, read_records(exp_dir / "trials.jsonl"), phases, baseline,
                          extra={"runner": "local", "workers": workers})
+
+
+def _pack(gpus_per_trial: float, workers: int, setup: TrialSetup, quiet: bool
+          ) -> tuple[int, list[int] | None, TrialSetup]:
+    """(worker processes, the GPU of each, the setup) for trials sharing the GPUs."""
+    import torch
+
+    if not 0 < gpus_per_trial <= 1:
+        raise UserError(f"gpus_per_trial: a local trial uses a share of one GPU, in (0, 1]; "
+                        f"got {gpus_per_trial:g}")
+    per_gpu = trials_per_gpu(gpus_per_trial)
+    if (note := packing_note(gpus_per_trial, "gpus_per_trial")) is not None:
+        say(False, f"[local] {note}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        say(False, f"[local] gpus_per_trial {gpus_per_trial:g}: no CUDA GPU here; "
+                   f"{workers} worker(s) on the CPU")
+        return workers, None, setup
+    processes = gpus * per_gpu if workers <= 1 else min(workers, gpus * per_gpu)
+    say(quiet, f"[local] {per_gpu} trial(s) per GPU on {gpus} GPU(s): {processes} worker "
+               f"process(es); {mps_status()}")
+    return processes, gpu_slots(gpus, processes), dataclasses.replace(setup, use_gpu=True)
+
+
+def _take_gpu(slots: Any) -> None:
+    """A worker process's initializer: see only the GPU of the next free slot."""
+    gpu = slots.get()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else None
+    os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu] if ids and gpu < len(ids) else str(gpu)
 
 
 def _proposer(config: SearchConfig, exp_dir: Path, name: str, baseline: dict,
@@ -158,10 +206,16 @@ class _Loop:
                                          self.deadline, hook)
             self._end(key, config, started, last, budget_ended)
 
-    def parallel(self, workers: int) -> None:
+    def parallel(self, workers: int, slots: list[int] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")  # no forked torch threads
         running: dict[cf.Future, tuple[str, dict, float]] = {}
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        pinned: dict[str, Any] = {}
+        if slots:  # each process sees one GPU, taken from the queue as it starts
+            queue = ctx.Queue()
+            for gpu in slots:
+                queue.put(gpu)
+            pinned = {"initializer": _take_gpu, "initargs": (queue,)}
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **pinned) as pool:
             while True:
                 while len(running) < workers and (nxt := self._next()) is not None:
                     key, config = nxt
@@ -185,3 +239,41 @@ class _Loop:
                                   f"{type(exc).__name__}: {exc}")
                     else:
                         self._end(key, config, started, last, budget_ended)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m search.local_loop --config C [--set k=v ...] [--workers N]
+    [--gpus_per_trial G] [--exp_dir DIR]``: the search without Ray, from a shell."""
+    from search.config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m search.local_loop",
+                                description="the rate search without Ray, on this machine")
+    p.add_argument("--config", required=True, help="a config file or a shipped config's name")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="trials at a time (processes)")
+    p.add_argument("--gpus_per_trial", type=float, default=None,
+                   help="a trial's share of a GPU: floor(1/G) trials per GPU, one process each")
+    p.add_argument("--exp_dir", default=None, help="the new experiment folder")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {args.workers}")
+        config = load_config(args.config, args.set)
+        out = run_local(config, args.exp_dir, workers=args.workers, quiet=args.quiet,
+                        gpus_per_trial=args.gpus_per_trial,
+                        command=" ".join(["python -m search.local_loop", *(argv or sys.argv[1:])]))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ended = [r for r in out.records if r.get("status") != "rejected"]
+    print(f"[local] {len(ended)} trial(s) ended in {out.exp_dir}")
+    return 0
+
+
+if __name__ == "__main__":  # the imported module's main: worker processes find its functions
+    from search import local_loop
+
+    sys.exit(local_loop.main())

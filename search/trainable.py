@@ -179,7 +179,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
         try:
             fit(narrow, data, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
                 weight_decay=t.weight_decay, lr_decay_step=t.lr_decay_step,
-                label_smoothing=t.label_smoothing, device=device, seed=t.seed,
+                label_smoothing=t.label_smoothing, device=device, seed=t.seed, step=t.step,
                 progress=False, start_state=start_state, state_path=state_path,
                 state_meta={"val_acc_sketched": val_sketched, "rates": rates},
                 on_epoch=on_epoch)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from search.config import SearchConfig
 from search.experiment import experiment_location, is_uri, read_manifest, write_manifest
+from search.gpu_share import packing_note
 from search.prepare import (SearchOutcome, baseline_dict, check_folder, ended_reports,
                             finish_manifest, make_setup, open_new_experiment,
                             open_study_storage, rate_space, say)
@@ -108,6 +109,8 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
     t_start = time.time()
     with ray_session(address, None) as started_here:
         check_resources(config.resources.cpu, config.resources.gpu)
+        if (note := packing_note(config.resources.gpu)) is not None:
+            say(False, f"[search] {note}")
         if resume:
             path = _restorable_path(exp_dir, storage_path, name)
             study_storage, _ = open_study_storage(config, exp_dir)

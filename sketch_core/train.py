@@ -23,6 +23,8 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -35,6 +37,7 @@ from torch import nn
 
 from .atomic import atomic_write_text
 from .checkpoint import atomic_save, read_checkpoint
+from .cuda_graph import STEPS, GraphStep, graph_unavailable
 from .errors import UserError
 from .hooks import (METRIC_FIELDS, EpochCallback, EpochLog, FiniteLoss, Hook, MetricsCSV,
                     ProgressBar, StopSignal, TensorBoard, TrainingDiverged, TrainingInterrupted,
@@ -45,6 +48,7 @@ __all__ = ["fit", "evaluate", "Recipe", "Run", "FitResult", "TrainingInterrupted
            "STATE_FORMAT", "METRIC_FIELDS"]
 
 STATE_FORMAT = "sketchtune-train-state-v1"
+log = logging.getLogger("sketchtune")
 
 
 @dataclass
@@ -57,6 +61,9 @@ class Recipe:
     ``compile``: True for ``torch.compile``'s default mode or the name of a mode
     (``"reduce-overhead"``: CUDA graphs, for small networks that launch-bound a GPU).
     ``channels_last``: model and batches in that memory format (None = True).
+    ``step``: ``"eager"``, or ``"graph"`` to replay the whole training step as one CUDA
+    graph (:mod:`sketch_core.cuda_graph`; checked against the eager step, eager where
+    it cannot run, with one log line saying why).
     """
 
     epochs: int
@@ -70,6 +77,7 @@ class Recipe:
     amp: bool | None = None
     compile: bool | str = False
     channels_last: bool | None = True
+    step: str = "eager"
 
     def __post_init__(self) -> None:
         milestones = [int(m) for m in self.lr_decay_step]
@@ -79,6 +87,11 @@ class Recipe:
             raise UserError(f"--lr_decay_step must be non-negative epochs in increasing order, "
                             f"got {milestones}")
         self.lr_decay_step = tuple(milestones)
+        if self.step not in STEPS:
+            close = difflib.get_close_matches(str(self.step), STEPS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"the training step must be one of {', '.join(STEPS)}, "
+                            f"got {self.step!r}{hint}")
         self.channels_last = True if self.channels_last is None else self.channels_last
 
 
@@ -186,7 +199,9 @@ class Run:
 
     Set up once: ``recipe``, ``data``, ``device``, ``amp`` (resolved), ``rank``, ``raw``
     (the model on the device), ``net`` (what the step calls: ``raw``, wrapped for DDP
-    and ``torch.compile`` as asked), ``optimizer``, ``scheduler``, ``criterion``.
+    and ``torch.compile`` as asked), ``optimizer``, ``scheduler``, ``criterion``,
+    ``step`` (``step(x, y) -> (logits, loss)``: :meth:`eager_step` or a
+    :class:`~sketch_core.cuda_graph.GraphStep`).
     Position: ``epoch``, ``batch`` (in ``on_batch_end`` the batch just done; at the
     start of an epoch the batch it starts at), ``epoch_done``. This epoch's tallies:
     ``loss_sum`` and ``correct`` (device tensors, read them sparingly), ``seen`` (images,
@@ -221,13 +236,39 @@ class Run:
         else:
             self.load_state_dict(start_state)
         self.net: nn.Module = self.raw
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
             self.net = nn.parallel.DistributedDataParallel(
                 self.raw, device_ids=[device.index] if cuda else None)
         if r.compile:
             self.net = torch.compile(self.net) if r.compile is True \
                 else torch.compile(self.net, mode=str(r.compile))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=r.label_smoothing)
+        self.step: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = \
+            self.eager_step
+        if r.step == "graph":
+            why = graph_unavailable(device, distributed=distributed, compiled=r.compile)
+            if why is None:
+                self.step = GraphStep(self.raw, self.optimizer, self.criterion, self.eager_step,
+                                      device, amp=self.amp,
+                                      batch_size=getattr(data.train, "batch_size", None))
+            else:
+                log.warning("graph step asked for, but %s: running eager steps", why)
+
+    def eager_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward and the optimizer's step on one batch: (logits, loss)."""
+        with _autocast(self.device, self.amp):
+            out = self.net(x)
+            loss = self.criterion(out, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return out, loss
+
+    def close(self) -> None:
+        """Release what the step holds (a captured graph)."""
+        if isinstance(self.step, GraphStep):
+            self.step.close()
 
     def begin_epoch(self, epoch: int) -> None:
         """Train mode, the epoch's batch order, tallies from a resumed epoch's part."""
@@ -347,16 +388,12 @@ def fit(model: nn.Module, data: Any, recipe: Recipe | None = None, *,
                 x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
                 if recipe.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(run.device, run.amp):
-                    out = run.net(x)
-                    loss = run.criterion(out, y)
-                run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                run.optimizer.step()
+                out, loss = run.step(x, y)
                 run.count(loss, out, y)
                 emit(hooks, "on_batch_end", run)
             run.end_epoch()
             emit(hooks, "on_epoch_end", run)
     finally:
         emit(hooks, "on_fit_end", run)
+        run.close()
     return run.result()

@@ -2,7 +2,8 @@
 
 Every function here runs the same work on the CPU and on the GPU and compares: the
 Frequent Directions sketch, each sketch mode on a CIFAR ResNet, BN recalibration, the
-bf16-autocast training loop on digits, and ``launch.py pretrain`` / ``sketch`` on
+bf16-autocast training loop on digits, the graph training step (against the eager CUDA
+step and the CPU), and ``launch.py pretrain`` / ``sketch`` on
 ``--gpus 0`` end to end, with checkpoints written from the GPU read back on the CPU.
 """
 
@@ -114,3 +115,66 @@ def test_launch_pretrain_and_sketch_on_gpu0(tmp_path, capsys):
     assert loaded.meta["widths"] == [8] * 3 + [16] * 3 + [32] * 3
     data = load_data("digits")
     assert evaluate(loaded.model, data.test)["acc"] > 0.8
+
+
+def _graph_run(model, device, step, amp=False, batch_size=64):
+    from types import SimpleNamespace
+
+    from sketch_core.train import Recipe, Run
+
+    data = SimpleNamespace(train=SimpleNamespace(batch_size=batch_size))
+    return Run(model, data, Recipe(epochs=1, lr=0.05, amp=amp, step=step), torch.device(device))
+
+
+def _train_steps(run, batches, decay_at=None):
+    for i, (x, y) in enumerate(batches):
+        if i == decay_at:  # the schedule changes the rate mid-run: the graph must follow
+            run.optimizer.param_groups[0]["lr"] *= 0.1
+        x = x.to(run.device).contiguous(memory_format=torch.channels_last)
+        run.step(x, y.to(run.device))
+    return {k: v.detach().float().cpu() for k, v in run.raw.state_dict().items()}
+
+
+def test_graph_step_on_cuda_trains_as_the_eager_cuda_step_and_the_cpu():
+    from sketch_core.cuda_graph import GraphStep
+
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen))
+               for _ in range(10)] + [(torch.randn(40, 3, 32, 32, generator=gen),
+                                       torch.randint(0, 10, (40,), generator=gen))]
+    start = {k: v.float() for k, v in _model("resnet20").train().state_dict().items()}
+    runs = {"cpu": _graph_run(_model("resnet20").train(), "cpu", "eager"),
+            "eager": _graph_run(_model("resnet20").train(), CUDA, "eager"),
+            "graph": _graph_run(_model("resnet20").train(), CUDA, "graph")}
+    out = {name: _train_steps(run, batches, decay_at=7) for name, run in runs.items()}
+    step = runs["graph"].step
+    assert isinstance(step, GraphStep) and step.fallback is None, step.fallback
+    assert step.replays == 10 - 3  # 3 warm-up batches, 7 replayed, the partial one eager
+    assert step.capture_s is not None and step.capture_s < 30
+
+    def off(a, b):  # distance of two runs, relative to how far training moved the weights
+        keys = [k for k in start if start[k].is_floating_point()]
+        d = torch.stack([torch.linalg.vector_norm(a[k] - b[k]) for k in keys]).norm()
+        moved = torch.stack([torch.linalg.vector_norm(b[k] - start[k]) for k in keys]).norm()
+        return float(d / moved)
+
+    assert off(out["graph"], out["eager"]) < 1e-2
+    assert off(out["graph"], out["cpu"]) < 5e-2  # TF32 convolutions on the GPU
+    momentum = runs["graph"].optimizer.state_dict()["state"]
+    assert momentum and all(s["momentum_buffer"] is not None for s in momentum.values())
+
+
+def test_fit_with_the_graph_step_on_cuda_learns_digits_as_the_eager_step(caplog):
+    import logging
+
+    data = load_data("digits", batch_size=64, device=CUDA)
+    results = {}
+    for step in ("eager", "graph"):
+        torch.manual_seed(0)
+        model = get_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
+        with caplog.at_level(logging.WARNING, logger="sketchtune"):
+            results[step] = fit(model, data, epochs=4, lr=0.1, lr_decay_step=[3], device=CUDA,
+                                progress=False, step=step)
+    assert not [r for r in caplog.records if "graph step" in r.getMessage()]  # no fallback
+    assert results["graph"].best_val_acc > 0.8
+    assert abs(results["graph"].best_val_acc - results["eager"].best_val_acc) < 0.05
