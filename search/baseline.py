@@ -148,6 +148,9 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
     m = config.model
     t0 = time.time()
     data = load_search_data(config, batch_size=m.pretrain.batch_size)
+    from search.trainable import check_trial_images
+
+    check_trial_images(config.trial, data)  # before anything trains
     set_cpu_threads(config, data)
     num_classes = m.num_classes or data.num_classes
     if m.pretrained:
