@@ -12,8 +12,9 @@ eta**k`` epochs below ``max_t``; when a trial first reports at or past a rung, i
 trials recorded at that rung so far, itself included. The promotion rule is
 non-dominated sorting of the recorded points (higher accuracy and lower cost are
 better) with an epsilon-net tie-break inside a front, as in the paper's EpsNet
-variant (:func:`spread_order`: the median-cost member first, then greedily the member
-farthest from those already taken, the axes scaled by the rung's ranges): the trial
+variant (:func:`spread_order`: the member nearest the centre of the front first (of
+two, the more accurate), then greedily the member farthest from those already taken,
+the axes scaled by the rung's ranges): the trial
 goes on when it is among the first ``max(1, n // eta)`` of the ``n`` points in that
 order, so about 1/eta of the trials pass each rung, spread along the front instead of
 gathered at its dear end. (NSGA-II's crowding distance was tried as the tie-break:
@@ -83,16 +84,22 @@ def pareto_fronts(points: Sequence[Point]) -> list[list[int]]:
 
 def spread_order(points: Sequence[Point], members: Sequence[int],
                  scale: tuple[float, float] = (1.0, 1.0)) -> list[int]:
-    """``members`` (one front) in epsilon-net order: the member of median cost first,
-    then each time the member farthest from all those already taken (Euclidean
-    distance, each axis divided by ``scale``), so any prefix of the order is spread
-    evenly along the front, however densely its parts are populated (a noisy front is
-    densest at its cheap end). Ties: higher accuracy, lower cost."""
+    """``members`` (one front) in epsilon-net order: the member nearest the centre of
+    the front's extent first, then each time the member farthest from all those already
+    taken (Euclidean distance, each axis divided by ``scale``), so any prefix of the
+    order is spread evenly along the front, however densely its parts are populated (a
+    noisy front is densest at its cheap end). Ties: higher accuracy, lower cost."""
     left = sorted(members, key=lambda i: (points[i][1], -points[i][0], i))
     if not left:
         return []
-    taken = [left.pop((len(left) - 1) // 2)]
     sa, sc = (scale[0] or 1.0), (scale[1] or 1.0)
+    mid_a = (min(points[i][0] for i in left) + max(points[i][0] for i in left)) / 2
+    mid_c = (min(points[i][1] for i in left) + max(points[i][1] for i in left)) / 2
+    first = min(left, key=lambda i: (round(math.hypot((points[i][0] - mid_a) / sa,
+                                                      (points[i][1] - mid_c) / sc), 12),
+                                     -points[i][0], points[i][1], i))
+    left.remove(first)
+    taken = [first]
     gap = {i: math.inf for i in left}
     while left:
         last = points[taken[-1]]

@@ -246,8 +246,9 @@ RAY_EPOCHS = 3  # one rung (epoch 1): a short run on a small machine
 
 @pytest.mark.slow
 def test_on_ray_promotes_along_the_front(tmp_path):
-    """A real Tuner on a local Ray instance: the scheduler decides on arrival, about
-    1/eta go on, the cheap third is not starved, and its rungs are in its state file."""
+    """A real Tuner on a local Ray instance: the scheduler decides on arrival against
+    the trials recorded at the rung, stops trials, lets cheap ones finish, and keeps
+    its rungs in its state file. (The rates over many trials: the simulated runs.)"""
     import json
 
     from ray import tune
@@ -255,8 +256,8 @@ def test_on_ray_promotes_along_the_front(tmp_path):
 
     from search.ray_session import ray_session
 
-    rng = random.Random(3)
-    n = 15
+    rng = random.Random(5)
+    n = 24  # one at a time: the arrival order is the grid's, so the run is deterministic
     points = [{"flops": 0.1 + 0.9 * (i + rng.random()) / n, "noise": rng.gauss(0, 0.01)}
               for i in rng.sample(range(n), n)]
     epochs: dict[float, int] = {}
@@ -281,17 +282,22 @@ def test_on_ray_promotes_along_the_front(tmp_path):
                                 state_file=state)
     with ray_session(None, 2):
         tune.Tuner(
-            tune.with_resources(fake_trial, {"cpu": 0.5}),
+            tune.with_resources(fake_trial, {"cpu": 1}),
             param_space={"point": tune.grid_search(points)},
             tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
-                                        max_concurrent_trials=4, reuse_actors=True),
+                                        max_concurrent_trials=1, reuse_actors=True),
             run_config=tune.RunConfig(name="mo", storage_path=str(tmp_path), verbose=0,
                                       callbacks=[Epochs(), JsonLoggerCallback()])).fit()
     assert len(epochs) == n
     costs = sorted(epochs)
     full = [epochs[c] == RAY_EPOCHS for c in costs]
-    assert sum(full) <= n // 2 + 2, epochs  # stopping happens (about 1/eta go on)
+    assert sum(full) <= n // 2, epochs  # stopping happens (the first arrivals all pass)
     assert sum(full[: n // 3]) >= 1, epochs  # the cheap third reaches the full recipe
     saved = json.loads(state.read_text())
     assert len(saved["rungs"]["1"]) == n
     assert sum(saved["decisions"]["1"].values()) == sum(full)
+    # each decision was taken on arrival against the trials recorded before it
+    arrived: dict[str, tuple[float, float]] = {}
+    for key, point in saved["rungs"]["1"].items():  # in the order they arrived
+        arrived[key] = tuple(point)
+        assert promotes(arrived, key, ETA) == saved["decisions"]["1"][key], key
