@@ -301,3 +301,18 @@ def test_on_ray_promotes_along_the_front(tmp_path):
     for key, point in saved["rungs"]["1"].items():  # in the order they arrived
         arrived[key] = tuple(point)
         assert promotes(arrived, key, ETA) == saved["decisions"]["1"][key], key
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "scheduler.name=mosha"], "'mosha' is not one of asha, moasha, none"),
+    (["--set", "scheduler.name=moasha", "--set", "scheduler.grace_period=3"],
+     "grace period 3 is not below trial.epochs 3"),
+])
+def test_bad_scheduler_input_is_one_line_and_leaves_nothing(capsys, tmp_path, extra, message):
+    import launch
+
+    rc = launch.main(["search", "--config", "quickstart", "--storage_path", str(tmp_path),
+                      "--name", "bad", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err and not (tmp_path / "bad").exists()

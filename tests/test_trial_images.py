@@ -133,3 +133,18 @@ def test_driver_checks_before_anything_trains(tmp_path):
                                         r"training split \(1293 images\)"):
         run_local(config, folder, quiet=True)
     assert not folder.exists() and not Path(tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_cli_error_names_both_numbers(capsys, tmp_path):
+    """``launch.py search``: one line, exit 2, no experiment folder left behind."""
+    import launch
+
+    rc = launch.main(["search", "--config", "quickstart", "--storage_path", str(tmp_path),
+                      "--name", "big", "--set", f"model.pretrain.cache_dir={tmp_path / 'c'}",
+                      "--set", "trial.val_images=1000"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert err == ("error: trial.val_images: 1000 is larger than the validation split "
+                   "(144 images)")
+    assert not (tmp_path / "big").exists()
