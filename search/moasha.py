@@ -11,16 +11,17 @@ eta**k`` epochs below ``max_t``; when a trial first reports at or past a rung, i
 (accuracy, cost) is recorded there and the decision is taken at once against the
 trials recorded at that rung so far, itself included. The promotion rule is
 non-dominated sorting of the recorded points (higher accuracy and lower cost are
-better) with an epsilon-net tie-break inside a front, as in the paper's EpsNet
-variant (:func:`spread_order`: the member nearest the centre of the front first (of
-two, the more accurate), then greedily the member farthest from those already taken,
-the axes scaled by the rung's ranges): the trial
-goes on when it is among the first ``max(1, n // eta)`` of the ``n`` points in that
-order, so about 1/eta of the trials pass each rung, spread along the front instead of
-gathered at its dear end. (NSGA-II's crowding distance was tried as the tie-break:
-a noisy front is densest at its cheap end, where crowding distances are small, so it
-still favoured the dear third about 3:2 in the simulated runs of the tests.) A trial whose first decision at a rung is to stop is
-stopped; one that reaches ``max_t`` is stopped as finished.
+better) with an epsilon-net tie-break inside a front, after the paper's EpsNet variant
+(here :func:`spread_order`: the member nearest the centre of the front first, of two
+the more accurate, then greedily the member farthest from those already taken, the
+axes scaled by the rung's ranges). The trial goes on when it is among the first
+``max(1, n // eta)`` of the ``n`` points in that order, so about 1/eta of the trials
+pass each rung (a little more while a rung holds few trials, as with ASHA), spread
+along the front instead of gathered at its dear end. NSGA-II's crowding distance was
+tried as the tie-break: a noisy front is densest at its cheap end, where crowding
+distances are small, so it still favoured the dear third about 3:2 in the simulated
+runs of the tests. A trial whose decision at a rung is to stop is stopped; one that
+reaches ``max_t`` is stopped as finished.
 
 The cost axis is generic: ``cost_attr`` names a metric (``flops`` now) that is known
 before the trial trains, read from the trial's config or, failing that, from its
