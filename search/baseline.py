@@ -197,6 +197,9 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
     t0 = time.time()
     normalize = search_normalize(config)
     data = load_search_data(config, batch_size=m.pretrain.batch_size, normalize=normalize)
+    from search.trainable import check_trial_images
+
+    check_trial_images(config.trial, data)  # before anything trains
     set_cpu_threads(config, data)
     num_classes = m.num_classes or data.num_classes
     entry = m.resolved_arch(data.input_size)

@@ -50,7 +50,7 @@ __all__ = [
 
 # the search's own choices; the sketch's and the data's are sketch_core's (imported above)
 SAMPLERS = ("nsga2", "tpe", "random")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "moasha", "none")
 GROUPINGS = ("per_unit", "per_stage")
 FLOPS_POLICIES = ("reject", "repair")
 
@@ -285,14 +285,22 @@ class TrialConfig(_Section):
     label_smoothing: float = 0.0
     threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
     step: Literal["eager", "graph"] = "eager"  # graph: the step as one CUDA graph (on CUDA)
+    train_images: PositiveInt | None = None  # per trial epoch, drawn anew; None: all
+    val_images: PositiveInt | None = None  # a fixed subset of the validation split; None: all
 
 
 class SchedulerConfig(_Section):
-    """The trial scheduler that stops weak trials early."""
+    """The trial scheduler that stops weak trials early.
+
+    ``asha``: successive halving on ``val_acc`` alone; ``moasha``: successive halving
+    promoting by (``val_acc``, ``cost``) fronts (:mod:`search.moasha`); ``none``: every
+    trial runs its full recipe.
+    """
 
     name: Scheduler = "asha"
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[Int, Field(ge=2)] = 2
+    cost: Literal["flops"] = "flops"  # the cost axis of moasha (a reported metric)
 
 
 class ResourcesConfig(_Section):
@@ -388,6 +396,17 @@ class SearchConfig(_Section):
     @source.setter
     def source(self, value: str | None) -> None:
         self._source = value
+
+    @model_validator(mode="after")
+    def _moasha_stops(self) -> SearchConfig:
+        sc, epochs = self.scheduler, self.trial.epochs
+        if sc.name == "moasha" and sc.grace_period >= epochs:
+            raise _config_error(
+                f"grace period {sc.grace_period} is not below trial.epochs {epochs}, so "
+                f"moasha would stop no trial; lower scheduler.grace_period, raise "
+                f"trial.epochs, or set scheduler.name to none",
+                "scheduler.grace_period", "trial.epochs")
+        return self
 
     @property
     def time_budget_s(self) -> float | None:

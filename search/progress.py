@@ -5,7 +5,10 @@ ends it appends the trial's record to ``trials.jsonl`` (completed / stopped / fa
 rejected ones are written by the searcher, which never starts them), and it prints a
 short status line: trials done, running, stopped, failed, rejected, the size of the
 current Pareto front, the best validation accuracy within the FLOPs budget and the
-time left. Ray's own table stays off (``verbose=0``).
+time left. Ray's own table stays off (``verbose=0``). At the end of the search it
+says which scheduler and sampler ran and, for the (MO-)ASHA schedulers, how many
+trials each rung promoted per cost band (:func:`rung_summary`: the ended trials split
+into cheap, middle and dear thirds by FLOPs).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from search.picks import pareto_records
 from search.records import TrialLog, read_records
 from search.trial_status import trial_record, trial_status
 
-__all__ = ["SearchCallback", "record_from_trial", "status_line"]
+__all__ = ["SearchCallback", "record_from_trial", "status_line", "rung_summary", "BANDS"]
 
 HEARTBEAT_S = 20.0
 
@@ -74,13 +77,50 @@ def status_line(records: list[dict], running: int, flops_budget: float | None,
     return "[search] " + " | ".join(parts)
 
 
+BANDS = ("cheap", "middle", "dear")
+
+
+def rung_summary(records: list[dict], rungs: list[int], bands: tuple[str, ...] = BANDS
+                 ) -> list[str]:
+    """Per rung (epochs, ascending), how many trials of each cost band it promoted.
+
+    A trial reached rung ``m`` when it trained ``m`` epochs and was promoted when it
+    trained more; a trial the time budget cut is counted only at the rungs it passed.
+    Bands: the completed and stopped trials by FLOPs, in equal parts, cheapest first.
+    """
+    ended = sorted((r for r in records if r.get("status") in ("completed", "stopped")
+                    and r.get("flops") is not None), key=lambda r: (r["flops"], str(r["trial_id"])))
+    if not ended or not rungs:
+        return []
+    k = len(bands)
+    parts = [ended[len(ended) * i // k: len(ended) * (i + 1) // k] for i in range(k)]
+    lines = []
+    for m in rungs:
+        cells, up_all, at_all = [], 0, 0
+        for band, part in zip(bands, parts):
+            at = [r for r in part if int(r.get("epochs") or 0) >= m
+                  and not (r.get("stop_reason") == "budget" and int(r.get("epochs") or 0) <= m)]
+            up = sum(1 for r in at if int(r.get("epochs") or 0) > m)
+            cells.append(f"{band} {up}/{len(at)}")
+            up_all, at_all = up_all + up, at_all + len(at)
+        lines.append(f"[search] rung at epoch {m}: promoted {up_all}/{at_all} "
+                     f"({', '.join(cells)})")
+    return lines
+
+
 class SearchCallback(Callback):
     """Writes trials.jsonl as trials end and prints the search's progress."""
 
+    scheduler: str = "asha"  # (class defaults: a callback pickled by an older version)
+    sampler: str | None = None
+    rungs: tuple[int, ...] = ()
+
     def __init__(self, trials_path: str, full_epochs: int, num_samples: int | None = None,
                  time_budget_s: float | None = None, flops_budget: float | None = None,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, scheduler: str = "asha", sampler: str | None = None,
+                 rungs: list[int] | None = None) -> None:
         self.log = TrialLog(trials_path)
+        self.scheduler, self.sampler, self.rungs = scheduler, sampler, list(rungs or [])
         self.full_epochs = full_epochs
         self.num_samples = num_samples
         self.time_budget_s = time_budget_s
@@ -117,8 +157,22 @@ class SearchCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._print(trials, force=True)
+        if not self.quiet:
+            for line in self.summary():
+                print(line, file=self.stream or sys.stdout, flush=True)
 
     # ------------------------------------------------------------------ helpers
+
+    def summary(self) -> list[str]:
+        """The end-of-search lines: scheduler and sampler, then :func:`rung_summary`."""
+        if self.rungs:
+            how = f"rungs at epoch {', '.join(map(str, self.rungs))}"
+        elif self.scheduler == "none":
+            how = "no early stopping"
+        else:
+            how = f"no rung below {self.full_epochs} epoch(s): no early stopping"
+        lines = [f"[search] scheduler {self.scheduler} ({how}), sampler {self.sampler or '-'}"]
+        return lines + rung_summary(read_records(self.log.path, warn=False), self.rungs)
 
     def _time_left(self) -> float | None:
         if self.time_budget_s is None or self._t0 is None:
@@ -127,7 +181,8 @@ class SearchCallback(Callback):
 
     def _end(self, trials: list, trial: Any, errored: bool) -> None:
         left = self._time_left()
-        reason = "budget" if left is not None and left <= 1.0 else "asha"
+        reason = ("budget" if left is not None and left <= 1.0
+                  else "moasha" if self.scheduler == "moasha" else "asha")
         rec = record_from_trial(trial, self.full_epochs, errored, reason,
                                 self._started.get(trial.trial_id))
         self.log.append(rec)

@@ -8,6 +8,12 @@ worker process, so reused actors pay for neither again. Every epoch reports
 (epochs done) and the node id, with a ``tune.Checkpoint`` of the full training state;
 a trial that Tune moves or restarts continues from it.
 
+``trial.train_images`` and ``trial.val_images`` size the recipe by images
+(:func:`sized_data`): each epoch trains on that many images drawn anew from the
+training split (seeded by ``trial.seed``, the trial's rates and the epoch), and every
+trial is scored on the same seeded subset of the validation split.
+:func:`check_trial_images` is the driver's check that both fit their splits.
+
 Errors inside the trial (a NaN loss, a bad vector, any exception of the training
 code) are deterministic: the trial reports ``failed: True`` with the message and
 ends, so Tune does not retry it. Only the loss of a worker (node death) reaches Tune's
@@ -16,11 +22,14 @@ ends, so Tune does not retry it. Only the loss of a worker (node death) reaches 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -28,8 +37,10 @@ from typing import Any, Callable
 import torch
 
 from search.config import SketchConfig, TrialConfig
+from sketch_core.errors import UserError
 
-__all__ = ["TrialSetup", "run_trial", "train_trial", "trial_data", "baseline_model"]
+__all__ = ["TrialSetup", "run_trial", "train_trial", "trial_data", "baseline_model",
+           "sized_data", "check_trial_images", "trial_seed", "EpochSample"]
 
 STATE_FILE = "train_state.pt"
 _CACHE: dict[str, Any] = {}
@@ -88,6 +99,98 @@ def trial_data(setup: TrialSetup, device: str):
     return _CACHE[key]
 
 
+def _indices(loader: Any) -> torch.Tensor:
+    """The rows of its split a loader serves (TensorLoader.index, FolderLoader.indices)."""
+    return loader.index if hasattr(loader, "index") else loader.indices
+
+
+def _serving(loader: Any, rows: torch.Tensor) -> Any:
+    """A shallow copy of ``loader`` serving ``rows`` (the data tensors are shared)."""
+    view = copy.copy(loader)
+    setattr(view, "index" if hasattr(loader, "index") else "indices", rows)
+    return view
+
+
+def _draw(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` of ``rows``, drawn without replacement by a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed % (2**63))
+    pick = torch.randperm(len(rows), generator=g)[:n].sort().values
+    return rows[pick.to(rows.device)]
+
+
+class EpochSample:
+    """A training loader that serves ``n`` images of its split per epoch, drawn anew
+    each epoch (seeded by ``seed`` and the epoch); otherwise the loader it wraps."""
+
+    def __init__(self, loader: Any, n: int, seed: int) -> None:
+        self.loader, self.n, self.seed = loader, int(n), int(seed)
+        self.rows = _indices(loader)
+        self.epoch, self.start_batch = 0, 0
+
+    def rows_of(self, epoch: int) -> torch.Tensor:
+        """The rows epoch ``epoch`` trains on."""
+        return _draw(self.rows, self.n, self.seed * 1_000_003 + epoch * 7919 + 1)
+
+    def __len__(self) -> int:
+        return len(_serving(self.loader, self.rows[:self.n]))
+
+    def __repr__(self) -> str:
+        return f"EpochSample({self.n} of {len(self.rows)} images per epoch, {self.loader!r})"
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "loader" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        view = _serving(self.loader, self.rows_of(epoch))
+        view.set_epoch(epoch, start)
+        return iter(view)
+
+
+def _split_sizes(data: Any) -> tuple[int, int]:
+    return len(_indices(data.train)), 0 if data.val is None else len(_indices(data.val))
+
+
+def check_trial_images(trial: TrialConfig, data: Any) -> None:
+    """``trial.train_images`` / ``trial.val_images`` fit the training / validation split
+    of ``data``; a :class:`UserError` naming both numbers when one does not."""
+    n_train, n_val = _split_sizes(data)
+    if trial.train_images is not None and trial.train_images > n_train:
+        raise UserError(f"trial.train_images: {trial.train_images} is larger than the "
+                        f"training split ({n_train} images)")
+    if trial.val_images is not None and trial.val_images > n_val:
+        raise UserError(f"trial.val_images: {trial.val_images} is larger than the "
+                        f"validation split ({n_val} images)")
+
+
+def trial_seed(trial: TrialConfig, rates: list[float]) -> int:
+    """The seed of one trial's image draws: ``trial.seed`` and the rate vector."""
+    text = ",".join(f"{float(r):.6g}" for r in rates)
+    return trial.seed * 1_000_003 + zlib.crc32(text.encode())
+
+
+def sized_data(data: Any, trial: TrialConfig, rates: list[float]) -> Any:
+    """``data`` as one trial sees it: ``trial.train_images`` per epoch and the fixed
+    ``trial.val_images`` subset (the same for every trial); ``data`` itself when both
+    are None. The loaders share ``data``'s tensors."""
+    if trial.train_images is None and trial.val_images is None:
+        return data
+    check_trial_images(trial, data)
+    changes: dict[str, Any] = {}
+    if trial.train_images is not None:
+        changes["train"] = EpochSample(data.train, trial.train_images, trial_seed(trial, rates))
+    if trial.val_images is not None and data.val is not None:
+        rows = _draw(_indices(data.val), trial.val_images, trial.seed * 1_000_003 + 17)
+        changes["val"] = _serving(data.val, rows)
+    return dataclasses.replace(data, **changes)
+
+
 def baseline_model(setup: TrialSetup, state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
     """The unpruned model with the baseline's weights, built once per worker process."""
     key = repr(("model", setup.baseline_key, device))
@@ -141,7 +244,7 @@ def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch
                             "flops_ratio": None, "params": None, "params_ratio": None}
     epoch_done = 0
     try:
-        data = trial_data(setup, device)
+        data = sized_data(trial_data(setup, device), t, rates)
         entry = setup.arch()
         widths = rates_to_widths(entry, rates, setup.data_set, sk.start_conv,
                                  sk.sketch_lastconv, setup.round_to)

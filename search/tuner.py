@@ -1,11 +1,11 @@
-"""Run a search on Ray Tune: the Tuner + SketchSearch + ASHA, resume, retrain.
+"""Run a search on Ray Tune: the Tuner + SketchSearch + (MO-)ASHA, resume, retrain.
 
 :func:`run_search` is the whole ``launch.py search``: it connects to a cluster (or
 starts a local Ray instance bound to 127.0.0.1 with usage statistics off), prepares
 the experiment folder (:mod:`search.prepare`: manifest.json, config.yaml,
 baseline.pt, study.db, trials.jsonl), builds the ``Tuner`` (function trainable with the
-baseline in the object store, resources per trial, ``SketchSearch``, ASHA on
-``val_acc``, the time budget, one checkpoint kept per trial, retries for lost
+baseline in the object store, resources per trial, ``SketchSearch``, the scheduler of
+:func:`make_scheduler`, the time budget, one checkpoint kept per trial, retries for lost
 workers), runs it or restores it (``--resume``), records how long each phase took and
 retrains the pick. :mod:`search.local_loop` runs the same trials without Ray.
 """
@@ -27,7 +27,7 @@ from search.ray_session import check_resources, ray_session
 from search.records import read_records
 from sketch_core.errors import UserError
 
-__all__ = ["SearchOutcome", "run_search"]
+__all__ = ["SearchOutcome", "run_search", "make_scheduler"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -41,10 +41,35 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def make_scheduler(config: SearchConfig, exp_dir: Path | None = None) -> tuple[Any, list[int]]:
+    """The config's trial scheduler and its rungs (epochs; none for FIFO).
+
+    ``asha``: Ray's ASHA on ``val_acc``; ``moasha``: :class:`search.moasha.MOASHAScheduler`
+    on (``val_acc``, ``scheduler.cost``), its rungs kept in ``exp_dir/scheduler_state.json``;
+    ``none``, or ``asha`` with a grace period not below ``trial.epochs``: every trial
+    runs its full recipe.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from search.moasha import MOASHAScheduler, rung_milestones
+
+    sc, epochs = config.scheduler, config.trial.epochs
+    if sc.name == "none" or epochs <= sc.grace_period:  # (moasha: refused by the config)
+        return FIFOScheduler(), []
+    rungs = rung_milestones(epochs, sc.grace_period, sc.reduction_factor)
+    if sc.name == "moasha":
+        state = None if exp_dir is None else exp_dir / "scheduler_state.json"
+        return MOASHAScheduler(time_attr="epoch", metric="val_acc", cost_attr=sc.cost,
+                               max_t=epochs, grace_period=sc.grace_period,
+                               reduction_factor=sc.reduction_factor, state_file=state), rungs
+    return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=epochs,
+                         grace_period=sc.grace_period,
+                         reduction_factor=sc.reduction_factor), rungs
+
+
 def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: str,
                 baseline: dict, quiet: bool, study_storage: Any, points: list) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from search.progress import SearchCallback
     from search.records import TrialLog
@@ -61,16 +86,12 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
                             flops_budget=b.flops_budget, flops_policy=b.flops_policy,
                             points=points, anchors=space.uniform_points(config.sampler.anchors),
                             trial_log=TrialLog(exp_dir / "trials.jsonl"))
-    sc = config.scheduler
-    if sc.name == "asha" and t.epochs > sc.grace_period:
-        scheduler = ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
-                                  max_t=t.epochs, grace_period=sc.grace_period,
-                                  reduction_factor=sc.reduction_factor)
-    else:
-        scheduler = FIFOScheduler()
+    scheduler, rungs = make_scheduler(config, exp_dir)
     callback = SearchCallback(str(exp_dir / "trials.jsonl"), full_epochs=t.epochs,
                               num_samples=b.num_samples, time_budget_s=config.time_budget_s,
-                              flops_budget=b.flops_budget, quiet=quiet)
+                              flops_budget=b.flops_budget, quiet=quiet,
+                              scheduler=config.scheduler.name,
+                              sampler=config.sampler.name, rungs=rungs)
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, num_samples=-1,
         max_concurrent_trials=r.max_concurrent_trials, time_budget_s=config.time_budget_s,
