@@ -12,6 +12,8 @@ from typing import Any
 
 import optuna
 
+from search.optuna_compat import NSGAIISampler
+
 __all__ = ["SQLiteStorage", "FlopsConstraint", "make_sampler", "population_size",
            "open_study", "constrain", "METRICS", "MODES"]
 
@@ -84,7 +86,7 @@ def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
     # Optuna 5 reads constraints set on the trial; older versions need constraints_func
     cons = FlopsConstraint() if constrained and not _HAS_SET_CONSTRAINT else None
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population_size(num_samples, population),
+        return NSGAIISampler(population_size=population_size(num_samples, population),
                                              seed=seed, constraints_func=cons)
     if name == "tpe":
         startup = max(4, min(10, (num_samples or 40) // 4))

@@ -37,6 +37,22 @@ def test_trial_handle_writes_to_a_trial_another_process_asked(tmp_path):
         trial_handle(study, number + 1)
 
 
+
+@pytest.mark.parametrize("name", ["nsga2", "tpe", "random"])
+def test_every_sampler_pickles_and_keeps_its_random_state(name):
+    """Ray Tune pickles the searcher with its sampler (Optuna 5.1's NSGA-II holds a lock)."""
+    sampler = make_sampler(name, seed=3, num_samples=16)
+    study = optuna.create_study(sampler=sampler, directions=["maximize", "minimize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), t.suggest_float("y", 0, 1)), 6)
+    clone = pickle.loads(pickle.dumps(sampler))
+    assert type(clone) is type(sampler)
+    twin = optuna.create_study(sampler=clone, directions=["maximize", "minimize"])
+    for t in study.get_trials():
+        twin.add_trial(t)
+    ahead = [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
+    again = [twin.ask().suggest_float("x", 0, 1) for _ in range(3)]
+    assert ahead == again
+
 def _proposer(tmp_path, **kw) -> RateProposer:
     space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1)
     return RateProposer(space, sampler=make_sampler("nsga2", 0, 8, constrained=True),
