@@ -29,11 +29,12 @@ import torch
 
 from .errors import UserError
 from .normalize import as_record
+from .sketching import SKETCH_MODES
 from .spec import RunSpec, SketchSpec
 
 __all__ = ["execute", "resolve", "check_spec", "preflight", "select_devices", "prepare_job_dir",
-           "logging_to", "run_defaults", "PRETRAIN_DEFAULTS", "SKETCH_DEFAULTS", "COMPILE_MODES",
-           "JOB_FILES", "STATE_FILE", "RUN_KEYS"]
+           "job_folder", "logging_to", "run_defaults", "PRETRAIN_DEFAULTS", "SKETCH_DEFAULTS",
+           "COMPILE_MODES", "JOB_FILES", "STATE_FILE", "RUN_KEYS"]
 
 log = logging.getLogger("sketchtune")
 
@@ -300,6 +301,24 @@ def prepare_job_dir(spec: RunSpec) -> Path:
 
 
 @contextlib.contextmanager
+def job_folder(spec: RunSpec) -> Iterator[Path]:
+    """:func:`prepare_job_dir` for the span of a run; bad input leaves no folder behind.
+
+    When the run ends in a :class:`UserError` (a data folder, checkpoint or class count
+    found wrong after the folder was made) and this run created the folder, it is removed
+    again if it holds nothing but an empty ``checkpoint/`` and the run's log.
+    """
+    fresh = not Path(spec.output.job_dir).expanduser().exists()
+    job = prepare_job_dir(spec)
+    try:
+        yield job
+    except UserError:
+        if fresh:
+            _drop_empty_job_dir(job)
+        raise
+
+
+@contextlib.contextmanager
 def logging_to(job: Path | None, enabled: bool = True) -> Iterator[None]:
     """Log lines to stdout and JOB_DIR/logger.log for the duration of a run (or nowhere)."""
     handlers: list[logging.Handler] = []
@@ -521,7 +540,7 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
              "recalibration", cfg, sc.format_rates(rates), s.mode, split,
              _pct(base["acc"]), _pct(after["acc"]))
     return narrow, {**desc, "rates": rates, "widths": widths, "sketch_mode": s.mode,
-                    "select_by": s.select_by if s.mode != "sketch" else None,
+                    "select_by": s.select_by if s.mode not in SKETCH_MODES else None,
                     "acc_before_sketch": base["acc"], "acc_after_sketch": after["acc"]}, None
 
 
@@ -666,6 +685,20 @@ def execute(spec: RunSpec, device: torch.device | str | None = None, *,
         return _test_only(spec, device)
     if prepared:
         return _train(spec, device, report=report, stop=stop, rank0=rank0)
-    job = prepare_job_dir(spec)
-    with logging_to(job):
+    with job_folder(spec) as job, logging_to(job):
         return _train(spec, device, report=report, stop=stop, rank0=rank0)
+
+
+def _drop_empty_job_dir(job: Path) -> None:
+    """Remove a job folder this run made when bad input ended it before anything was saved.
+
+    Only an empty ``checkpoint/`` and the run's log are removed; anything else keeps it all.
+    """
+    names = {p.name for p in job.iterdir()} if job.is_dir() else set()
+    ckpt = job / "checkpoint"
+    if names - {"checkpoint", "logger.log"} or (ckpt.is_dir() and any(ckpt.iterdir())):
+        return
+    (job / "logger.log").unlink(missing_ok=True)
+    if ckpt.is_dir():
+        ckpt.rmdir()
+    job.rmdir()

@@ -191,6 +191,22 @@ def _bad(capsys, argv, match):
     assert "Traceback" not in out + err
 
 
+
+def test_bad_input_found_after_the_job_folder_is_made_leaves_no_folder(tmp_path, capsys,
+                                                                      digits_resnet20_ckpt):
+    """The data and the class count are checked once the folder exists: it goes again."""
+    job = tmp_path / "job"
+    _bad(capsys, ["pretrain", *DIGITS, "--num_classes", "7", "--job_dir", job],
+         r"--num_classes 7 but digits has 10 classes")
+    _bad(capsys, ["sketch", "--data_set", "folder", "--data_path", tmp_path / "nope", "--arch",
+                  "resnet", "--cfg", "resnet20", "--job_dir", job, "--sketch_model",
+                  digits_resnet20_ckpt, "--sketch_rate", "[0.5]*9"], r"not laid out")
+    assert not job.exists()
+    job.mkdir()  # a folder the user made is theirs: it stays
+    (job / "notes.txt").write_text("mine")
+    _bad(capsys, ["pretrain", *DIGITS, "--num_classes", "7", "--job_dir", job], r"classes")
+    assert (job / "notes.txt").read_text() == "mine"
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, digits_resnet20_ckpt):
     job = ["--job_dir", tmp_path / "job"]
     sk = ["sketch", *DIGITS, *job]

@@ -19,7 +19,7 @@ import signal
 import sys
 from typing import Callable, Iterator
 
-from ..engine import (check_spec, execute, logging_to, prepare_job_dir, run_defaults,
+from ..engine import (check_spec, execute, job_folder, logging_to, run_defaults,
                       select_devices)
 from ..errors import UserError
 from ..spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
@@ -102,9 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
           help="default sketches; random_pretrain / l1_pretrain keep random / largest-L1 "
                "pretrained filters instead. default:default")
         a("--sketch_mode", default="sketch",
-          help="sketch (the original: filters replaced by their sketch), select (keep the "
-               "filters with most energy in the sketch's row space) or select_lsq (select, then "
-               "refit consumers by least squares). default:sketch")
+          help="sketch (the paper's method, textbook Frequent Directions: filters replaced by "
+               "their sketch), sketch_released (sketch with the released code's FD arithmetic), "
+               "select (keep the filters with most energy in the sketch's row space) or "
+               "select_lsq (select, then refit consumers by least squares). default:sketch")
         a("--select_by", default="filters",
           help="What select / select_lsq sketch to rank channels: filters (the producer's "
                "filters) or channels (each channel's weights in its consumers, scaled by the "
@@ -261,8 +262,7 @@ def run(args: argparse.Namespace) -> int:
     if spec.test_only:
         execute(spec, devices[0])
         return 0
-    job = prepare_job_dir(spec)
-    with logging_to(job), _stop_on_signals(True) as caught:
+    with job_folder(spec) as job, logging_to(job), _stop_on_signals(True) as caught:
         from ..train import TrainingInterrupted
 
         log.info("launch.py %s %s", args.command_name, _command_line(args))
