@@ -203,7 +203,7 @@ class ModelConfig(_Section):
 class SketchConfig(_Section):
     """The original's sketch options, plus the mode trials use."""
 
-    mode: Mode = "select"
+    mode: Mode = "select_lsq"  # what the real-data benchmark supports: README, Sketch modes
     select_by: SelectBy = "filters"
     weight_norm_method: WeightNorm | None = None
     filter_norm: Bool = False
