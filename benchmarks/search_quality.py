@@ -6,6 +6,8 @@ ResNet-20, 9 rates on a 0.05 grid in [0.1, 1]):
 - ``default``: the search's default (``make_sampler`` as ``search`` builds it: NSGA-II,
   population sized to the trial count, after ``sampler.anchors`` uniform vectors spread
   over the space), ask/tell as ``SketchSearch`` does;
+- ``surrogate``: ``sampler.name: surrogate`` (:mod:`search.surrogate`), after the same
+  anchors;
 - ``random``: Optuna's RandomSampler over the same space;
 - ``uniform``: a sweep of uniform vectors ``[r]*9``, r evenly spread over the grid.
 
@@ -15,7 +17,8 @@ accuracy; results cached by widths, since the score is deterministic). The quali
 a method is the hypervolume of its Pareto front in (validation accuracy max, FLOPs
 ratio min) with reference point (0, 1). Over ``--seeds`` seeds (samplers and
 the trial recipe's seed) it prints each method's mean hypervolume and the ratio
-default/random with a bootstrap 90% interval over seeds; last line
+default/random (and surrogate/random, surrogate/uniform) with a bootstrap 90% interval
+over seeds; last line
 ``ratio=<default/random>`` (goal > 1).
 
     python benchmarks/search_quality.py [--trials 32] [--seeds 5] [--epochs 0]
@@ -107,12 +110,16 @@ def main() -> None:
     grid = space.grid
     k = min(args.trials, len(grid))
     sweep = [grid[round(i * (len(grid) - 1) / max(1, k - 1))] for i in range(k)]
-    results: dict[str, list[float]] = {"default": [], "random": [], "uniform": []}
+    results: dict[str, list[float]] = {"default": [], "surrogate": [], "random": [],
+                                       "uniform": []}
     for seed in range(args.seeds):
         default = make_sampler(config.sampler.name, seed, args.trials,
                                config.sampler.population_size)
         results["default"].append(hypervolume(optuna_run(default, seed,
                                                          config.sampler.anchors)))
+        surrogate = make_sampler("surrogate", seed, args.trials, space=space)
+        results["surrogate"].append(hypervolume(optuna_run(surrogate, seed,
+                                                           config.sampler.anchors)))
         results["random"].append(hypervolume(optuna_run(optuna.samplers.RandomSampler(seed),
                                                         seed)))
         results["uniform"].append(hypervolume([score([r] * space.num_units, seed)
@@ -120,16 +127,20 @@ def main() -> None:
         print(f"seed {seed}: " + "  ".join(f"{m} {v[-1]:.4f}" for m, v in results.items()),
               flush=True)
 
-    rng = random.Random(0)
     n = args.seeds
-    boots = []
-    for _ in range(args.boot):
-        idx = [rng.randrange(n) for _ in range(n)]
-        d = statistics.fmean(results["default"][i] for i in idx)
-        r = statistics.fmean(results["random"][i] for i in idx)
-        boots.append(d / r)
-    boots.sort()
-    lo, hi = boots[int(0.05 * len(boots))], boots[int(0.95 * len(boots)) - 1]
+
+    def interval(num: str, den: str) -> tuple[float, float]:
+        """Bootstrap 90% interval over seeds of mean(num) / mean(den)."""
+        rng = random.Random(0)
+        boots = []
+        for _ in range(args.boot):
+            idx = [rng.randrange(n) for _ in range(n)]
+            boots.append(statistics.fmean(results[num][i] for i in idx)
+                         / statistics.fmean(results[den][i] for i in idx))
+        boots.sort()
+        return boots[int(0.05 * len(boots))], boots[int(0.95 * len(boots)) - 1]
+
+    lo, hi = interval("default", "random")
     mean = {m: statistics.fmean(v) for m, v in results.items()}
     print(f"{args.trials} trials per method, {n} seeds, trials fine-tuned {args.epochs} epoch(s); "
           f"{len(cache)} distinct evaluations in {time.time() - t0:.0f} s")
@@ -139,6 +150,10 @@ def main() -> None:
     print(f"default/random: {mean['default'] / mean['random']:.3f} "
           f"(bootstrap 90% interval {lo:.3f} .. {hi:.3f}); "
           f"default/uniform: {mean['default'] / mean['uniform']:.3f}")
+    for den in ("random", "uniform", "default"):
+        slo, shi = interval("surrogate", den)
+        print(f"surrogate/{den}: {mean['surrogate'] / mean[den]:.3f} "
+              f"(bootstrap 90% interval {slo:.3f} .. {shi:.3f})")
     print(f"ratio={mean['default'] / mean['random']:.4f}")
 
 

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 # the search's own choices; the sketch's and the data's are sketch_core's (imported above)
-SAMPLERS = ("nsga2", "tpe", "random")
+SAMPLERS = ("nsga2", "tpe", "random", "surrogate")
 SCHEDULERS = ("asha", "moasha", "none")
 GROUPINGS = ("per_unit", "per_stage")
 FLOPS_POLICIES = ("reject", "repair")

@@ -155,7 +155,8 @@ def _proposer(config: SearchConfig, exp_dir: Path, name: str, baseline: dict,
     space = rate_space(config, baseline)
     sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
                            config.sampler.population_size,
-                           constrained=b.flops_budget is not None)
+                           constrained=b.flops_budget is not None, space=space,
+                           flops_budget=b.flops_budget)
     return RateProposer(space, sampler=sampler, storage=study_storage, study_name=name,
                         full_epochs=config.trial.epochs, num_samples=b.num_samples,
                         flops_budget=b.flops_budget, flops_policy=b.flops_policy,

@@ -15,7 +15,8 @@ through :class:`search.searcher.SketchSearch`, or the plain loop of
   vector enqueued, so Optuna is told exactly the vector that was trained);
 - a trial that did not run its full schedule (stopped early) is told as PRUNED, not as
   COMPLETE with its early scores; a failed one as FAIL (:func:`outcome`, which applies
-  :func:`search.trial_status.trial_status`);
+  :func:`search.trial_status.trial_status`); each epoch's score is kept beside the trial
+  (:meth:`RateProposer.note`) for a sampler that learns from stopped trials;
 - :meth:`RateProposer.reconcile` squares the study with the trials a resumed run will
   continue, and :func:`close_unstarted` closes what a finished search left RUNNING.
 """
@@ -33,6 +34,7 @@ from search.optuna_compat import close_running, trial_handle
 from search.records import TrialLog
 from search.sampling import constrain, open_study
 from search.space import RateSpace
+from search.surrogate import rung_key
 from search.trial_status import trial_status
 
 __all__ = ["RateProposer", "outcome", "close_unstarted", "MAX_REJECTIONS"]
@@ -193,6 +195,23 @@ class RateProposer:
         return None  # unreachable: the last attempt always repairs or runs
 
     # ------------------------------------------------------------------ results
+
+    def note(self, key: str, result: dict | None) -> None:
+        """Record an intermediate report of trial ``key``: its validation accuracy at
+        that epoch, as user attr ``rung_acc_EEE`` (what a model-based sampler learns a
+        stopped trial's worth from). Never a result: the trial's state is set by
+        :meth:`tell` alone."""
+        if key in self._done or key not in self._open or not result:
+            return
+        acc, epoch = result.get("val_acc"), result.get("epoch")
+        if acc is None or epoch is None or result.get("failed"):
+            return
+        try:
+            handle = self._handles.get(key) or trial_handle(self.study, self._open[key])
+            self._handles[key] = handle
+            handle.set_user_attr(rung_key(int(epoch)), float(acc))
+        except Exception as exc:  # the trial was closed meanwhile (a resumed driver)
+            log.debug("trial %s: score of epoch %s not recorded (%s)", key, epoch, exc)
 
     def tell(self, key: str, result: dict | None, error: bool = False) -> None:
         """Tell the study how trial ``key`` ended (once; later calls are ignored)."""

@@ -80,9 +80,12 @@ def population_size(num_samples: int | None, requested: int | None = None) -> in
 
 
 def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
-                 population: int | None = None, constrained: bool = False
+                 population: int | None = None, constrained: bool = False,
+                 space: Any = None, flops_budget: float | None = None
                  ) -> optuna.samplers.BaseSampler:
-    """``nsga2`` (default), ``tpe`` or ``random``, seeded; constrained when a budget is set."""
+    """``nsga2`` (default), ``tpe``, ``random`` or ``surrogate``, seeded; constrained when a
+    budget is set. ``surrogate`` (:mod:`search.surrogate`) needs the ``space`` it proposes
+    in, and keeps below ``flops_budget`` itself."""
     # Optuna 5 reads constraints set on the trial; older versions need constraints_func
     cons = FlopsConstraint() if constrained and not _HAS_SET_CONSTRAINT else None
     if name == "nsga2":
@@ -94,6 +97,12 @@ def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
                                           multivariate=True, constraints_func=cons)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    if name == "surrogate":
+        if space is None:
+            raise ValueError("the surrogate sampler needs the rate space")
+        from search.surrogate import SurrogateSampler
+
+        return SurrogateSampler(space, seed=seed, flops_budget=flops_budget)
     raise ValueError(f"unknown sampler {name!r}")
 
 

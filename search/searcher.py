@@ -63,7 +63,7 @@ class SketchSearch(Searcher):
         return Searcher.FINISHED if config is None else config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        return None  # multi-objective: nothing to report per step
+        self.proposer.note(trial_id, result)  # kept beside the trial, never a result
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -150,6 +151,23 @@ class CostModel:
             flops += pos * out * cin * k
             params += out * cin * k + (out if bias else 0)
         return flops, params
+
+    def flops_many(self, widths: np.ndarray) -> np.ndarray:
+        """MACs of many width vectors at once (rows of ``widths``), as :meth:`cost` gives."""
+        w = np.asarray(widths, dtype=np.float64)
+        flops = np.zeros(len(w))
+        for term in self._terms:
+            if term[0] == "bn":
+                continue
+            _, out_slot, inputs, full_out, full_in, k, pos, _bias = term
+            out = w[:, out_slot] if out_slot is not None else full_out
+            if inputs:
+                cin = sum((w[:, i.slot] if i.slot is not None else i.n) * i.repeat
+                          for i in inputs)
+            else:
+                cin = full_in
+            flops = flops + pos * out * cin * k
+        return self.full_flops + flops - self._delta0[0]
 
     def cost(self, widths: Sequence[int]) -> tuple[int, int]:
         """(MACs, params) of the network built at ``widths`` (one int per plan slot)."""
@@ -310,6 +328,12 @@ class RateSpace:
             if len(self._cache) < 100_000:
                 self._cache[widths] = hit
         return hit
+
+    def flops_ratios(self, rates: Sequence[Sequence[float]]) -> np.ndarray:
+        """FLOPs ratios of many per-unit vectors at once (the same values as :meth:`cost`)."""
+        cm = self.cost_model
+        widths = np.array([self.widths(r) for r in rates], dtype=np.float64)
+        return cm.flops_many(widths) / cm.full_flops
 
     def _snap_down(self, r: float) -> float:
         if self.grid is None:

@@ -80,7 +80,8 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
     space.check_budget(b.flops_budget)
     sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
                            config.sampler.population_size,
-                           constrained=b.flops_budget is not None)
+                           constrained=b.flops_budget is not None, space=space,
+                           flops_budget=b.flops_budget)
     searcher = SketchSearch(space, sampler=sampler, storage=study_storage, study_name=name,
                             full_epochs=t.epochs, num_samples=b.num_samples,
                             flops_budget=b.flops_budget, flops_policy=b.flops_policy,

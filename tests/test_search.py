@@ -20,6 +20,7 @@ import launch
 from search.config import load_config
 from search.records import read_records
 from search.space import RateSpace
+from search.surrogate import observations, rung_key
 from sketch_core.rates import rates_to_widths
 
 pytestmark = pytest.mark.slow
@@ -87,6 +88,18 @@ def test_quickstart_experiment_folder(quickstart_experiment):
         assert space.rates_from_params(t.params) == pytest.approx(r["rates"], abs=1e-9)
         if r["status"] == "completed":
             assert t.values == [r["val_acc"], r["flops"]]
+        else:
+            assert t.values is None
+        # every epoch's score went from Tune's reports into the study, beside the trial
+        curve = {k: v for k, v in t.user_attrs.items() if k.startswith("rung_acc_")}
+        assert sorted(curve) == [rung_key(e) for e in range(r["epochs"] + 1)]
+        assert curve[rung_key(r["epochs"])] == pytest.approx(r["val_acc"])
+    # the surrogate sampler sees the stopped trials, as estimates of their final scores
+    seen = observations(study, RateSpace("resnet20", "digits", low=0.1, high=1.0, step=0.05,
+                                         in_channels=1, input_size=8))
+    assert sum(o.stopped for o in seen) == statuses["stopped"]
+    assert sum(not o.stopped for o in seen) == statuses["completed"]
+    assert all(t.state == TrialState.COMPLETE for t in study.best_trials)
 
     # one checkpoint kept per trial
     for trial_dir in folder.glob("trial_*"):
