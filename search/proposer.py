@@ -201,22 +201,27 @@ class RateProposer:
         that epoch, as user attr ``rung_acc_EEE`` (what a model-based sampler learns a
         stopped trial's worth from). Never a result: the trial's state is set by
         :meth:`tell` alone."""
-        if key in self._done or key not in self._open or not result:
+        if key in self._done or key not in self._open or not result or result.get("failed"):
             return
-        acc, epoch = result.get("val_acc"), result.get("epoch")
-        if acc is None or epoch is None or result.get("failed"):
+        scores = {0: result.get("val_acc_sketched")}  # every report carries the epoch-0 score
+        if result.get("epoch") is not None:
+            scores[int(result["epoch"])] = result.get("val_acc")
+        scores = {e: float(a) for e, a in scores.items() if a is not None}
+        if not scores:
             return
         try:
             handle = self._handles.get(key) or trial_handle(self.study, self._open[key])
             self._handles[key] = handle
-            handle.set_user_attr(rung_key(int(epoch)), float(acc))
+            for epoch, acc in scores.items():
+                handle.set_user_attr(rung_key(epoch), acc)
         except Exception as exc:  # the trial was closed meanwhile (a resumed driver)
-            log.debug("trial %s: score of epoch %s not recorded (%s)", key, epoch, exc)
+            log.debug("trial %s: scores %s not recorded (%s)", key, sorted(scores), exc)
 
     def tell(self, key: str, result: dict | None, error: bool = False) -> None:
         """Tell the study how trial ``key`` ended (once; later calls are ignored)."""
         if key in self._done or key not in self._open:
             return
+        self.note(key, result)  # Tune hands the last report to on_trial_complete only
         self._done.add(key)
         number = self._open[key]
         state, values, attrs = outcome(result, error, self.full_epochs)

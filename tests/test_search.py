@@ -143,6 +143,25 @@ def test_flops_budget_rejects_without_training_and_teaches_optuna(tmp_path, sear
                if t.user_attrs.get("status") == "completed")
 
 
+def test_surrogate_sampler_runs_a_search_through_ray_tune(tmp_path, search_cache_dir):
+    """Tune pickles the searcher with it; every trial in the budget, no vector twice (the
+    model's proposals themselves: tests/test_surrogate.py)."""
+    from search.tuner import run_search
+
+    config = _small_config(tmp_path, search_cache_dir, storage__name="sur",
+                           sampler__name="surrogate", budget__num_samples=11,
+                           budget__flops_budget=0.7)
+    out = run_search(config, quiet=True)
+    trained = [r for r in out.records if r["status"] != "rejected"]
+    assert len(trained) == 11 and all(r["status"] == "completed" for r in trained)
+    assert all(r["flops_ratio"] <= 0.7 + 1e-9 for r in trained)
+    study = _study(out.exp_dir, "sur")
+    sampled = [t for t in study.trials if t.user_attrs.get("status") == "completed"
+               and not ({"paper_rates", "anchor"} & set(t.user_attrs))]
+    assert len(sampled) >= 3
+    assert len({tuple(r["rates"]) for r in trained}) == len(trained)
+
+
 def test_flops_budget_repair_trains_the_repaired_vector(tmp_path, search_cache_dir):
     from search.tuner import run_search
 
