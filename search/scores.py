@@ -59,8 +59,8 @@ def choose_val_source(config: SearchConfig) -> tuple[str, str]:
         raise UserError(f"model.pretrained {m.pretrained}: no such file")
     split = read_record(path).get("split")
     if split and split == split_record(config):
-        return "train_holdout", (f"model.pretrained records training on this search's "
-                                 f"training split (validation images held out)")
+        return "train_holdout", ("model.pretrained records training on this search's "
+                                 "training split (validation images held out)")
     if split:
         return "test_holdout", (f"model.pretrained records another training split "
                                 f"({', '.join(f'{k} {v}' for k, v in split.items())}), so it "
@@ -101,8 +101,8 @@ def scored_data(data: Any, trial: TrialConfig, scores: dict | None, data_set: st
         return data
     n_test = len(loader_rows(data.test))
     if scores.get("choose_images") is not None:
-        n, total = int(scores["choose_images"]), int(scores["choose_images"]) + int(
-            scores["report_images"])
+        n = int(scores["choose_images"])
+        total = n + int(scores["report_images"])
         if total != n_test:
             raise UserError(f"the test split of {data_set} has {n_test} images, but the search "
                             f"chose on {n} of {total}; use the data the search used")
@@ -126,7 +126,7 @@ def scores_record(val_source: str, reason: str, data: Any, trial: TrialConfig) -
 def describe(scores: dict | None) -> str:
     """One line: which images choose and which report."""
     if not scores or scores.get("val_source") != "test_holdout":
-        n = "" if not scores else f"{scores['choose_images']} "
+        n = "" if (scores or {}).get("choose_images") is None else f"{scores['choose_images']} "
         return (f"val_source train_holdout: {n}validation images held out of the training "
                 f"split choose, the test split reports")
     return (f"val_source test_holdout: {scores['choose_images']} test images choose, the other "

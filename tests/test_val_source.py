@@ -97,6 +97,22 @@ def test_default_holdout_size():
     assert holdout_size(t, 360, "digits") == 180  # capped at half the test split
 
 
+def test_holdout_is_seeded_and_checked_against_the_record():
+    from search.scores import scored_data
+
+    data = load_data("synthetic", synthetic=SYNTH, val_fraction=0.0)
+    t0, t1 = (config_from_dict({"trial": {"val_source": "test_holdout", "test_holdout": 30,
+                                          "seed": s}}).trial for s in (0, 1))
+    a, b, c = (scored_data(data, t, {"val_source": "test_holdout"}, "synthetic")
+               for t in (t0, t0, t1))
+    assert torch.equal(a.val.index, b.val.index) and not torch.equal(a.val.index, c.val.index)
+    assert len(a.val.index) == 30 and len(a.test.index) == 90 and a.val.x is data.test.x
+    with pytest.raises(UserError, match=r"^the test split of synthetic has 120 images, but the "
+                                        r"search chose on 30 of 100; use the data the search"):
+        scored_data(data, t0, {"val_source": "test_holdout", "choose_images": 30,
+                               "report_images": 70}, "synthetic")
+
+
 def _key(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
     return [(int(c),) + tuple(round(v, 4) for v in row.tolist())
             for c, row in zip(y, x.flatten(1)[:, :12])]
@@ -127,7 +143,7 @@ class _Trace:
     def keys(self, role: str) -> set:
         """Images evaluated as some fit's ``val`` (role 'val') or ``test`` (role 'test')."""
         loaders = [getattr(d, role) for d in self.fits]
-        return {k for loader, keys in self.evals if any(loader is l for l in loaders)
+        return {k for loader, keys in self.evals if any(loader is seen for seen in loaders)
                 for k in keys}
 
 
@@ -192,8 +208,8 @@ def test_train_holdout_chooses_inside_the_training_split(tmp_path, monkeypatch,
                                                          one_torch_thread):
     """The default for a baseline pretrained here: trials choose on the training holdout,
     the whole test split is never evaluated by a trial."""
-    from search.trainable import TrialSetup, train_trial
     from search.scores import scores_record
+    from search.trainable import TrialSetup, train_trial
 
     config = _config(tmp_path)
     data = load_data("synthetic", synthetic=SYNTH, val_fraction=0.1, eval_batch_size=50)
@@ -214,11 +230,12 @@ def test_train_holdout_chooses_inside_the_training_split(tmp_path, monkeypatch,
 @pytest.mark.slow  # each starts a local Ray instance (about 10 s)
 @pytest.mark.parametrize("sets, message", [
     (["trial.val_source=test_holdout", "trial.test_holdout=120"],
-     "error: trial.test_holdout: 120 is not smaller than the test split (120 images); some "
-     "test images must be left to report on"),
+     ("error: trial.test_holdout: 120 is not smaller than the test split (120 images); some "
+      "test images must be left to report on")),
     (["trial.val_source=test_holdout", f"model.synthetic={dict(SYNTH, n_test=1)}"],
-     "error: trial.val_source test_holdout needs a test split to hold images out of; data set "
-     "synthetic has 1 test image(s) (at least 2 are needed: some choose, the rest report)"),
+     ("error: trial.val_source test_holdout needs a test split to hold images out of; data "
+      "set synthetic has 1 test image(s) (at least 2 are needed: some choose, the rest "
+      "report)")),
 ])
 def test_bad_holdout_is_one_line_exit_2(tmp_path, sets, message):
     """``launch.py search``: one line, exit 2, no experiment folder, nothing pretrained."""
