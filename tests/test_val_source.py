@@ -196,6 +196,10 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
     assert (result["val_source"], result["test_images"], result["val_images"]) == (
         "test_holdout", 80, 40)
 
+    with pytest.raises(UserError, match=r"^retrain --workers > 1 chooses its best epoch on "
+                                        r"the validation split held out"):
+        retrain_experiment(tmp_path / "exp", "best", epochs=1, quiet=True, workers=2)
+
     from search.analysis import load_results
 
     df = load_results(tmp_path / "exp")
