@@ -45,12 +45,21 @@ def split_record(config: SearchConfig) -> dict[str, Any]:
 
 def choose_val_source(config: SearchConfig) -> tuple[str, str]:
     """(``train_holdout`` or ``test_holdout``, why): ``trial.val_source`` when set, else
-    by the baseline's provenance (reads ``model.pretrained``'s record, not its weights)."""
+    by the baseline's provenance (reads ``model.pretrained``'s record, not its weights);
+    an explicit choice that the provenance contradicts says so in its reason."""
+    t = config.trial
+    auto, why = _by_provenance(config)
+    if t.val_source == "auto":
+        return auto, why
+    if t.val_source != auto:
+        return t.val_source, f"trial.val_source says so (auto would choose {auto}: {why})"
+    return t.val_source, "trial.val_source says so"
+
+
+def _by_provenance(config: SearchConfig) -> tuple[str, str]:
     from sketch_core.checkpoint import read_record
 
-    t, m = config.trial, config.model
-    if t.val_source != "auto":
-        return t.val_source, "trial.val_source says so"
+    m = config.model
     if not m.pretrained:
         return "train_holdout", ("the baseline is pretrained here on this search's training "
                                  "split, so it never saw the validation images")

@@ -73,7 +73,11 @@ def test_auto_follows_the_baselines_provenance(tmp_path):
     source, why = choose_val_source(_config(tmp_path, f"model.pretrained={bare}"))
     assert source == "test_holdout" and "records no training split" in why
     # an explicit choice wins
-    assert choose_val_source(_config(tmp_path, f"model.pretrained={bare}",
+    source, why = choose_val_source(_config(tmp_path, f"model.pretrained={bare}",
+                                            "trial.val_source=train_holdout"))
+    assert source == "train_holdout" and why.startswith(
+        "trial.val_source says so (auto would choose test_holdout: model.pretrained records no")
+    assert choose_val_source(_config(tmp_path, f"model.pretrained={mine}",
                                      "trial.val_source=train_holdout")) == (
         "train_holdout", "trial.val_source says so")
     assert choose_val_source(_config(tmp_path, "trial.val_source=test_holdout"))[0] == "test_holdout"
