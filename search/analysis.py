@@ -58,8 +58,10 @@ _BASE_COLUMNS: dict[str, str] = {
     "time_s": "float64", "node": "str", "error": "str", "started": "float64", "ended": "float64",
 }
 _TAIL_COLUMNS: dict[str, str] = {"test_acc": "float64", "pick": "str", "paper_rate": "str",
-                                 "val_acc_sketched": "float64", "stop_reason": "str", "optuna_number": "Int64"}
-_ATTR_KEYS = ("name", "cfg", "data_set", "family", "num_units", "unit_names", "baseline", "paper_rates")
+                                 "val_acc_sketched": "float64", "stop_reason": "str", "optuna_number": "Int64",
+                                 "val_source": "str", "test_images": "Int64"}
+_ATTR_KEYS = ("name", "cfg", "data_set", "family", "num_units", "unit_names", "baseline", "paper_rates",
+              "scores")
 _RATE_RE = re.compile(r"^rate_(\d+)$")
 _SKIP_DIRS = {"retrain", "analysis"}
 
@@ -350,6 +352,7 @@ def _attach_retrains(df: pd.DataFrame, retrains: pd.DataFrame) -> None:
         if hit.any():
             df.loc[hit, "test_acc"] = _num(r.get("test_acc"))
             df.loc[hit, "pick"] = r["pick"]
+            df.loc[hit, "test_images"] = _num(r.get("test_images"))
 
 
 def _mark_paper_rates(df: pd.DataFrame, paper: dict[str, list[float]]) -> None:
@@ -403,6 +406,14 @@ def _experiment_folder(path: str | os.PathLike[str]) -> _Folder:
     return folder
 
 
+def _val_source(manifest: dict) -> str | None:
+    """Which images the trials scored on: the manifest's ``scores`` (searches from before
+    the choice scored on the training holdout); None without a manifest."""
+    if not manifest:
+        return None
+    return (manifest.get("scores") or {}).get("val_source") or "train_holdout"
+
+
 def load_experiment(path: str | os.PathLike[str], *, include_running: bool = True) -> Experiment:
     """Load one experiment folder (local path or storage URI) into an :class:`Experiment`."""
     folder = _experiment_folder(path)
@@ -417,7 +428,9 @@ def load_experiment(path: str | os.PathLike[str], *, include_running: bool = Tru
                      manifest=manifest, trials=pd.DataFrame(), retrains=load_retrains(folder))
     df = _frame(records, manifest)
     df["test_acc"] = np.nan
+    df["test_images"] = np.nan
     df["pick"] = pd.Series([None] * len(df), dtype="object")
+    df["val_source"] = _val_source(manifest)
     _attach_retrains(df, exp.retrains)
     _mark_paper_rates(df, exp.paper_rates)
     exp.trials = _coerce(df)
@@ -468,7 +481,11 @@ def load_results(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
     ``pick`` (its retrain pick name), ``paper_rate`` (the paper's uniform vector this
     trial ran, from the record or by equality with the manifest's ``paper_rates``),
     ``val_acc_sketched`` (accuracy right after sketching, before fine-tuning),
-    ``stop_reason``, ``optuna_number``, and ``experiment`` when several folders are given.
+    ``stop_reason``, ``optuna_number``, ``val_source`` (``train_holdout``: ``val_acc`` is
+    on the validation split held out of the training split; ``test_holdout``: on
+    held-out test images), ``test_images`` (how many test images ``test_acc`` was
+    measured on: with ``test_holdout``, only those no choice saw), and ``experiment``
+    when several folders are given.
     A half-written line of ``trials.jsonl`` is skipped with a :class:`ResultsWarning`.
     """
     return combine(load_experiments(paths, include_running=include_running))

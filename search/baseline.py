@@ -5,7 +5,9 @@ input channels, unpruned widths). Without one, small data sets (digits, syntheti
 a baseline trained with ``model.pretrain`` and cached under a hash of that recipe, so
 the next search with the same recipe starts at once. Either way the experiment folder
 receives ``baseline.pt`` (sketchtune format) and the manifest its FLOPs, parameters
-and validation/test accuracy. Runs in the driver; no Ray.
+and validation/test accuracy, measured on the images that choose and those that report
+(``trial.val_source``, :mod:`search.scores`; the record goes into the manifest as
+``scores``). Runs in the driver; no Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import torch
 
 from search.config import SearchConfig, recipe_hash
+from search.scores import (choose_val_source, data_val_fraction, describe, scored_data,
+                           scores_record, split_record)
 from sketch_core.atomic import atomic_copy
 from sketch_core.errors import UserError
 
@@ -46,13 +50,14 @@ class Baseline:
     transform_input: bool = False
     family: str | None = None                    # the model family the search sketches
     normalize: dict[str, list[float]] | None = None  # the (mean, std) its inputs use, as recorded
+    scores: dict | None = None  # which images choose and report (search.scores.scores_record)
 
     def summary(self) -> dict[str, Any]:
         return {"flops": self.flops, "params": self.params, "val_acc": self.val_acc,
                 "test_acc": self.test_acc, "source": self.source,
                 "num_classes": self.num_classes, "in_channels": self.in_channels,
                 "input_size": self.input_size, "family": self.family,
-                "normalize": self.normalize}
+                "normalize": self.normalize, "scores": self.scores}
 
 
 def cache_dir(config: SearchConfig) -> Path:
@@ -63,16 +68,21 @@ def cache_dir(config: SearchConfig) -> Path:
 
 
 def load_search_data(config: SearchConfig, batch_size: int | None = None, device: str = "cpu",
-                     normalize: Any = None):
-    """The data set with the search's validation split (same fraction and seed everywhere);
-    ``normalize`` as :func:`sketch_core.data.load_data` takes it (None: the data set's own)."""
+                     normalize: Any = None, scores: dict | None = None):
+    """The data set as the search scores it: ``val`` chooses, ``test`` reports (same
+    fraction, sizes and seed everywhere). ``scores`` is the search's
+    :func:`search.scores.scores_record` (or ``{"val_source": ...}``); None: the
+    validation split held out of the training split. ``normalize`` as
+    :func:`sketch_core.data.load_data` takes it (None: the data set's own)."""
     from sketch_core.data import load_data
 
     m, t = config.model, config.trial
-    return load_data(m.data_set, m.data_path, batch_size=batch_size or t.batch_size,
-                     eval_batch_size=t.eval_batch_size, val_fraction=t.val_fraction,
+    source = (scores or {}).get("val_source", "train_holdout")
+    data = load_data(m.data_set, m.data_path, batch_size=batch_size or t.batch_size,
+                     eval_batch_size=t.eval_batch_size, val_fraction=data_val_fraction(t, source),
                      seed=t.seed, device=device, download=m.download,
                      input_size=m.input_size, synthetic=m.synthetic, normalize=normalize)
+    return scored_data(data, t, scores, m.data_set)
 
 
 def search_normalize(config: SearchConfig) -> Any:
@@ -91,27 +101,6 @@ def search_normalize(config: SearchConfig) -> Any:
         recorded = read_record(path).get("normalize")
     return choose_normalize(m.normalize, recorded, force=m.force_normalize,
                             source=f"model.pretrained {m.pretrained}")
-
-
-def split_record(config: SearchConfig) -> dict[str, Any]:
-    """The training split of the search (what a checkpoint records as ``split``)."""
-    m, t = config.model, config.trial
-    path = str(Path(m.data_path).expanduser().resolve()) if m.data_path else None
-    return {"data_set": m.data_set, "data_path": path, "seed": t.seed,
-            "val_fraction": t.val_fraction}
-
-
-def _say_split(config: SearchConfig, split: dict | None, source: str) -> None:
-    """Whether the validation split holds images the baseline never trained on."""
-    if not split:
-        return
-    if split == split_record(config):
-        print(f"[pretrain] {source} was trained on this search's training split: its "
-              f"validation images are unseen", flush=True)
-    else:
-        print(f"[pretrain] warning: {source} was trained on another split "
-              f"({', '.join(f'{k} {v}' for k, v in split.items())}): the search's validation "
-              f"images may include some it trained on", flush=True)
 
 
 def set_cpu_threads(config: SearchConfig, data: Any) -> None:
@@ -186,48 +175,65 @@ def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -
                     split=split_record(config))
 
 
+def _scoring_data(config: SearchConfig, normalize: Any) -> tuple[Any, dict]:
+    """The data as the search scores it and the record of that choice, checked (sizes,
+    images per trial) before anything trains; says in one line which images choose."""
+    from search.trainable import check_trial_images
+
+    val_source, reason = choose_val_source(config)
+    data = load_search_data(config, batch_size=config.model.pretrain.batch_size,
+                            normalize=normalize, scores={"val_source": val_source})
+    check_trial_images(config.trial, data)
+    scores = scores_record(val_source, reason, data, config.trial)
+    print(f"[search] scores: {describe(scores)}, because {reason}", flush=True)
+    return data, scores
+
+
+def _obtain(config: SearchConfig, data: Any, scores: dict, num_classes: int,
+            normalize: Any) -> tuple[str, Any]:
+    """(source, loaded checkpoint): ``model.pretrained``, or the cached or newly pretrained
+    baseline (trained with the validation split held out of the training split)."""
+    m = config.model
+    if m.pretrained:
+        source = str(Path(m.pretrained).expanduser().resolve())
+        return source, load_baseline_file(source, config, num_classes, data.in_channels,
+                                          data.input_size)
+    if m.data_set not in PRETRAINABLE:
+        raise UserError(f"model.pretrained is empty: give the checkpoint of a trained "
+                        f"{m.cfg} on {m.data_set} (or train one with `launch.py pretrain`); "
+                        f"only {', '.join(PRETRAINABLE)} baselines are pretrained on the fly")
+    target = cache_dir(config) / f"{m.cfg}-{m.data_set}-{recipe_hash(config)}.pt"
+    if not target.is_file():
+        train_data = data if scores["val_source"] == "train_holdout" else load_search_data(
+            config, batch_size=m.pretrain.batch_size, normalize=normalize)
+        _pretrain(config, train_data, num_classes, target)
+    else:
+        print(f"[pretrain] cached baseline {target}", flush=True)
+    return str(target), load_baseline_file(target, config, num_classes, data.in_channels,
+                                           data.input_size)
+
+
 def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
-    """Load or pretrain the baseline, measure it, and write ``exp_dir/baseline.pt``."""
+    """Load or pretrain the baseline, measure it (validation accuracy on the images that
+    choose, test accuracy on those that report), and write ``exp_dir/baseline.pt``."""
     from sketch_core.checkpoint import save_checkpoint
     from sketch_core.flops import count_flops
-
     from sketch_core.normalize import as_record
 
     m = config.model
     t0 = time.time()
     normalize = search_normalize(config)
-    data = load_search_data(config, batch_size=m.pretrain.batch_size, normalize=normalize)
-    from search.trainable import check_trial_images
-
-    check_trial_images(config.trial, data)  # before anything trains
+    data, scores = _scoring_data(config, normalize)
     set_cpu_threads(config, data)
     num_classes = m.num_classes or data.num_classes
     entry = m.resolved_arch(data.input_size)
-    if m.pretrained:
-        source = str(Path(m.pretrained).expanduser().resolve())
-        loaded = load_baseline_file(source, config, num_classes, data.in_channels,
-                                    data.input_size)
-        _say_split(config, loaded.meta.get("split"), f"model.pretrained {m.pretrained}")
-        pretrain_s = 0.0
-    else:
-        if m.data_set not in PRETRAINABLE:
-            raise UserError(f"model.pretrained is empty: give the checkpoint of a trained "
-                            f"{m.cfg} on {m.data_set} (or train one with `launch.py pretrain`); "
-                            f"only {', '.join(PRETRAINABLE)} baselines are pretrained on the fly")
-        target = cache_dir(config) / f"{m.cfg}-{m.data_set}-{recipe_hash(config)}.pt"
-        if not target.is_file():
-            _pretrain(config, data, num_classes, target)
-        else:
-            print(f"[pretrain] cached baseline {target}", flush=True)
-        source = str(target)
-        loaded = load_baseline_file(target, config, num_classes, data.in_channels,
-                                    data.input_size)
-        pretrain_s = time.time() - t0
+    source, loaded = _obtain(config, data, scores, num_classes, normalize)
+    pretrain_s = 0.0 if m.pretrained else time.time() - t0
     model = loaded.model.cpu().eval()
     flops, params = count_flops(model, data.shape)
     val_acc, test_acc = _evaluate(model, data)
-    if test_acc is None:
-        metrics = (loaded.meta or {}).get("metrics") or {}
+    if test_acc is None and scores["val_source"] == "train_holdout":
+        metrics = (loaded.meta or {}).get("metrics") or {}  # (on other images otherwise)
         val_acc, test_acc = metrics.get("val_acc"), metrics.get("test_acc")
     if exp_dir is not None:
         split = loaded.meta.get("split") if m.pretrained else split_record(config)
@@ -240,7 +246,7 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
                     input_size=data.input_size, flops=flops, params=params, val_acc=val_acc,
                     test_acc=test_acc, source=source, pretrain_s=pretrain_s,
                     transform_input=bool(getattr(model, "transform_input", False)),
-                    family=entry.family, normalize=as_record(data.normalize))
+                    family=entry.family, normalize=as_record(data.normalize), scores=scores)
 
 
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:

@@ -287,6 +287,18 @@ class TrialConfig(_Section):
     step: Literal["eager", "graph"] = "eager"  # graph: the step as one CUDA graph (on CUDA)
     train_images: PositiveInt | None = None  # per trial epoch, drawn anew; None: all
     val_images: PositiveInt | None = None  # a fixed subset of the validation split; None: all
+    # which images choose (trials, the retrain's best epoch): see search/scores.py
+    val_source: Literal["auto", "train_holdout", "test_holdout"] = "auto"
+    test_holdout: PositiveInt | None = None  # test images that choose; None: min(2000, half)
+
+    @model_validator(mode="after")
+    def _holdout_needs_test_source(self) -> TrialConfig:
+        if self.test_holdout is not None and self.val_source == "train_holdout":
+            raise _config_error("sizes the test images that choose, but val_source is "
+                                "train_holdout (the validation split chooses); set val_source "
+                                "to test_holdout or auto, or drop test_holdout",
+                                "test_holdout")
+        return self
 
 
 class SchedulerConfig(_Section):

@@ -81,7 +81,7 @@ def make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> A
         use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
         baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),
         ended=ended, transform_input=bool(baseline.get("transform_input")),
-        family=family, normalize=baseline.get("normalize"))
+        family=family, normalize=baseline.get("normalize"), scores=baseline.get("scores"))
     return setup
 
 
@@ -198,6 +198,7 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
         "study_storage": study_url if config.storage.study_storage is None
         else "(given by --study_storage)", "study_name": name,
         "storage_path": storage_path, "experiment_dir": str(exp_dir), "address": address,
+        "scores": b.scores,
     }
     write_manifest(exp_dir, manifest)
     return manifest, baseline, b.state

@@ -5,12 +5,16 @@ trials.jsonl, baseline.pt), picks a trial (:mod:`search.picks`: ``knee``, ``best
 ``flops<=F``, ``trial=ID``), sketches the baseline at the trial's exact widths with
 the search's sketch options, recalibrates BN and fine-tunes with ``retrain``'s
 schedule (the original's 150 epochs with decay at 50 and 100 for CIFAR), keeping the
-best epoch on the validation split. It writes ``retrain/<pick>/``: ``model.pt`` (a
+best epoch on the images the search chose on (the manifest's ``scores``,
+:mod:`search.scores`: the validation split held out of the training split, or the
+held-out test images with ``val_source: test_holdout``, whose test accuracy is then
+measured on the other test images only). It writes ``retrain/<pick>/``: ``model.pt`` (a
 sketchtune checkpoint that ``sketch --test_only --refine`` and ``info
 --sketch_model`` read), ``metrics.csv`` (one row per epoch), ``train_state.pt`` (an
-interrupted retrain continues from it) and ``result.json`` (test accuracy, FLOPs,
-params and their reductions). ``workers > 1`` trains data-parallel through Ray
-Train's TorchTrainer (:mod:`search.distributed`).
+interrupted retrain continues from it) and ``result.json`` (test accuracy with
+``val_source`` and ``test_images``, the number of test images it was measured on,
+FLOPs, params and their reductions). ``workers > 1`` trains data-parallel through Ray
+Train's TorchTrainer (:mod:`search.distributed`; train_holdout searches only).
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
             epochs: int, quiet: bool, normalize: Any = None) -> dict[str, Any]:
     """Retrain in this process on its best device; resumes from job/train_state.pt."""
     from search.baseline import load_baseline_file, load_search_data, set_cpu_threads
+    from search.scores import data_val_fraction, split_record
+    from sketch_core.data import loader_rows
     from sketch_core.bn import recalibrate_bn
     from sketch_core.checkpoint import save_checkpoint
     from sketch_core.flops import count_flops
@@ -64,7 +70,7 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
     b = manifest["baseline"]
     device = resolve_device(None)
     data = load_search_data(config, batch_size=rt.batch_size, device=str(device),
-                            normalize=normalize)
+                            normalize=normalize, scores=_scores(manifest))
     entry = resolve_arch(m.cfg, m.data_set, family=b.get("family") or m.family,
                          input_size=data.input_size)
     if device.type == "cpu":
@@ -104,23 +110,32 @@ def _single(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, manifest:
                  state_path=state_path, state_meta=meta)
     model.load_state_dict(result.best_state)
     test = evaluate(model, data.test, device)
+    scores = _scores(manifest)
     metrics = {"test_acc": test["acc"], "val_acc": result.best_val_acc, "flops": flops,
-               "params": params, "best_epoch": result.best_epoch, "epochs": epochs}
-    from search.baseline import split_record
-
+               "params": params, "best_epoch": result.best_epoch, "epochs": epochs,
+               "val_source": scores["val_source"], "test_images": len(loader_rows(data.test))}
+    split = {**split_record(config), "val_fraction": data_val_fraction(config.trial,
+                                                                       scores["val_source"])}
     save_checkpoint(str(job / "model.pt"), model.cpu(), cfg=entry,
                     num_classes=b["num_classes"], in_channels=b["in_channels"], rates=rates,
                     widths=list(widths), metrics=metrics,
                     extra={"sketch_mode": s.mode, "select_by": s.select_by,
                            "trial_id": rec.get("trial_id"), "experiment": str(exp_dir)},
-                    normalize=data.normalize, split=split_record(config))
+                    normalize=data.normalize, split=split)
     return {"test_acc": test["acc"], "test_top5": test["top5"], "val_acc": result.best_val_acc,
+            "test_images": metrics["test_images"],
+            "val_images": 0 if data.val is None else len(loader_rows(data.val)),
             "best_epoch": result.best_epoch, "flops": flops, "params": params,
             "widths": list(widths), "val_acc_sketched": after}
 
 
+def _scores(manifest: dict) -> dict:
+    """The search's record of which images choose and report (older searches: train_holdout)."""
+    return manifest.get("scores") or {"val_source": "train_holdout"}
+
+
 def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epochs: int,
-                 workers: int, address: str | None, normalize: Any = None,
+                 workers: int, address: str | None, manifest: dict, normalize: Any = None,
                  family: str | None = None) -> dict[str, Any]:
     """Data-parallel retrain through the single-shot command's Ray Train path."""
     from search.distributed import run_distributed
@@ -128,6 +143,10 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
     from sketch_core.spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 
     m, s, rt = config.model, config.sketch, config.retrain
+    if _scores(manifest)["val_source"] == "test_holdout":
+        raise UserError("retrain --workers > 1 chooses its best epoch on the validation split "
+                        "held out of the training split, but this search chose on held-out "
+                        "test images (val_source test_holdout); retrain with --workers 1")
     if config.space.round_to > 1:
         raise UserError("retrain --workers > 1 cannot reproduce widths rounded by "
                         "space.round_to > 1; retrain with --workers 1")
@@ -214,7 +233,7 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
                 f"{f' on {workers} workers' if workers > 1 else ''}")
     t0 = time.time()
     if workers > 1:
-        out = _distributed(config, exp_dir, job, rec, epochs, workers, address, norm,
+        out = _distributed(config, exp_dir, job, rec, epochs, workers, address, manifest, norm,
                            manifest["baseline"].get("family"))
     else:
         out = _single(config, exp_dir, job, rec, manifest, epochs, quiet, norm)
@@ -232,6 +251,8 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         "baseline_test_acc": base.get("test_acc"), "baseline_val_acc": base.get("val_acc"),
         "baseline_flops": bf, "baseline_params": bp,
         "search_val_acc": rec.get("val_acc"), "val_acc_sketched": out.get("val_acc_sketched"),
+        "val_source": _scores(manifest)["val_source"], "test_images": out.get("test_images"),
+        "val_images": out.get("val_images"),
         "workers": workers, "time_s": round(time.time() - t0, 3),
         "model": str(job / "model.pt"), "lr": config.retrain.lr,
         "lr_decay_step": list(config.retrain.lr_decay_step),
@@ -246,7 +267,7 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         _say(quiet, f"[retrain] exported {done.path} (max abs logit difference "
                     f"{done.max_abs_diff:.3g})")
     atomic_write_json(job / "result.json", result)
-    _say(quiet, f"[retrain] test acc {_pct(result['test_acc'])} (baseline "
+    _say(quiet, f"[retrain] test acc {_pct(result['test_acc'])}{_on(result)} (baseline "
                 f"{_pct(base.get('test_acc'))}), FLOPs {_m(result['flops'])} (-"
                 f"{_pct(result['flops_reduction'])}), params {_m(result['params'])} (-"
                 f"{_pct(result['params_reduction'])}) in {result['time_s']:.0f}s; model "
@@ -267,6 +288,13 @@ def _retrain_normalize(exp_dir: Path, normalize: Any, force: bool) -> Any:
     if normalize is not None:
         parse_normalize(normalize)
     return choose_normalize(normalize, recorded, force=force, source=str(path))
+
+
+def _on(result: dict) -> str:
+    """`` on the N test images no choice saw`` (test_holdout), else nothing."""
+    if result.get("val_source") != "test_holdout":
+        return ""
+    return f" on the {result.get('test_images')} test images no choice saw"
 
 
 def _pct(x: Any) -> str:

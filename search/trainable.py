@@ -12,6 +12,9 @@ a trial that Tune moves or restarts continues from it.
 (:func:`sized_data`): each epoch trains on that many images drawn anew from the
 training split (seeded by ``trial.seed``, the trial's rates and the epoch), and every
 trial is scored on the same seeded subset of the validation split.
+The validation split is what ``setup.scores`` says (:mod:`search.scores`): held out of
+the training split, or ``trial.test_holdout`` images of the test split (the trial's
+``val_acc`` is then measured there and the training split is used whole).
 :func:`check_trial_images` is the driver's check that both fit their splits.
 
 Errors inside the trial (a NaN loss, a bad vector, any exception of the training
@@ -73,6 +76,7 @@ class TrialSetup:
     ended: dict[str, dict] = field(default_factory=dict)  # trial id -> final report (resume)
     family: str | None = None        # the baseline's model family (None: the family rule)
     normalize: dict | None = None    # the baseline's recorded (mean, std); None: the data set's
+    scores: dict | None = None       # which images choose (search.scores); None: train_holdout
 
     def arch(self):
         """The resolved architecture of the baseline (its family, the data's input size)."""
@@ -83,19 +87,24 @@ class TrialSetup:
 
 
 def trial_data(setup: TrialSetup, device: str):
-    """The data set, loaded once per worker process and device."""
+    """The data set as the search scores it (``setup.scores``: ``val`` is the images that
+    choose), loaded once per worker process and device."""
+    from search.scores import data_val_fraction, scored_data
     from sketch_core.data import load_data
     from sketch_core.normalize import from_record
 
     t = setup.trial
+    source = (setup.scores or {}).get("val_source", "train_holdout")
     key = repr(("data", setup.data_set, setup.data_path, setup.input_size, setup.synthetic,
-                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device, setup.normalize))
+                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device, setup.normalize,
+                setup.scores))
     if key not in _CACHE:
-        _CACHE[key] = load_data(setup.data_set, setup.data_path, batch_size=t.batch_size,
-                                eval_batch_size=t.eval_batch_size,
-                                val_fraction=t.val_fraction, seed=t.seed, device=device,
-                                input_size=setup.input_size, synthetic=setup.synthetic,
-                                normalize=from_record(setup.normalize))
+        data = load_data(setup.data_set, setup.data_path, batch_size=t.batch_size,
+                         eval_batch_size=t.eval_batch_size,
+                         val_fraction=data_val_fraction(t, source), seed=t.seed, device=device,
+                         input_size=setup.input_size, synthetic=setup.synthetic,
+                         normalize=from_record(setup.normalize))
+        _CACHE[key] = scored_data(data, t, setup.scores, setup.data_set)
     return _CACHE[key]
 
 

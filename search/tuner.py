@@ -25,6 +25,7 @@ from search.prepare import (SearchOutcome, baseline_dict, check_folder, ended_re
                             open_study_storage, rate_space, say)
 from search.ray_session import check_resources, ray_session
 from search.records import read_records
+from search.scores import describe
 from sketch_core.errors import UserError
 
 __all__ = ["SearchOutcome", "run_search", "make_scheduler"]
@@ -144,7 +145,8 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
         setup = make_setup(config, baseline, ended_reports(records_before) if resume else {})
         fn = _trainable(config, setup, state, trainable)
         if resume:
-            say(quiet, f"[search] resuming {name}: {len(records_before)} trials already ended")
+            say(quiet, f"[search] resuming {name}: {len(records_before)} trials already ended; "
+                       f"scores as recorded: {describe(baseline.get('scores'))}")
             tuner = _restored_tuner(path, fn)
         else:
             where = "local Ray on 127.0.0.1" if started_here else f"cluster {address}"

@@ -24,6 +24,7 @@ equal share of every training epoch.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from .folder_cache import (FOLDER_LAYOUT, SMALL_IMAGE_SIDE, fits_in_memory, fold
 from .normalize import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalization,
                         check_channels, parse_normalize)
 
-__all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "DATA_SETS", "CIFAR10_FILES"]
+__all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "hold_out_test", "loader_rows",
+           "DATA_SETS", "CIFAR10_FILES"]
 
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 DIGITS_TEST_FRACTION = 0.2
@@ -229,6 +231,35 @@ def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tens
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     k = int(round(fraction * n))
     return perm[k:].sort().values, perm[:k].sort().values
+
+
+def loader_rows(loader: TensorLoader | FolderLoader) -> torch.Tensor:
+    """The rows of its split a loader serves (``TensorLoader.index``, ``FolderLoader.indices``)."""
+    return loader.index if isinstance(loader, TensorLoader) else loader.indices
+
+
+def _with_rows(loader: TensorLoader | FolderLoader, rows: torch.Tensor) -> TensorLoader | FolderLoader:
+    view = copy.copy(loader)  # the data tensors (or the image set) are shared
+    setattr(view, "index" if isinstance(loader, TensorLoader) else "indices", rows)
+    return view
+
+
+def hold_out_test(data: Data, n: int, seed: int) -> Data:
+    """``data`` with ``n`` images of its test split (a random draw seeded by ``seed``) as
+    its validation split, and the other test images as its test split.
+
+    The two are disjoint and together are the whole test split; every choice made on
+    ``val`` (a search's trials, a retrain's best epoch) is then reported on images it
+    never saw. ``0 < n < len(test)``.
+    """
+    rows = loader_rows(data.test)
+    if not 0 < n < len(rows):
+        raise ValueError(f"hold_out_test: n must be in [1, {len(rows) - 1}], got {n}")
+    g = torch.Generator().manual_seed((seed * 1_000_003 + 4049) % (2**63))
+    perm = torch.randperm(len(rows), generator=g).to(rows.device)
+    choose, report = rows[perm[:n].sort().values], rows[perm[n:].sort().values]
+    return dataclasses.replace(data, val=_with_rows(data.test, choose),
+                               test=_with_rows(data.test, report))
 
 
 def _check_common(data_set: str, batch_size: int, eval_batch_size: int,

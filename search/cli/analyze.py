@@ -26,6 +26,7 @@ from ..analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarni
                        format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
                        load_experiments, pareto_front, parse_flops_budget, rates_of, best_under_budget,
                        top_trials)
+from ..scores import describe
 
 __all__ = ["add_arguments", "run"]
 
@@ -78,6 +79,8 @@ def _table(df: pd.DataFrame) -> str:
     })
     if "test_acc" in df.columns and df["test_acc"].notna().any():
         show["test_acc"] = [_pct(v) for v in df["test_acc"]]
+        if "test_images" in df.columns and df["test_images"].notna().any():
+            show["on test images"] = ["-" if pd.isna(v) else str(int(v)) for v in df["test_images"]]
     if "paper_rate" in df.columns and df["paper_rate"].notna().any():
         show["note"] = ["paper " + v if isinstance(v, str) else "" for v in df["paper_rate"]]
     lines = show.to_string(index=False).splitlines()
@@ -192,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
         base = _baseline_line(exp)
         if base:
             print(base)
+        if exp.manifest:
+            print(f"scores: {describe(exp.manifest.get('scores'))}")
         failed = df.loc[df["status"] == "failed", "error"].fillna("(no message)")
         if len(failed):
             last_lines = [str(e).strip().splitlines()[-1] if str(e).strip() else "(no message)" for e in failed]

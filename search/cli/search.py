@@ -142,6 +142,7 @@ def _export_dataframe(exp_dir: Path) -> Path | None:
 
 def _run_search(args: argparse.Namespace) -> int:
     from search.config import load_config
+    from search.scores import describe
     from search.tuner import run_search
 
     if args.config:
@@ -159,12 +160,14 @@ def _run_search(args: argparse.Namespace) -> int:
     print()
     print_front(outcome.records)
     df_path = _export_dataframe(outcome.exp_dir)
+    print(f"scores:            {describe((outcome.baseline or {}).get('scores'))}")
     print(f"experiment folder: {outcome.exp_dir}")
     print(f"dataframe:         {df_path or outcome.exp_dir / 'trials.jsonl'}  "
           f"(python launch.py analyze {outcome.exp_dir})")
     if outcome.retrain:
+        n = outcome.retrain.get("test_images")
         print(f"final model:       {outcome.retrain['model']}  (test acc "
-              f"{100 * outcome.retrain['test_acc']:.2f}%, FLOPs "
+              f"{100 * outcome.retrain['test_acc']:.2f}%{f' on {n} test images' if n else ''}, FLOPs "
               f"-{100 * outcome.retrain['flops_reduction']:.1f}%)")
     p = outcome.phases
     print("phases: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in p.items() if v is not None))
