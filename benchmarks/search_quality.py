@@ -22,6 +22,12 @@ over seeds; last line
 ``ratio=<default/random>`` (goal > 1).
 
     python benchmarks/search_quality.py [--trials 32] [--seeds 5] [--epochs 0]
+
+``--data real`` runs the samplers on the real task instead (the public ResNet-20 adapted
+to the JPEG CIFAR-10, scored on held-out test images): see ``benchmarks/_search_real.py``.
+
+    python benchmarks/search_quality.py --data real [--trials 24] [--seeds 3] [--epochs 1]
+    python benchmarks/search_quality.py --data real --smoke
 """
 
 from __future__ import annotations
@@ -49,14 +55,32 @@ def hypervolume(points: list[tuple[float, float]]) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--trials", type=int, default=32)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs per trial")
+    p.add_argument("--data", choices=("digits", "real"), default="digits")
+    p.add_argument("--trials", type=int, default=None, help="per method: 32 (digits), 24 (real)")
+    p.add_argument("--seeds", type=int, default=None, help="5 (digits), 3 (real)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fine-tune epochs per trial: 0 (digits), 1 (real)")
     p.add_argument("--cache_dir", default=None, help="baseline cache (default: the user's)")
     p.add_argument("--boot", type=int, default=10000)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override for the default method, e.g. sampler.anchors=8")
+    from _search_real import add_arguments, run_real
+
+    add_arguments(p)
     args = p.parse_args()
+    if args.data == "real":
+        from sketch_core.errors import UserError
+
+        if args.epochs is None:
+            args.epochs = 1
+        try:
+            sys.exit(run_real(args))
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    args.trials = 32 if args.trials is None else args.trials
+    args.seeds = 5 if args.seeds is None else args.seeds
+    args.epochs = 0 if args.epochs is None else args.epochs
 
     import optuna
     import torch

@@ -1,0 +1,268 @@
+"""``search_quality.py --data real``: the samplers on the real task, scored without leakage.
+
+The public CIFAR ResNet-20 (``pretrained/resnet20-12fca82f.th``, trained on the
+original CIFAR-10 training images) is adapted to the JPEG copy's training images (one
+pass of SGD, cached in the work folder). Its test images were never trained on, so they
+are the ones that score: a seeded draw of ``--choose_images`` test images is what every
+search chooses on, a disjoint draw of ``--report_images`` is what the benchmark reports.
+
+A trial is scored as a search trial is: ``select_lsq`` (the trials' default), BN
+recalibrated on 10 training batches, then ``--epochs`` passes over ``--train_images``
+training images (seeded by the seed; 0 epochs: zero-shot). Scores are cached by
+(widths, seed). Methods, each ``--trials`` trials per seed:
+
+- ``surrogate``: ``sampler.name: surrogate`` after the usual anchors;
+- ``default``: NSGA-II as ``search`` builds it (population sized to the trials), after
+  the anchors; no early stopping here (every method trains each trial fully);
+- ``random``: Optuna's RandomSampler;
+- ``uniform``: a sweep of ``[r]*9``, r evenly spread over the grid.
+
+For each method and seed: the front chosen on the choosing images; its hypervolume with
+the reporting images' accuracies (reference (0, 1) in (accuracy, FLOPs ratio)); the
+same at equal trained cost (each method's trials in order until the images x MACs
+trained reach the least any method of that seed spent); the reporting accuracy of the
+best vector (on the choosing images) at <= 50% of the unpruned FLOPs. Mean and
+bootstrap 90% interval over seeds of each ratio; last line
+``ratio=<surrogate / uniform>`` (equal trial count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import ROOT, Clock, bootstrap_interval, hypervolume
+
+CFG = "resnet20"
+CKPT = "pretrained/resnet20-12fca82f.th"
+JPEG = "cifar10-jpg"
+METHODS = ("surrogate", "default", "random", "uniform")
+SMOKE = dict(trials=6, seeds=1, train_images=64, choose_images=100, report_images=100,
+             adapt_images=256)
+
+
+def _work_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sketchtune" / "search_quality"
+
+
+def _check(root: Path, args: argparse.Namespace, n_train: int | None, n_test: int | None) -> None:
+    from sketch_core.errors import UserError
+
+    need = [root / JPEG / "train", root / JPEG / "test", root / CKPT]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise UserError(f"--data real needs the JPEG CIFAR-10 ({JPEG}/train, {JPEG}/test) and the "
+                        f"public ResNet-20 ({CKPT}) under --data_root {root}; missing: "
+                        f"{', '.join(missing)}; point --data_root at the folder that holds them "
+                        f"(default: ../shared/data beside the repository)")
+    if n_train is not None and not 1 <= args.train_images <= n_train:
+        raise UserError(f"--train_images {args.train_images}: expected 1 to {n_train} (the "
+                        f"training split)")
+    if n_test is not None and args.choose_images + args.report_images > n_test:
+        raise UserError(f"--choose_images {args.choose_images} + --report_images "
+                        f"{args.report_images} exceed the {n_test} test images")
+
+
+def _subset(loader, index):
+    out = copy.copy(loader)
+    out.index = index.sort().values
+    return out
+
+
+def _adapted(public: Path, data, work: Path, images: int, clock: Clock):
+    """The public ResNet-20 after one pass of SGD over ``images`` JPEG training images."""
+    import torch
+
+    from sketch_core import load_checkpoint, save_checkpoint
+    from sketch_core.train import fit
+
+    ckpt = work / f"{CFG}-jpeg-e1-n{images}-lr0.01.pt"
+    if ckpt.exists():
+        print(f"[{clock()}] adapted baseline reused: {ckpt}", flush=True)
+        return load_checkpoint(ckpt).model.eval()
+    model = load_checkpoint(public, CFG).model
+    g = torch.Generator().manual_seed(7)
+    train = _subset(data.train, data.train.index[torch.randperm(len(data.train.index),
+                                                                generator=g)[:images]])
+    print(f"[{clock()}] adapting the public {CFG} to {images} JPEG training images (one "
+          f"pass, SGD lr 0.01; cached as {ckpt})", flush=True)
+    torch.manual_seed(0)
+    fit(model, dataclasses.replace(data, train=train, val=None), epochs=1, lr=0.01, momentum=0.9,
+        weight_decay=5e-4, lr_decay_step=[], seed=0, progress=False)
+    work.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(ckpt, model.eval(), cfg=CFG, data_set="cifar10",
+                    extra={"adapted_from": public.name, "images": images})
+    return model.eval()
+
+
+def _front_hv(points: list[tuple[float, float, float]]) -> float:
+    """Hypervolume, with the reporting accuracies, of the front chosen on the choosing ones.
+
+    ``points``: (choose acc, report acc, flops ratio)."""
+    front = []
+    for c, r, fr in points:
+        if not any((c2 >= c and f2 <= fr) and (c2 > c or f2 < fr) for c2, _, f2 in points):
+            front.append((r, fr))
+    return hypervolume(front)
+
+
+def _best_at_half(points: list[tuple[float, float, float]]) -> float:
+    cheap = [(c, r) for c, r, fr in points if fr <= 0.5 + 1e-9]
+    return max(cheap)[1] if cheap else 0.0
+
+
+def run_real(args: argparse.Namespace) -> int:
+    import optuna
+    import torch
+
+    from search.sampling import make_sampler
+    from search.space import RateSpace
+    from sketch_core import recalibrate_bn, sketch
+    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.train import evaluate, fit
+
+    if args.smoke:
+        for k, v in SMOKE.items():
+            if getattr(args, k) is None:
+                setattr(args, k, v)
+    for k, v in dict(trials=24, seeds=3, train_images=1000, choose_images=2000,
+                     report_images=4000, adapt_images=20000).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    root = Path(args.data_root).expanduser() if args.data_root else ROOT.parent / "shared" / "data"
+    _check(root, args, None, None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    clock = Clock()
+    t0 = time.time()
+    data = load_data("folder", root / JPEG, input_size=32, normalize=(IMAGENET_MEAN, IMAGENET_STD),
+                     batch_size=128, eval_batch_size=500, val_fraction=0.0, seed=0)
+    _check(root, args, len(data.train.index), len(data.test.index))
+    perm = torch.randperm(len(data.test.index), generator=torch.Generator().manual_seed(11))
+    idx = data.test.index[perm.to(data.test.index.device)]
+    choose = _subset(data.test, idx[:args.choose_images])
+    report = _subset(data.test, idx[args.choose_images:args.choose_images + args.report_images])
+    assert not set(choose.index.tolist()) & set(report.index.tolist())
+    base = _adapted(root / CKPT, data, _work_dir(args.work), min(args.adapt_images,
+                                                                len(data.train.index)), clock)
+    base_choose, base_report = evaluate(base, choose)["acc"], evaluate(base, report)["acc"]
+    print(f"[{clock()}] baseline {CFG}: {100 * base_choose:.2f}% on the {args.choose_images} "
+          f"choosing, {100 * base_report:.2f}% on the {args.report_images} reporting test "
+          f"images; torch threads {torch.get_num_threads()}", flush=True)
+    calib = data.calibration_batches(10)
+    space = RateSpace(CFG, "cifar10", low=0.1, high=1.0, step=0.05)
+    full_macs = space.cost_model.full_flops
+    cache: dict[tuple, tuple[float, float, float, float]] = {}
+
+    def score(rates: list[float], seed: int) -> tuple[float, float, float, float]:
+        cost = space.cost(rates)
+        key = (cost.widths, seed)
+        if key not in cache:
+            narrow = sketch(base, CFG, rates, mode="select_lsq", batches=calib)
+            recalibrate_bn(narrow, calib)
+            if args.epochs:
+                g = torch.Generator().manual_seed(1000 + seed)
+                pick = torch.randperm(len(data.train.index), generator=g)[:args.train_images]
+                train = _subset(data.train, data.train.index[pick.to(data.train.index.device)])
+                torch.manual_seed(seed)
+                fit(narrow, dataclasses.replace(data, train=train, val=None), epochs=args.epochs,
+                    lr=0.01, momentum=0.9, weight_decay=5e-4, lr_decay_step=[], seed=seed,
+                    progress=False)
+            narrow.eval()
+            trained = args.epochs * args.train_images * cost.flops / full_macs
+            cache[key] = (evaluate(narrow, choose)["acc"], evaluate(narrow, report)["acc"],
+                          cost.flops_ratio, trained)
+        return cache[key]
+
+    def optuna_run(sampler, seed: int, anchors: int) -> list[tuple[float, float, float, float]]:
+        study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+        for _, params in space.uniform_points(anchors):
+            study.enqueue_trial(params, skip_if_exists=True)
+        out = []
+        for _ in range(args.trials):
+            trial = study.ask()
+            rates = space(trial)["rates"]
+            res = score(rates, seed)
+            study.tell(trial, [res[0], space.cost(rates).flops])
+            out.append(res)
+        return out
+
+    grid = space.grid
+    k = min(args.trials, len(grid))
+    sweep = [grid[round(i * (len(grid) - 1) / max(1, k - 1))] for i in range(k)]
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(METHODS)
+    hv: dict[str, list[float]] = {m: [] for m in methods}
+    hv_cost: dict[str, list[float]] = {m: [] for m in methods}
+    half: dict[str, list[float]] = {m: [] for m in methods}
+    for seed in range(args.seeds):
+        runs = {}
+        for m in methods:
+            if m == "surrogate":
+                runs[m] = optuna_run(make_sampler("surrogate", seed, args.trials, space=space),
+                                     seed, 4)
+            elif m == "default":
+                runs[m] = optuna_run(make_sampler("nsga2", seed, args.trials), seed, 4)
+            elif m == "random":
+                runs[m] = optuna_run(optuna.samplers.RandomSampler(seed), seed, 0)
+            else:
+                runs[m] = [score([r] * space.num_units, seed) for r in sweep]
+        budget = min(sum(p[3] for p in pts) for pts in runs.values())
+        for m, pts in runs.items():
+            hv[m].append(_front_hv([p[:3] for p in pts]))
+            spent, prefix = 0.0, []
+            for p in pts:
+                if spent + p[3] > budget + 1e-9 and prefix:
+                    break
+                spent += p[3]
+                prefix.append(p[:3])
+            hv_cost[m].append(_front_hv(prefix))
+            half[m].append(_best_at_half([p[:3] for p in pts]))
+        print(f"[{clock()}] seed {seed}: " + "  ".join(f"{m} {hv[m][-1]:.4f}" for m in methods),
+              flush=True)
+    n = args.seeds
+    print(f"\n{args.trials} trials per method, {n} seed(s); trial: select_lsq, BN recalibration, "
+          f"{args.epochs} pass(es) over {args.train_images} training images; chosen on "
+          f"{args.choose_images} test images, reported on {args.report_images} others; "
+          f"{len(cache)} distinct evaluations in {time.time() - t0:.0f} s\n")
+    print("| method | hypervolume (equal trials) | hypervolume (equal trained cost) | best "
+          "accuracy at <= 50% FLOPs |")
+    print("| --- | --- | --- | --- |")
+    for m in methods:
+        print(f"| `{m}` | {statistics.fmean(hv[m]):.4f} | {statistics.fmean(hv_cost[m]):.4f} | "
+              f"{100 * statistics.fmean(half[m]):.2f}% |")
+    print()
+    for num, den in [("surrogate", "uniform"), ("surrogate", "random"), ("surrogate", "default"),
+                     ("default", "uniform"), ("default", "random")]:
+        if num not in methods or den not in methods:
+            continue
+        for label, table in (("equal trials", hv), ("equal trained cost", hv_cost)):
+            a, b = np.array(table[num]), np.array(table[den])
+            lo, hi = bootstrap_interval(lambda ix: a[ix].mean() / b[ix].mean(), n)
+            print(f"{num}/{den} ({label}): {a.mean() / b.mean():.3f} (bootstrap 90% interval "
+                  f"over seeds {lo:.3f} .. {hi:.3f})")
+    if "surrogate" in methods and "uniform" in methods:
+        print(f"ratio={statistics.fmean(hv['surrogate']) / statistics.fmean(hv['uniform']):.4f}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--data real")
+    g.add_argument("--data_root", default=None, help="folder holding cifar10-jpg/ and "
+                   "pretrained/ (default: ../shared/data beside the repository)")
+    g.add_argument("--work", default=None, help="where the adapted baseline is cached")
+    g.add_argument("--train_images", type=int, default=None, help="per trial (1000)")
+    g.add_argument("--choose_images", type=int, default=None, help="test images that choose (2000)")
+    g.add_argument("--report_images", type=int, default=None, help="test images that report (4000)")
+    g.add_argument("--adapt_images", type=int, default=None, help="baseline adaptation (20000)")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--methods", default=None, help=f"comma-separated ({','.join(METHODS)})")
+    g.add_argument("--smoke", action="store_true", help="everything tiny: a check in a minute")
