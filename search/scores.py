@@ -67,6 +67,12 @@ def _by_provenance(config: SearchConfig) -> tuple[str, str]:
     if not path.is_file():
         raise UserError(f"model.pretrained {m.pretrained}: no such file")
     split = read_record(path).get("split")
+    if split and "weights_from" in split:
+        seen = ("records another training split" if split.get("weights_split")
+                else "records no training split")
+        return "test_holdout", (f"model.pretrained was trained from {split['weights_from']}, "
+                                f"which {seen}, so its weights may have seen this search's "
+                                f"validation images")
     if split and split == split_record(config):
         return "train_holdout", ("model.pretrained records training on this search's "
                                  "training split (validation images held out)")

@@ -422,12 +422,25 @@ def _describe(spec: RunSpec, data) -> dict[str, Any]:
             "normalize": as_record(data.normalize)}
 
 
-def _split_record(spec: RunSpec) -> dict[str, Any]:
-    """The training split a checkpoint saw (so later runs know which images it never saw)."""
+def _split_record(spec: RunSpec, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The training split a checkpoint saw (so later runs know which images it never saw).
+
+    A run that started from other weights (``pretrain --init``, a sketch of
+    ``--sketch_model``) inherits what those saw: unless their own record names this very
+    split, the record says where they came from (``weights_from``, ``weights_split``), so
+    that nobody takes its validation images for unseen ones.
+    """
     d = spec.data
     path = None if d.data_path is None else str(Path(d.data_path).expanduser().resolve())
-    return {"data_set": d.data_set, "data_path": path, "seed": d.seed,
-            "val_fraction": d.val_fraction}
+    split = {"data_set": d.data_set, "data_path": path, "seed": d.seed,
+             "val_fraction": d.val_fraction}
+    meta = meta or {}
+    if "weights_from" in meta:
+        inherited = meta.get("weights_split")
+        clean = {k: (inherited or {}).get(k) for k in split}
+        if inherited is None or clean != split or "weights_from" in inherited:
+            split.update(weights_from=Path(meta["weights_from"]).name, weights_split=inherited)
+    return split
 
 
 def _check_resume(meta: dict[str, Any], run: dict[str, Any], path: Path) -> None:
@@ -490,8 +503,11 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
             model = sc.build_model(entry, **kw).to(device)
         _check_forward(model, data, cfg)
         base_macs, base_params = sc.count_flops(model, data.shape)
-        return model, {**run, "arch": arch, "cfg": cfg, "family": entry.family, "rates": None,
-                       "widths": None, "base_flops": base_macs, "base_params": base_params}, None
+        meta = {**run, "arch": arch, "cfg": cfg, "family": entry.family, "rates": None,
+                "widths": None, "base_flops": base_macs, "base_params": base_params}
+        if spec.model.init:
+            meta.update(weights_from=str(spec.model.init), weights_split=m.get("split"))
+        return model, meta, None
 
     source = _sketch_source(spec)
     asked = None if cfg is None else _arch(spec, cfg, size)
@@ -509,7 +525,8 @@ def _model_for(spec: RunSpec, data, device: torch.device, run: dict[str, Any]
     full = sc.build_model(entry, **kw)
     base_macs, base_params = sc.count_flops(full, data.shape)
     desc = {**run, "arch": arch, "cfg": cfg, "family": entry.family, "base_flops": base_macs,
-            "base_params": base_params}
+            "base_params": base_params, "weights_from": str(source),
+            "weights_split": m.get("split")}
     if spec.model.refine:
         log.info("fine-tuning the sketched checkpoint %s", spec.model.refine)
         return model, {**desc, "rates": m.get("rates"), "widths": m.get("widths"),
@@ -575,7 +592,7 @@ def _train(spec: RunSpec, device: torch.device, *,
     entry = _arch(spec, meta["cfg"], data.input_size, family=meta.get("family"))
     save_kw = dict(cfg=entry, num_classes=data.num_classes,
                    in_channels=data.in_channels, rates=meta.get("rates"), widths=meta.get("widths"),
-                   normalize=data.normalize, split=_split_record(spec))
+                   normalize=data.normalize, split=_split_record(spec, meta))
     extra = {k: meta[k] for k in ("sketch_mode", "select_by", "command")
              if meta.get(k) is not None}
 

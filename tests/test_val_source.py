@@ -260,3 +260,38 @@ def test_bad_holdout_is_one_line_exit_2(tmp_path, sets, message):
     assert proc.returncode == 2 and ours == [message], proc.stdout[-2000:] + proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad").exists() and not (tmp_path / "cache").exists()
+
+
+def test_weights_started_from_elsewhere_keep_their_provenance(tmp_path, capsys):
+    """``pretrain --init`` and ``sketch`` record the split only when their source's own
+    record vouches for it: an adapted public network never passes as a clean one."""
+    import launch
+    from sketch_core.checkpoint import load_checkpoint
+
+    def pretrain(job, *extra):
+        argv = ["pretrain", "--data_set", "synthetic", "--arch", "resnet", "--cfg", "resnet20",
+                "--num_epochs", "1", "--input_size", "8", "--no_progress", "--job_dir",
+                str(tmp_path / job), *extra]
+        assert launch.main(argv) == 0, capsys.readouterr()
+        return tmp_path / job / "checkpoint" / "model_best.pt"
+
+    def auto(ckpt):
+        return choose_val_source(_config(tmp_path, f"model.pretrained={ckpt}"))
+
+    clean = pretrain("scratch")
+    assert auto(clean)[0] == "train_holdout"
+    loaded = load_checkpoint(clean)
+    bare = tmp_path / "public.pt"  # weights with no record, as public files come
+    save_checkpoint(str(bare), loaded.model, cfg=loaded.meta["cfg"], data_set="synthetic",
+                    num_classes=loaded.meta["num_classes"],
+                    in_channels=loaded.meta["in_channels"], split=None)
+    source, why = auto(pretrain("adapted", "--init", str(bare)))
+    assert source == "test_holdout" and "trained from public.pt, which records no training" in why
+    assert auto(pretrain("chained", "--init", str(clean)))[0] == "train_holdout"
+    sketched = tmp_path / "sk"
+    assert launch.main(["sketch", "--data_set", "synthetic", "--arch", "resnet", "--cfg",
+                        "resnet20", "--sketch_model", str(bare), "--sketch_rate", "[0.5]*9",
+                        "--sketch_mode", "select", "--num_epochs", "1", "--input_size", "8",
+                        "--no_progress",
+                        "--job_dir", str(sketched)]) == 0, capsys.readouterr()
+    assert auto(sketched / "checkpoint" / "model_best.pt")[0] == "test_holdout"
