@@ -174,7 +174,8 @@ def test_pretrain_init_adapts_the_public_resnet20_to_the_jpeg_images(tmp_path, c
     meta = load_checkpoint(best).meta
     assert meta["normalize"] == (IMAGENET_MEAN, IMAGENET_STD)
     assert meta["split"] == {"data_set": "folder", "data_path": str(root.resolve()), "seed": 0,
-                             "val_fraction": 0.0}
+                             "val_fraction": 0.0, "weights_from": RESNET20.name,
+                             "weights_split": None}  # the public weights saw every image
     rc, out, err = _cli(["sketch", "--test_only", *data, "--sketch_model", best,
                          "--normalize", "cifar"], capsys)
     assert rc == 2 and err.count("\n") == 1
