@@ -156,13 +156,13 @@ class RateProposer:
         if self.num_samples is not None and self.started >= self.num_samples:
             return None
         study, space, budget = self.study, self.space, self.flops_budget
-        for attempt in range(MAX_REJECTIONS + 1):
+        for attempt in range(MAX_REJECTIONS + 2):  # the last one runs a repaired vector
             trial = study.ask()
             params = space(trial)
             rates = list(params["rates"])
             cost = space.cost(rates)
             over = budget is not None and cost.flops_ratio > budget + 1e-12
-            if over and (self.flops_policy == "repair" or attempt == MAX_REJECTIONS):
+            if over and (self.flops_policy == "repair" or attempt >= MAX_REJECTIONS):
                 fixed = space.repair(rates, budget)
                 fixed_params = space.params_from_rates(fixed) if fixed is not None else None
                 if fixed_params is not None:
@@ -192,7 +192,7 @@ class RateProposer:
             config.update({k: attrs[k] for k in _CONFIG_ATTRS if k in attrs})
             config["optuna_number"] = trial.number
             return config
-        return None  # unreachable: the last attempt always repairs or runs
+        return None  # only when no vector of the space meets the budget (checked before)
 
     # ------------------------------------------------------------------ results
 

@@ -20,11 +20,14 @@
    observed front (a few rates moved one or two grid steps). Each is priced (FLOPs are
    known before training) and scored by the hypervolume it would add to the observed
    front at an optimistic accuracy (mean + :data:`KAPPA` x spread); above a FLOPs
-   budget a candidate is never proposed. Vectors already tried are skipped.
+   budget a candidate is never proposed. Vectors already asked for (in any state,
+   running ones included) are skipped.
 
-Until :data:`STARTUP` observations exist (the anchors and paper vectors usually fill
-them) parameters are drawn at random. No state beyond the study: ``--resume`` and a
-new driver see the same sampler. Nothing is fetched; numpy only.
+Until :data:`STARTUP` observations (by weight) exist, vectors are drawn at random
+(after the anchors and paper vectors, which come first), within the FLOPs budget when
+there is one; so is a proposal when no candidate of the model is new and in budget. No
+state beyond the study: ``--resume`` and a new driver see the same sampler. Nothing is
+fetched; numpy only.
 """
 
 from __future__ import annotations
@@ -210,10 +213,12 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         if not search_space:
             return {}
         obs = observations(study, self.space)
+        seen = self._seen(study, trial)
         if sum(o.weight for o in obs) < self.startup:
             self.last_fit = {"observations": obs, "model": None}
-            return {}
-        values = self._propose(obs)
+            values = self._random_feasible(seen)
+        else:
+            values = self._propose(obs, seen)
         return {} if values is None else dict(zip(self.space.param_names, values))
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
@@ -264,7 +269,27 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         muts = grid[np.clip(pos + moved * step, 0, len(grid) - 1)]
         return np.vstack([rand, muts])
 
-    def _propose(self, obs: list[Observation]) -> list[float] | None:
+    def _seen(self, study: optuna.Study, current: FrozenTrial) -> set[tuple]:
+        """Vectors already asked for, in any state (running ones included)."""
+        names = self.space.param_names
+        return {tuple(round(float(t.params[n]), 9) for n in names)
+                for t in study.get_trials(deepcopy=False)
+                if t.number != current.number and all(n in t.params for n in names)}
+
+    def _random_feasible(self, seen: set[tuple]) -> list[float] | None:
+        """A random grid vector within the FLOPs budget (before the model has data)."""
+        if self.flops_budget is None:
+            return None  # Optuna's random sampler draws it
+        grid = self._grid()
+        cand = grid[self._rng.randint(len(grid), size=(self.candidates,
+                                                        len(self.space.param_names)))]
+        fr = self._price(cand)
+        ok = [i for i in range(len(cand)) if fr[i] <= self.flops_budget + 1e-12
+              and tuple(np.round(cand[i], 9)) not in seen]
+        best = ok[self._rng.randint(len(ok))] if ok else int(np.argmin(fr))
+        return [float(v) for v in cand[best]]
+
+    def _propose(self, obs: list[Observation], seen: set[tuple]) -> list[float] | None:
         vals = np.array([self._values(o.rates) for o in obs])
         fr = self._price(vals)
         y = np.array([o.acc for o in obs])
@@ -276,12 +301,12 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                         if (round(float(fr[i]), 9), round(float(y[i]), 9)) in on_front]
         cand = self._candidates(obs, front_values)
         cand_fr = self._price(cand)
-        seen = {tuple(np.round(v, 9)) for v in vals}
+        seen = seen | {tuple(np.round(v, 9)) for v in vals}
         keep = np.array([tuple(np.round(c, 9)) not in seen for c in cand])
         if self.flops_budget is not None:
             keep &= cand_fr <= self.flops_budget + 1e-12
         if not keep.any():
-            return None
+            return self._random_feasible(seen)
         cand, cand_fr = cand[keep], cand_fr[keep]
         mean, sd = model.predict(self._features(cand, cand_fr))
         optimistic = np.clip(mean + self.kappa * sd, 0.0, 1.0)

@@ -57,7 +57,8 @@ def test_a_stopped_trial_informs_the_sampler_and_is_never_a_result(tmp_path):
     proposer = _proposer(tmp_path, sampler)
     for i in range(9):
         _run(proposer, f"c{i}")  # completed: final = score after 1 epoch + 2/3 of 0.1
-    stopped_cfg = _run(proposer, "stop", stop_at=1)
+    worse = lambda rates: _acc(rates) - 0.3  # noqa: E731  a surprise the curve reveals early
+    stopped_cfg = _run(proposer, "stop", rates_acc=worse, stop_at=1)
     study = proposer.study
     (stopped,) = [t for t in study.trials if t.user_attrs.get("tune_trial_id") == "stop"]
     assert stopped.state == TrialState.PRUNED and stopped.values is None
@@ -71,20 +72,22 @@ def test_a_stopped_trial_informs_the_sampler_and_is_never_a_result(tmp_path):
     seen = obs[stopped.number]
     assert seen.stopped and seen.weight == STOPPED_WEIGHT
     # the completed trials' curves say final = score at epoch 1 + 0.0667: so its estimate
-    assert seen.acc == pytest.approx(_acc(stopped_cfg["rates"]), abs=1e-6)
+    assert seen.acc == pytest.approx(worse(stopped_cfg["rates"]), abs=1e-6)
     assert sum(not o.stopped for o in obs.values()) == 9
 
-    # the same study without the stopped trial proposes something else
+    # the same study without the stopped trial, and a sampler in the same random state
     (tmp_path / "b").mkdir()
-    other = _proposer(tmp_path / "b", make_sampler("surrogate", seed=0, space=space), "b")
+    other = _proposer(tmp_path / "b", pickle.loads(pickle.dumps(sampler)), "b")
     for t in study.trials:
         if t.user_attrs.get("tune_trial_id") != "stop":
             other.study.add_trial(t)
-    with_stop = proposer.ask("next")["rates"]
-    without = other.ask("next")["rates"]
+    proposer.ask("next")
+    other.ask("next")
     assert any(o.stopped for o in sampler.last_fit["observations"])
     assert not any(o.stopped for o in other.sampler.last_fit["observations"])
-    assert with_stop != without
+    at = [[stopped_cfg["rates"][g[0]] for g in space.groups]]
+    with_stop, without = sampler.predict(at)[0][0], other.sampler.predict(at)[0][0]
+    assert with_stop < without - 0.01  # the model learnt what the stopped trial showed
 
 
 def test_proposals_stay_in_the_space_below_the_budget_and_are_new(tmp_path):
@@ -101,6 +104,8 @@ def test_proposals_stay_in_the_space_below_the_budget_and_are_new(tmp_path):
         assert space.cost(config["rates"]).flops_ratio <= 0.5 + 1e-12
     assert sampler.last_fit["model"] is not None  # the model proposed the later ones
     assert len(set(vectors)) == len(vectors)
+    rejected = [t for t in proposer.study.trials if t.user_attrs.get("status") == "rejected"]
+    assert rejected and all("anchor" in t.user_attrs for t in rejected)  # none of its own
     clone = pickle.loads(pickle.dumps(sampler))  # Ray Tune pickles the searcher with it
     study = proposer.study
     assert (clone.sample_relative(study, study.trials[-1], clone.infer_relative_search_space(
@@ -137,3 +142,20 @@ def test_flops_of_many_vectors_at_once_match_one_at_a_time(cfg):
     one_by_one = [space.cost(v).flops_ratio for v in vectors]
     assert space.flops_ratios(vectors).tolist() == pytest.approx(one_by_one, rel=1e-12)
     assert one_by_one[-1] == 1.0
+
+
+class _AlwaysFull(optuna.samplers.RandomSampler):
+    """Proposes the largest rates every time: always above a FLOPs budget."""
+
+    def sample_independent(self, study, trial, name, distribution):
+        return distribution.high
+
+
+def test_after_the_last_rejection_the_repaired_vector_runs():
+    space = _space()
+    proposer = RateProposer(space, sampler=_AlwaysFull(seed=0), storage=None, study_name="r",
+                            full_epochs=FULL, flops_budget=0.5, flops_policy="reject")
+    config = proposer.ask("t0")
+    assert config is not None and space.cost(config["rates"]).flops_ratio <= 0.5
+    states = [t.user_attrs.get("status") for t in proposer.study.trials]
+    assert states.count("rejected") == 500 and states.count("repaired") == 1
