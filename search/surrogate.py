@@ -187,7 +187,6 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         self.startup = startup
         self.kappa = kappa
         self.candidates = candidates
-        self._seed = seed
         self._rng = np.random.RandomState(seed)
         self._random = optuna.samplers.RandomSampler(seed=seed)
         self.last_fit: dict[str, Any] = {}  # what the last proposal was built on (for tests)
