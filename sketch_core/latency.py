@@ -22,7 +22,7 @@ from torch import nn
 from .errors import UserError
 
 __all__ = ["LatencyStats", "measure_latency", "time_calls", "summarize", "check_latency_args",
-           "DEVICES", "RUNTIMES"]
+           "paired_ratios", "DEVICES", "RUNTIMES"]
 
 DEVICES = ("cpu", "cuda")
 RUNTIMES = ("torch", "onnxruntime")
@@ -184,3 +184,45 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
         model.to(home).train(was_training)
     return summarize(times, threads=None if device == "cuda" and runtime == "torch"
                      else (threads or used), **info)
+
+
+def _caller(model: nn.Module, x: torch.Tensor, device: str, runtime: str,
+            threads: int) -> tuple[Callable[[], object], bool]:
+    """A no-argument call of ``model`` on ``x`` in ``runtime`` on ``device``, and whether
+    it runs on CUDA (the model is moved there; the caller moves it back)."""
+    if runtime == "onnxruntime":
+        sess = _ort_session(model.cpu(), x, device, threads)
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        return (lambda: sess.run(None, feed)), False
+    dev = torch.device(device)
+    m, xd = model.to(dev), x.to(dev)
+    return (lambda: m(xd)), dev.type == "cuda"
+
+
+def paired_ratios(model: nn.Module, ref: nn.Module, input_shape: tuple[int, ...], *,
+                  device: str = "cpu", batch: int = 1, threads: int | None = None,
+                  runtime: str = "torch", repeats: int = 10, warmup: int = 3
+                  ) -> tuple[list[float], list[float]]:
+    """``model``'s time over ``ref``'s, call by call: the two are called alternately
+    (``warmup`` untimed pairs first), so other work on the machine slows both calls of a
+    pair alike. Returns the ``repeats`` ratios and ``ref``'s times (ms)."""
+    check_latency_args(device, runtime, batch, threads, repeats, warmup)
+    x = torch.randn((batch, *(int(s) for s in input_shape)),
+                    generator=torch.Generator().manual_seed(0))
+    state = [(m, m.training, next(iter(m.parameters()), torch.empty(0)).device) for m in (model, ref)]
+    ratios: list[float] = []
+    ref_ms: list[float] = []
+    try:
+        with _torch_threads(threads) as used, torch.inference_mode():
+            calls = [_caller(m.eval(), x, device, runtime, threads or used) for m in (model, ref)]
+            cuda = calls[0][1]
+            time_calls(lambda: (calls[1][0](), calls[0][0]()), repeats=1, warmup=warmup, cuda=cuda)
+            for _ in range(repeats):
+                b = time_calls(calls[1][0], repeats=1, warmup=0, cuda=cuda)[0]
+                a = time_calls(calls[0][0], repeats=1, warmup=0, cuda=cuda)[0]
+                ratios.append(a / b)
+                ref_ms.append(b)
+    finally:
+        for m, training, home in state:
+            m.to(home).train(training)
+    return ratios, ref_ms

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 
 import pytest
 import torch
 from torch import nn
 
 import launch
-from sketch_core.latency import LatencyStats, measure_latency, summarize
+from sketch_core.latency import LatencyStats, measure_latency, paired_ratios, summarize
 
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 
@@ -104,3 +105,11 @@ def test_bad_latency_options_are_one_line(capsys, argv, needle):
     err = captured.err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
     assert captured.out == ""
+
+
+def test_paired_ratios_compare_two_models_call_by_call():
+    small, big = _net(16).train(), _net(96).eval()
+    ratios, ref_ms = paired_ratios(big, small, (16, 24, 24), threads=1, repeats=9, warmup=2)
+    assert len(ratios) == 9 and len(ref_ms) == 9 and all(t > 0 for t in ref_ms)
+    assert statistics.median(ratios) > 2, ratios  # six times the work, measured against the small one
+    assert small.training and not big.training  # each model's own mode is back

@@ -1,4 +1,5 @@
-"""``launch.py info``: what a rate vector costs (unit count, FLOPs as MACs, params)."""
+"""``launch.py info``: what a rate vector costs (unit count, FLOPs as MACs, params,
+measured latency, and the latency table's prediction: measured and saved, or loaded)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..flops import count_arch, count_flops, input_shape
 from ..rates import parse_rates, rates_to_widths
 from ..registry import list_arches, resolve_arch
 
-__all__ = ["add_arguments", "run", "info", "latency_report"]
+__all__ = ["add_arguments", "info", "latency_model_report", "latency_report", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser, command: str = "info") -> None:
@@ -48,6 +49,15 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default="torch", help="torch (eager, default) or onnxruntime")
     g.add_argument("--latency_repeats", type=int, default=30,
                    help="timed calls after the warm-up (default 30)")
+    g.add_argument("--save_table", default=None, metavar="FILE",
+                   help="measure the per-layer latency table on this machine (with the settings "
+                        "above) and save it as JSON (implies --latency)")
+    g.add_argument("--latency_table", default=None, metavar="FILE",
+                   help="predict the latency from a saved table; it must match --latency_device, "
+                        "--runtime, the model, --latency_batch, --threads (if given) and torch")
+    g.add_argument("--table_points", type=int, default=5,
+                   help="grid points per width axis when measuring a table (default 5; a module "
+                        "with only one width that varies gets 2N-1)")
 
 
 def latency_report(res: dict, *, device: str = "cpu", batch: int = 1, threads: int | None = None,
@@ -68,6 +78,57 @@ def latency_report(res: dict, *, device: str = "cpu", batch: int = 1, threads: i
         out["sketched"] = measure_latency(entry.build(res["widths"], ncls, inch), shape, **kw).as_dict()
         out["speedup"] = out["unpruned"]["median_ms"] / out["sketched"]["median_ms"]
     return out
+
+
+def _table_arch(res: dict):
+    entry = resolve_arch(res["cfg"], family=res["family"], input_size=res["input"][-1])
+    return entry.with_start_conv(res.get("start_conv"))
+
+
+def latency_model_report(res: dict, *, load: str | None = None, save: str | None = None,
+                         device: str = "cpu", batch: int = 1, threads: int | None = None,
+                         runtime: str = "torch", num_classes: int | None = None,
+                         points: int = 5) -> dict:
+    """The latency table's prediction for the unpruned and the sketched model: from the
+    table saved at ``load`` (checked against this target), or measured here and saved
+    at ``save``."""
+    from ..latency import DEVICES, RUNTIMES
+    from ..latency_table import build_table, load_table, table_key
+
+    arch = _table_arch(res)
+    if device not in DEVICES or runtime not in RUNTIMES:
+        raise UserError(f"--latency_device {device!r} / --runtime {runtime!r}: expected one of "
+                        f"{', '.join(DEVICES)} / {', '.join(RUNTIMES)}")
+    if points < 2:
+        raise UserError(f"--table_points must be at least 2, got {points}")
+    if load is not None:
+        want = table_key(arch, device=device, runtime=runtime, batch=batch, threads=threads,
+                         num_classes=num_classes, in_channels=res["input"][0])
+        want["threads"] = threads  # None: any thread count
+        table = load_table(load, want)
+    else:
+        table = build_table(arch, device=device, runtime=runtime, batch=batch, threads=threads,
+                            num_classes=num_classes, in_channels=res["input"][0], points=points)
+        table.save(save)
+    out = {"table": load or save, "saved": load is None, "key": table.key,
+           "stat": table.settings.get("stat"), "unpruned_ms": table.predict(None)}
+    if res["widths"] is not None:
+        out["sketched_ms"] = table.predict(res["widths"])
+        out["speedup"] = out["unpruned_ms"] / out["sketched_ms"]
+    return out
+
+
+def _print_latency_model(m: dict) -> None:
+    k = m["key"]
+    threads = f", {k['threads']} thread(s)" if k["threads"] is not None else ""
+    stat = {"min": "fastest-call", "median": "median"}.get(m.get("stat"), "")
+    print(f"{stat} latency predicted by the table {m['table']}"
+          f"{' (measured here, saved)' if m['saved'] else ''} ({k['runtime']} on {k['device']}"
+          f"{threads}, batch {k['batch']})")
+    print(f"{'unpruned':10}{m['unpruned_ms']:>10.3f} ms")
+    if "sketched_ms" in m:
+        print(f"{'sketched':10}{m['sketched_ms']:>10.3f} ms")
+        print(f"{'speed-up':10}{m['speedup']:>10.2f}x")
 
 
 def _print_latency(lat: dict) -> None:
@@ -124,7 +185,8 @@ def info(cfg: str | None, data_set: str = "cifar10", sketch_rate: str | None = N
                          input_size=input_size)
     size = entry.input_size
     base_flops, base_params = count_arch(entry, None, None, num_classes, in_channels)
-    out.update({"cfg": cfg, "arch": entry.arch, "family": entry.family, "num_rates": entry.num_units,
+    out.update({"cfg": cfg, "arch": entry.arch, "family": entry.family,
+                "start_conv": entry.start_conv, "num_rates": entry.num_units,
                 "input": list(input_shape(entry.family, in_channels, size)),
                 "base_flops": base_flops, "base_params": base_params, "flops_unit": "MACs"})
     rates = widths = None
@@ -155,10 +217,19 @@ def run(args: argparse.Namespace) -> int:
     res = info(args.cfg, args.data_set, args.sketch_rate, args.sketch_model, args.arch, args.start_conv,
                _bool(args.sketch_lastconv, "--sketch_lastconv"), args.num_classes, args.in_channels,
                args.input_size, args.round_to, args.family)
-    if args.latency:
-        res["latency"] = latency_report(res, device=args.latency_device, batch=args.latency_batch,
-                                        threads=args.threads, runtime=args.runtime,
-                                        repeats=args.latency_repeats, num_classes=args.num_classes)
+    lat = dict(device=args.latency_device, batch=args.latency_batch, threads=args.threads,
+               runtime=args.runtime, num_classes=args.num_classes)
+    if args.save_table and args.latency_table:
+        raise UserError("--save_table measures a new table and --latency_table loads one; give one")
+    if args.save_table and args.table_points < 2:
+        raise UserError(f"--table_points must be at least 2, got {args.table_points}")
+    if args.latency_table:
+        res["latency_model"] = latency_model_report(res, load=args.latency_table, **lat)
+    if args.latency or args.save_table:
+        res["latency"] = latency_report(res, repeats=args.latency_repeats, **lat)
+    if args.save_table:
+        res["latency_model"] = latency_model_report(res, save=args.save_table,
+                                                    points=args.table_points, **lat)
     if args.json:
         print(json.dumps(res))
         return 0
@@ -176,4 +247,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{'reduction':10}{res['flops_reduction_pct']:>13.2f}%{res['params_reduction_pct']:>11.2f}%")
     if "latency" in res:
         _print_latency(res["latency"])
+    if "latency_model" in res:
+        _print_latency_model(res["latency_model"])
     return 0
