@@ -116,8 +116,10 @@ def _front_hv(points: list[tuple[float, float, float]]) -> float:
 
 
 def _best_at_half(points: list[tuple[float, float, float]]) -> float:
+    """Reported accuracy of the trial the choosing score ranks best at <= 50% FLOPs (ties:
+    the earlier trial; never the reporting score, which the choice must not see)."""
     cheap = [(c, r) for c, r, fr in points if fr <= 0.5 + 1e-9]
-    return max(cheap)[1] if cheap else 0.0
+    return max(cheap, key=lambda p: p[0])[1] if cheap else 0.0
 
 
 def run_real(args: argparse.Namespace) -> int:

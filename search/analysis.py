@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from search.pareto import best_index, front_indices, front_mask
+from search.pareto import COST_COLUMNS, best_index, front_indices, front_mask
+from search.picks import parse_latency_bound
 from search.records import NO_TRIAL_ID, json_lines, parse_records
 from sketch_core.atomic import atomic_write as _atomic_write
 from sketch_core.errors import UserError
@@ -43,7 +44,8 @@ __all__ = [
     "STATUSES", "ENDED_STATUSES", "ResultsWarning", "Experiment", "load_experiment", "load_experiments",
     "load_results", "load_retrains", "combine", "rate_columns", "rates_of", "format_rate_vector", "pareto_front",
     "hypervolume", "hypervolume_history", "layer_sensitivity", "top_trials", "parse_flops_budget",
-    "best_under_budget", "export", "read_export", "EXPORT_FORMATS",
+    "best_under_budget", "best_under_latency", "export", "read_export", "EXPORT_FORMATS",
+    "cost_axis_of", "experiment_fronts",
 ]
 
 STATUSES = ("completed", "stopped", "failed", "rejected", "running")
@@ -59,7 +61,8 @@ _BASE_COLUMNS: dict[str, str] = {
 }
 _TAIL_COLUMNS: dict[str, str] = {"test_acc": "float64", "pick": "str", "paper_rate": "str",
                                  "val_acc_sketched": "float64", "stop_reason": "str", "optuna_number": "Int64",
-                                 "val_source": "str", "test_images": "Int64"}
+                                 "val_source": "str", "test_images": "Int64",
+                                 "latency_ms": "float64", "latency_ratio": "float64"}
 _ATTR_KEYS = ("name", "cfg", "data_set", "family", "num_units", "unit_names", "baseline", "paper_rates",
               "scores")
 _RATE_RE = re.compile(r"^rate_(\d+)$")
@@ -177,6 +180,11 @@ class Experiment:
         return dict(self.manifest.get("baseline") or {})
 
     @property
+    def cost_axis(self) -> str:
+        """``flops`` or ``latency``: the cost the search's front and knee use."""
+        return cost_axis_of(self.manifest, self.trials)
+
+    @property
     def unit_names(self) -> list[str]:
         names = self.manifest.get("unit_names")
         return [str(n) for n in names] if isinstance(names, list) else []
@@ -250,6 +258,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
             "time_s": last.get("time_total_s"), "node": last.get("node", last.get("node_ip")),
             "error": None, "started": reports[0].get("timestamp"), "ended": None,
             "val_acc_sketched": last.get("val_acc_sketched"), "paper_rates": config.get("paper_rates"),
+            "latency_ms": config.get("latency_ms"), "latency_ratio": config.get("latency_ratio"),
         })
         return True
 
@@ -314,6 +323,8 @@ def _frame(records: list[dict], manifest: dict) -> pd.DataFrame:
     data["val_acc_sketched"] = np.array([_num(r.get("val_acc_sketched")) for r in records], dtype=np.float64)
     data["stop_reason"] = [_text(r.get("stop_reason")) for r in records]
     data["optuna_number"] = np.array([_num(r.get("optuna_number")) for r in records], dtype=np.float64)
+    for col in ("latency_ms", "latency_ratio"):  # predicted by the latency table, when priced
+        data[col] = np.array([_num(r.get(col)) for r in records], dtype=np.float64)
     df = pd.DataFrame(data)
     unknown = sorted(set(df["status"].dropna()) - set(STATUSES))
     if unknown:
@@ -527,14 +538,40 @@ def _cost_column(df: pd.DataFrame) -> str:
     return "flops" if df["flops"].notna().all() else "flops_ratio"
 
 
+def cost_axis_of(manifest: dict | None, df: pd.DataFrame | None = None) -> str:
+    """The cost axis a manifest records (``flops`` when it records none, or when its
+    trials carry no latency)."""
+    axis = (manifest or {}).get("cost_axis") or "flops"
+    if axis == "latency" and df is not None and ("latency_ms" not in df.columns
+                                                 or df["latency_ms"].isna().all()):
+        return "flops"
+    return axis if axis in COST_COLUMNS else "flops"
+
+
+def experiment_fronts(experiments: Sequence[Experiment]) -> pd.DataFrame:
+    """Each experiment's Pareto front on its own cost axis (FLOPs, or predicted latency
+    for a search that priced by latency), concatenated as :func:`combine` stacks their
+    trials (with an ``experiment`` column when there are several)."""
+    if len(experiments) == 1:
+        e = experiments[0]
+        return pareto_front(e.trials, cost=e.cost_axis)
+    parts = [pareto_front(e.trials.assign(experiment=e.name), per_experiment=False,
+                          cost=e.cost_axis) for e in experiments]
+    return _coerce(pd.concat(parts, ignore_index=True))
+
+
 def _completed(df: pd.DataFrame, cost: str | None = None) -> pd.DataFrame:
     done = df[df["status"] == "completed"]
     cost = cost or ("flops" if done["flops"].notna().all() else "flops_ratio")
     return done[done["val_acc"].notna() & done[cost].notna()]
 
 
-def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True) -> pd.DataFrame:
+def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True,
+                 cost: str = "flops") -> pd.DataFrame:
     """Non-dominated completed trials over (``val_acc`` max, ``flops`` min), sorted by FLOPs.
+
+    ``cost="latency"``: over (``val_acc`` max, ``latency_ms`` min), the predicted latency
+    of a search whose cost axis is latency.
 
     With an ``experiment`` column and ``per_experiment``, one front per experiment
     (concatenated); otherwise one front over all rows. FLOPs are compared in MACs
@@ -544,8 +581,15 @@ def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True) -> pd.DataFra
     in the order they appear in ``df``.
     """
     if per_experiment and "experiment" in df.columns and df["experiment"].nunique() > 1:
-        parts = [pareto_front(g, per_experiment=False) for _, g in df.groupby("experiment", sort=False)]
+        parts = [pareto_front(g, per_experiment=False, cost=cost)
+                 for _, g in df.groupby("experiment", sort=False)]
         return pd.concat(parts) if parts else df.iloc[0:0]
+    if cost == "latency":
+        done = _completed(df, "latency_ms")
+        if done.empty:
+            return done
+        order = front_indices(done["val_acc"].to_numpy(float), _floats(done["latency_ms"]))
+        return done.iloc[order]
     done = _completed(df)
     if done.empty:
         return done
@@ -629,8 +673,10 @@ def hypervolume_history(df: pd.DataFrame, ref: tuple[float, float] = (0.0, 1.0))
 # ---------------------------------------------------------------- sensitivity
 
 
-def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None) -> pd.DataFrame:
-    """How much each unit's rate matters for accuracy at equal FLOPs.
+def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None,
+                      cost: str = "flops") -> pd.DataFrame:
+    """How much each unit's rate matters for accuracy at equal FLOPs (``cost="latency"``:
+    at equal predicted latency, ``latency_ratio`` in place of ``flops_ratio`` below).
 
     For every rate column, the partial Spearman correlation between the rate and
     ``val_acc`` controlling for ``flops_ratio``, over completed trials: all three are
@@ -648,7 +694,9 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None)
     ``front_mean_rate`` (trials on the Pareto front). Needs at least 5 trials, else NaN.
     """
     rcols = rate_columns(df)
-    done = _completed(df, "flops_ratio")
+    axis = "latency" if cost == "latency" and "latency_ratio" in df.columns else "flops"
+    ccol = f"{axis}_ratio"
+    done = _completed(df, ccol)
     done = done[done[rcols].notna().all(axis=1)] if rcols else done
     n = len(done)
     names = list(unit_names or (df.attrs.get("manifest") or {}).get("unit_names") or [])
@@ -661,7 +709,7 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None)
             beta = float(xc @ (y - y.mean())) / denom if denom > 0 else 0.0
             return (y - y.mean()) - beta * xc
 
-        f = done["flops_ratio"].rank().to_numpy(float)
+        f = done[ccol].rank().to_numpy(float)
         a = resid(done["val_acc"].rank().to_numpy(float), f)
         ranks = done[rcols].rank().to_numpy(float)
         for j in range(len(rcols)):
@@ -675,7 +723,7 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = rho * np.sqrt(dof / np.maximum(1e-300, 1.0 - rho ** 2))
         pval = np.where(np.isnan(rho), np.nan, 2 * stdtr(dof, -np.abs(np.nan_to_num(t))))
-    front = pareto_front(done, per_experiment=False) if n else done
+    front = pareto_front(done, per_experiment=False, cost=axis) if n else done
     return pd.DataFrame({
         "rate": rcols,
         "unit": np.arange(len(rcols)),
@@ -733,6 +781,20 @@ def best_under_budget(df: pd.DataFrame, budget: str | float | tuple[str, float])
     kind, value = budget if isinstance(budget, tuple) else parse_flops_budget(budget)
     col = "flops_ratio" if kind == "ratio" else "flops"
     done = df[(df["status"] == "completed") & df["val_acc"].notna()]
+    i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]), max_cost=value * (1 + 1e-12))
+    return None if i is None else done.iloc[i]
+
+
+def best_under_latency(df: pd.DataFrame, budget: str | float) -> pd.Series | None:
+    """The completed trial with the highest ``val_acc`` within a latency budget (a
+    fraction of the unpruned network's predicted latency, or ``'3ms'``), or None.
+    Ties: lower latency, then the earlier row."""
+    kind, value = parse_latency_bound(budget, "--latency_budget")
+    col = "latency_ratio" if kind == "ratio" else "latency_ms"
+    done = df[(df["status"] == "completed") & df["val_acc"].notna()]
+    if col not in done.columns or done[col].isna().all():
+        raise UserError("--latency_budget: these trials carry no latency; search with "
+                        "objectives [val_acc, latency] or a budget.latency")
     i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]), max_cost=value * (1 + 1e-12))
     return None if i is None else done.iloc[i]
 

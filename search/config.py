@@ -43,16 +43,22 @@ from sketch_core.sketching import MODES, RANDOM_RULES, SELECT_BY
 __all__ = [
     "ModelConfig", "PretrainConfig", "SketchConfig", "SpaceConfig", "SamplerConfig",
     "BudgetConfig", "TrialConfig", "SchedulerConfig", "ResourcesConfig", "StorageConfig",
-    "RetrainConfig", "SearchConfig", "load_config", "config_from_dict", "config_to_dict",
+    "RetrainConfig", "LatencyConfig", "SearchConfig", "load_config", "config_from_dict", "config_to_dict",
     "apply_overrides", "parse_duration", "format_duration", "shipped_configs",
     "resolve_config_path", "recipe_hash",
 ]
 
 # the search's own choices; the sketch's and the data's are sketch_core's (imported above)
 SAMPLERS = ("nsga2", "tpe", "random", "surrogate")
-SCHEDULERS = ("asha", "moasha", "none")
+SCHEDULERS = ("asha", "cost_asha", "moasha", "none")
+COST_SCHEDULERS = ("cost_asha", "moasha")  # the schedulers that rank by accuracy and cost
 GROUPINGS = ("per_unit", "per_stage")
 FLOPS_POLICIES = ("reject", "repair")
+OBJECTIVES = ("val_acc", "flops", "latency")  # val_acc first; then flops and/or latency
+COSTS = ("flops", "latency")
+LATENCY_DEVICES = ("cpu", "cuda")
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
+_MS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)\s*ms\s*$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- value types
@@ -112,6 +118,8 @@ Sampler = Literal[SAMPLERS]
 Scheduler = Literal[SCHEDULERS]
 Grouping = Literal[GROUPINGS]
 FlopsPolicy = Literal[FLOPS_POLICIES]
+Objective = Literal[OBJECTIVES]
+CostName = Literal[COSTS]
 
 
 # --------------------------------------------------------------------------- sections
@@ -249,7 +257,38 @@ class BudgetConfig(_Section):
     time: str | None = None
     num_samples: PositiveInt | None = 32
     flops_budget: Fraction | None = None
-    flops_policy: FlopsPolicy = "reject"
+    flops_policy: FlopsPolicy = "reject"  # over any budget (FLOPs or latency): reject or repair
+    latency: float | str | None = None  # a fraction of the unpruned latency, or "3ms"
+
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _latency(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            if isinstance(value, bool):
+                raise _config_error(f"expected a fraction of the unpruned latency in (0, 1] "
+                                    f"or milliseconds like '3ms', got {value!r}")
+            return value
+        if isinstance(value, (int, float)):
+            if not 0 < float(value) <= 1:
+                raise _config_error(f"{value} is outside (0, 1]; a latency budget is a fraction "
+                                    f"of the unpruned network's, or milliseconds like '3ms'")
+            return float(value)
+        if isinstance(value, str):
+            m = _MS_RE.match(value)
+            if m and float(m.group(1)) > 0:
+                return f"{float(m.group(1)):g}ms"
+            try:
+                return cls._latency(float(value))
+            except ValueError:
+                pass
+        raise _config_error(f"cannot read {value!r}; expected a fraction of the unpruned "
+                            f"latency in (0, 1] (e.g. 0.5) or milliseconds (e.g. '3ms')")
+
+    def latency_ms(self) -> float | None:
+        """The latency budget in milliseconds when given so (``'3ms'``), else None."""
+        if isinstance(self.latency, str):
+            return float(_MS_RE.match(self.latency).group(1))
+        return None
 
     @field_validator("time")
     @classmethod
@@ -304,15 +343,42 @@ class TrialConfig(_Section):
 class SchedulerConfig(_Section):
     """The trial scheduler that stops weak trials early.
 
-    ``asha``: successive halving on ``val_acc`` alone; ``moasha``: successive halving
-    promoting by (``val_acc``, ``cost``) fronts (:mod:`search.moasha`); ``none``: every
-    trial runs its full recipe.
+    ``asha``: successive halving on ``val_acc`` alone; ``cost_asha``: successive halving
+    on ``val_acc`` above the rung's accuracy-vs-``cost`` trend; ``moasha``: successive
+    halving promoting by (``val_acc``, ``cost``) fronts (both :mod:`search.moasha`);
+    ``none``: every trial runs its full recipe.
     """
 
-    name: Scheduler = "asha"
+    name: Scheduler = "cost_asha"
     grace_period: PositiveInt = 1
     reduction_factor: Annotated[Int, Field(ge=2)] = 2
-    cost: Literal["flops"] = "flops"  # the cost axis of moasha (a reported metric)
+    cost: CostName | None = None  # the cost axis of cost_asha/moasha; None: the search's
+
+    @model_validator(mode="after")
+    def _cost_is_a_cost_scheduler_s(self) -> SchedulerConfig:
+        if self.cost is not None and self.name not in COST_SCHEDULERS:
+            raise _config_error(f"is the cost axis cost_asha or moasha ranks by, but "
+                                f"scheduler.name is {self.name}; set scheduler.name to "
+                                f"cost_asha or moasha, or drop scheduler.cost", "cost")
+        return self
+
+
+class LatencyConfig(_Section):
+    """Where latencies come from when an objective or a budget names latency.
+
+    ``table``: a latency table measured on the deployment target (``launch.py info
+    --latency --save_table FILE``); without it the table is measured here (on
+    ``device`` with ``runtime``, ``batch``, ``threads``; ``points`` grid widths per
+    axis) and cached. A table measured for another target is refused.
+    """
+
+    table: str | None = None
+    device: Literal[LATENCY_DEVICES] = "cpu"
+    runtime: Literal[LATENCY_RUNTIMES] = "torch"
+    batch: PositiveInt = 1
+    threads: PositiveInt | None = 1  # CPU threads it is measured with; null: torch's default (all cores)
+    points: Annotated[Int, Field(ge=2)] = 4
+    cache_dir: str | None = None  # measured tables; default ~/.cache/sketchtune/latency
 
 
 class ResourcesConfig(_Section):
@@ -398,7 +464,34 @@ class SearchConfig(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    objectives: Annotated[list[Objective], BeforeValidator(_tuple_as_list)] = Field(
+        default_factory=lambda: ["val_acc", "flops"])
     _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        if (len(value) < 2 or value[0] != "val_acc" or len(set(value)) != len(value)):
+            raise _config_error(f"{value!r}: expected val_acc followed by flops, latency or "
+                                f"both: [val_acc, flops] (default), [val_acc, latency] or "
+                                f"[val_acc, flops, latency]")
+        return value
+
+    @property
+    def uses_latency(self) -> bool:
+        """Whether the search prices vectors by latency (an objective, a budget, the
+        scheduler's cost)."""
+        return ("latency" in self.objectives or self.budget.latency is not None
+                or self.scheduler.cost == "latency")
+
+    @property
+    def cost_axis(self) -> str:
+        """The cost the front, the knee and the scheduler use: the second objective, or with
+        three the budgeted one (latency when ``budget.latency`` is set)."""
+        if len(self.objectives) > 2:
+            return "latency" if self.budget.latency is not None else "flops"
+        return self.objectives[1]
 
     @property
     def source(self) -> str | None:
@@ -409,16 +502,16 @@ class SearchConfig(_Section):
     def source(self, value: str | None) -> None:
         self._source = value
 
-    @model_validator(mode="after")
-    def _moasha_stops(self) -> SearchConfig:
+    @property
+    def early_stopping_note(self) -> str | None:
+        """The line said when the scheduler can stop no trial (a grace period not below
+        ``trial.epochs``): the search then runs every trial's full recipe. None otherwise."""
         sc, epochs = self.scheduler, self.trial.epochs
-        if sc.name == "moasha" and sc.grace_period >= epochs:
-            raise _config_error(
-                f"grace period {sc.grace_period} is not below trial.epochs {epochs}, so "
-                f"moasha would stop no trial; lower scheduler.grace_period, raise "
-                f"trial.epochs, or set scheduler.name to none",
-                "scheduler.grace_period", "trial.epochs")
-        return self
+        if sc.name == "none" or sc.grace_period < epochs:
+            return None
+        return (f"scheduler {sc.name}: grace period {sc.grace_period} is not below trial.epochs "
+                f"{epochs}, so no trial can be stopped early; every trial runs its full recipe "
+                f"(lower scheduler.grace_period or raise trial.epochs to stop early)")
 
     @property
     def time_budget_s(self) -> float | None:
@@ -629,9 +722,15 @@ def config_to_dict(config: SearchConfig) -> dict:
     return config.model_dump()
 
 
+_TOP_LEVEL_KEYS = ("objectives",)  # keys that are not sections
+
+
 def _set_path(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     valid_sections = list(SearchConfig.model_fields)
+    if len(parts) == 1 and dotted in _TOP_LEVEL_KEYS:
+        data[dotted] = value
+        return
     if len(parts) < 2 or not all(parts):
         raise UserError(f"--set {dotted}=...: expected section.key=value, e.g. "
                         f"trial.epochs=5 (sections: {', '.join(valid_sections)})")

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from search.config import SearchConfig
 from search.experiment import experiment_location
 from search.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
+from search.latency_source import budget_words, budgets, cost_key
 from search.prepare import (SearchOutcome, check_folder, finish_manifest, make_setup,
                             open_new_experiment, pct, rate_space, say)
 from search.proposer import RateProposer, close_unstarted
@@ -104,7 +105,8 @@ def run_local(config: SearchConfig, exp_dir: str | Path | None = None, *, worker
         workers, slots, setup = _pack(gpus_per_trial, workers, setup, quiet)
     b = config.budget
     say(quiet, f"[local] {name}: {b.num_samples or 'unlimited'} trials"
-               f"{', budget ' + b.time if b.time else ''}, sampler {config.sampler.name}, "
+               f"{', budget ' + b.time if b.time else ''}{budget_words(config)}, "
+               f"sampler {config.sampler.name}, "
                f"{workers} worker(s), no Ray")
     deadline = None if config.time_budget_s is None else time.time() + config.time_budget_s
     loop = _Loop(proposer, setup, state, deadline, TrialLog(exp_dir / "trials.jsonl"), quiet)
@@ -152,14 +154,16 @@ def _take_gpu(slots: Any) -> None:
 def _proposer(config: SearchConfig, exp_dir: Path, name: str, baseline: dict,
               study_storage: Any) -> RateProposer:
     b = config.budget
-    space = rate_space(config, baseline)
+    space = rate_space(config, baseline, exp_dir)
+    limits = budgets(config, space)
     sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
                            config.sampler.population_size,
-                           constrained=b.flops_budget is not None, space=space,
-                           flops_budget=b.flops_budget)
+                           constrained=bool(limits), space=space, budgets=limits,
+                           cost=cost_key(config))
     return RateProposer(space, sampler=sampler, storage=study_storage, study_name=name,
                         full_epochs=config.trial.epochs, num_samples=b.num_samples,
-                        flops_budget=b.flops_budget, flops_policy=b.flops_policy,
+                        flops_policy=b.flops_policy, budgets=limits,
+                        objectives=config.objectives,
                         points=space.paper_points(config.space.paper_rates),
                         anchors=space.uniform_points(config.sampler.anchors),
                         trial_log=TrialLog(exp_dir / "trials.jsonl"))

@@ -31,7 +31,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["front_mask", "front_indices", "knee_index", "best_index"]
+__all__ = ["front_mask", "front_indices", "knee_index", "best_index", "COST_COLUMNS"]
+
+# the cost axes a front is drawn on -> (the fraction of the unpruned, the absolute column)
+COST_COLUMNS = {"flops": ("flops_ratio", "flops"), "latency": ("latency_ratio", "latency_ms")}
 
 Values = Sequence[float | None] | np.ndarray
 

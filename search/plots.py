@@ -1,6 +1,7 @@
 """Plots of search results (matplotlib, Agg backend), written as PNG and SVG.
 
-- :func:`plot_tradeoff`: validation accuracy vs FLOPs ratio, the Pareto front as a
+- :func:`plot_tradeoff`: validation accuracy vs FLOPs ratio (vs predicted latency ratio for
+  a search whose cost axis is latency), the Pareto front as a
   staircase, the paper's uniform-rate trials, the retrained configuration and the
   unpruned baseline; several experiments overlay their fronts in one plot.
 - :func:`plot_front_rates`: the per-layer rates of the front as a heatmap.
@@ -71,6 +72,10 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
     many = len(exps) > 1
     annotated: set[tuple[str, float, float]] = set()
     paper_legend = False
+    # one x axis for all: predicted latency only when every experiment priced by it
+    by_latency = bool(exps) and all(e.cost_axis == "latency" for e in exps)
+    axis = "latency" if by_latency else "flops"
+    xcol = "latency_ratio" if by_latency else "flops_ratio"
     for k, exp in enumerate(exps):
         color = _COLORS[k % len(_COLORS)]
         df = exp.trials
@@ -78,17 +83,17 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
         done = df[(df["status"] == "completed") & df["val_acc"].notna()]
         stopped = df[(df["status"] == "stopped") & df["val_acc"].notna()]
         few = len(done) < 100  # a handful of trials: bigger, darker dots
-        ax.scatter(_pct(done["flops_ratio"]), _pct(done["val_acc"]), s=28 if few else 12, color=color,
+        ax.scatter(_pct(done[xcol]), _pct(done["val_acc"]), s=28 if few else 12, color=color,
                    alpha=0.7 if few else 0.35, linewidths=0, rasterized=True,
                    label=f"{tag}completed trials ({len(done)})")
         if len(stopped) and not many:
-            ax.scatter(_pct(stopped["flops_ratio"]), _pct(stopped["val_acc"]), s=10, marker="x",
+            ax.scatter(_pct(stopped[xcol]), _pct(stopped["val_acc"]), s=10, marker="x",
                        color="0.6", alpha=0.5, linewidths=0.8, rasterized=True,
                        label=f"stopped early, fewer epochs ({len(stopped)})")
-        front = pareto_front(df, per_experiment=False)
-        front = front.sort_values("flops_ratio")
+        front = pareto_front(df, per_experiment=False, cost=axis)
+        front = front.sort_values(xcol)
         if len(front):
-            x, y = _pct(front["flops_ratio"]), _pct(front["val_acc"])
+            x, y = _pct(front[xcol]), _pct(front["val_acc"])
             ax.step(np.append(x, x[-1] if not len(x) else max(x[-1], 100.0)), np.append(y, y[-1]),
                     where="post", color=color, lw=1.8, alpha=0.9)
             ax.scatter(x, y, s=42, color=color, edgecolors="black", linewidths=0.7, zorder=3,
@@ -96,19 +101,19 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
         paper = df[df["paper_rate"].notna() & df["val_acc"].notna()] if "paper_rate" in df.columns else df.iloc[0:0]
         for _, row in paper.iterrows():
             finished = row["status"] == "completed"
-            ax.scatter(_pct(row["flops_ratio"]), _pct(row["val_acc"]), s=140, marker="*",
+            ax.scatter(_pct(row[xcol]), _pct(row["val_acc"]), s=140, marker="*",
                        color="gold" if finished else "none", edgecolors="black", linewidths=0.8, zorder=4,
                        label=None if paper_legend else "paper's uniform rates (hollow: stopped early)")
             paper_legend = True
-            spot = (str(row["paper_rate"]), round(row["flops_ratio"], 2), round(row["val_acc"], 2))
+            spot = (str(row["paper_rate"]), round(row[xcol], 2), round(row["val_acc"], 2))
             if spot not in annotated:  # the same vector in several experiments: label it once
                 annotated.add(spot)
                 text = row["paper_rate"] + ("" if finished else f" ({row['status']})")
-                ax.annotate(text, (row["flops_ratio"] * 100, row["val_acc"] * 100),
+                ax.annotate(text, (row[xcol] * 100, row["val_acc"] * 100),
                             textcoords="offset points", xytext=(6, -12), fontsize=8)
         retrained = df[df["test_acc"].notna()] if "test_acc" in df.columns else df.iloc[0:0]
         for i, (_, row) in enumerate(retrained.iterrows()):
-            xr = row["flops_ratio"] * 100
+            xr = row[xcol] * 100
             ax.scatter(xr, row["test_acc"] * 100, s=90, marker="D", color=color, edgecolors="black",
                        linewidths=1.0, zorder=5,
                        label=f"{tag}retrained '{row['pick']}' (test accuracy)" if i == 0 else None)
@@ -118,27 +123,29 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
         if base.get("val_acc") is not None:
             ax.scatter(100.0, float(base["val_acc"]) * 100, s=110, marker="P", color=color, edgecolors="black",
                        zorder=4, label=f"{tag}unpruned baseline (val.)")
-    ax.set_xlabel("FLOPs, % of the unpruned model's MACs (conv + linear)")
+    ax.set_xlabel("predicted latency, % of the unpruned model's" if by_latency
+                  else "FLOPs, % of the unpruned model's MACs (conv + linear)")
     ax.set_ylabel("validation accuracy (%)")
     if title is None:
-        title = ("Pareto fronts compared" if many else f"Accuracy vs FLOPs: {exps[0].name}") if exps else ""
+        what = "latency" if by_latency else "FLOPs"
+        title = ("Pareto fronts compared" if many else f"Accuracy vs {what}: {exps[0].name}") if exps else ""
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if len(exps) == 1 and exps[0].baseline.get("flops"):
+    if len(exps) == 1 and exps[0].baseline.get("flops") and not by_latency:
         macs = float(exps[0].baseline["flops"])
         sec = ax.secondary_xaxis("top", functions=(lambda p: p * macs / 100e6, lambda m: m * 100e6 / macs))
         sec.set_xlabel("MACs (millions)")
-    _zoom(ax, exps)
+    _zoom(ax, exps, axis)
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     return fig
 
 
-def _zoom(ax, exps: list[Experiment]) -> None:
+def _zoom(ax, exps: list[Experiment], axis: str = "flops") -> None:
     """Keep the interesting band in view: far-off poor trials would squash the front."""
     acc = pd.concat([e.trials.loc[e.trials["status"] == "completed", "val_acc"] for e in exps]).dropna()
     if len(acc) < 10:
         return
-    must = [pareto_front(e.trials, per_experiment=False)["val_acc"] for e in exps]
+    must = [pareto_front(e.trials, per_experiment=False, cost=axis)["val_acc"] for e in exps]
     must += [e.trials["test_acc"] for e in exps if "test_acc" in e.trials.columns]
     must += [e.trials.loc[e.trials["paper_rate"].notna(), "val_acc"] for e in exps
              if "paper_rate" in e.trials.columns]
@@ -152,9 +159,12 @@ def _zoom(ax, exps: list[Experiment]) -> None:
 
 
 def plot_front_rates(results: Results, unit_names: Sequence[str] | None = None, max_rows: int = 40) -> Figure:
-    """Heatmap: one row per front trial (fewest FLOPs at the top), one column per unit."""
+    """Heatmap: one row per front trial (cheapest at the top: fewest FLOPs, or the least
+    predicted latency for a search priced by latency), one column per unit."""
     exp = _as_experiments(results)[0]
-    front = pareto_front(exp.trials, per_experiment=False).sort_values("flops_ratio")
+    by_latency = exp.cost_axis == "latency"
+    ccol, word = ("latency_ratio", "latency") if by_latency else ("flops_ratio", "FLOPs")
+    front = pareto_front(exp.trials, per_experiment=False, cost=exp.cost_axis).sort_values(ccol)
     rcols = rate_columns(exp.trials)
     if len(front) > max_rows:
         front = front.iloc[np.unique(np.linspace(0, len(front) - 1, max_rows).round().astype(int))]
@@ -169,8 +179,8 @@ def plot_front_rates(results: Results, unit_names: Sequence[str] | None = None, 
         return fig
     im = ax.imshow(rates, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", interpolation="nearest")
     ax.set_yticks(range(len(front)))
-    ax.set_yticklabels([f"{r * 100:.1f}% FLOPs, {a * 100:.2f}%"
-                        for r, a in zip(front["flops_ratio"], front["val_acc"])], fontsize=8)
+    ax.set_yticklabels([f"{r * 100:.1f}% {word}, {a * 100:.2f}%"
+                        for r, a in zip(front[ccol], front["val_acc"])], fontsize=8)
     step = max(1, math.ceil(len(rcols) / 40))
     ax.set_xticks(range(0, len(rcols), step))
     ax.set_xticklabels([names[i] if i < len(names) else str(i) for i in range(0, len(rcols), step)],
@@ -182,7 +192,8 @@ def plot_front_rates(results: Results, unit_names: Sequence[str] | None = None, 
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.55 else "black")
     ax.set_xlabel("prunable unit (what each rate controls, in network order)")
-    ax.set_ylabel("Pareto-front trial (FLOPs % of unpruned MACs, val. accuracy)")
+    ax.set_ylabel("Pareto-front trial (predicted latency % of the unpruned, val. accuracy)"
+                  if by_latency else "Pareto-front trial (FLOPs % of unpruned MACs, val. accuracy)")
     ax.set_title(f"Per-layer rates on the Pareto front: {exp.name}")
     fig.colorbar(im, ax=ax, label="rate (fraction of filters kept)", shrink=0.9)
     return fig
@@ -211,7 +222,7 @@ def plot_convergence(results: Results, ref: tuple[float, float] = (0.0, 1.0)) ->
 def plot_sensitivity(results: Results, sensitivity: pd.DataFrame | None = None) -> Figure:
     """Bars: partial Spearman correlation of each unit's rate with accuracy at equal FLOPs."""
     exp = _as_experiments(results)[0]
-    sens = sensitivity if sensitivity is not None else layer_sensitivity(exp.trials, exp.unit_names)
+    sens = sensitivity if sensitivity is not None else layer_sensitivity(exp.trials, exp.unit_names, cost=exp.cost_axis)
     width = min(18.0, max(6.5, 0.3 * len(sens) + 3.0))
     fig, ax = plt.subplots(figsize=(width, 4.6), layout="constrained")
     rho = sens["partial_spearman"].to_numpy(float)
@@ -226,7 +237,8 @@ def plot_sensitivity(results: Results, sensitivity: pd.DataFrame | None = None) 
     ax.set_xticklabels(list(sens["unit_name"])[::step], rotation=90 if len(sens) > 12 else 45,
                        ha="center" if len(sens) > 12 else "right", fontsize=8)
     ax.set_ylim(-1.05, 1.05)
-    ax.set_ylabel("partial Spearman rho\n(rate vs val. accuracy at equal FLOPs)")
+    at = "latency" if exp.cost_axis == "latency" else "FLOPs"
+    ax.set_ylabel(f"partial Spearman rho\n(rate vs val. accuracy at equal {at})")
     ax.set_xlabel("prunable unit")
     n = int(sens["n"].iloc[0]) if len(sens) else 0
     ax.set_title(f"Layer sensitivity: {exp.name} ({n} completed trials; * p < 0.05)\n"

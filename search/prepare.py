@@ -19,6 +19,8 @@ import yaml
 
 from search.config import SearchConfig, config_from_dict, config_to_dict, format_duration
 from search.experiment import git_commit, read_manifest, versions, write_manifest
+from search.latency_source import budgets, check_given_table, latency_summary, search_table
+from search.priced_space import rate_space
 from sketch_core.atomic import atomic_write_text
 from sketch_core.errors import UserError
 
@@ -98,20 +100,10 @@ def ended_reports(records: list[dict]) -> dict[str, dict]:
             "params": r.get("params"), "params_ratio": r.get("params_ratio"),
             "epoch": int(r.get("epochs") or 0), "rates": r.get("rates"),
             "widths": r.get("widths"), "failed": failed, "error": r.get("error"),
-            "val_acc_sketched": r.get("val_acc_sketched")}
+            "val_acc_sketched": r.get("val_acc_sketched"),
+            **({"latency_ms": r["latency_ms"], "latency_ratio": r.get("latency_ratio")}
+               if r.get("latency_ms") is not None else {})}
     return out
-
-
-def rate_space(config: SearchConfig, baseline: dict) -> Any:
-    from search.space import RateSpace
-
-    m, sp = config.model, config.space
-    cfg = m.resolved_arch(baseline.get("input_size"))  # the family the data decides
-    return RateSpace(cfg=cfg, data_set=m.data_set, low=sp.low, high=sp.high, step=sp.step,
-                     grouping=sp.grouping, round_to=sp.round_to, start_conv=config.sketch.start_conv,
-                     sketch_lastconv=config.sketch.sketch_lastconv,
-                     num_classes=baseline["num_classes"], in_channels=baseline["in_channels"],
-                     input_size=baseline["input_size"])
 
 
 def baseline_dict(b: Any) -> dict:
@@ -149,6 +141,7 @@ def check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[Sea
     # what can be checked without data or Ray fails before either starts
     rate_space(config, {"num_classes": config.model.num_classes, "in_channels": 3,
                     "input_size": None}).paper_points(config.space.paper_rates)
+    check_given_table(config)
     if config.model.pretrained:
         from search.baseline import check_pretrained, search_normalize
 
@@ -181,7 +174,9 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
                   f"{b.flops / 1e6:.2f}M MACs, {b.params / 1e6:.3f}M params "
                   f"({format_duration(b.pretrain_s)})")
     space = rate_space(config, baseline)
-    space.check_budget(config.budget.flops_budget)
+    space.latency = search_table(config, space, exp_dir, lambda text: say(quiet, text))
+    space._cache = {}
+    space.check_budget(budgets(config, space))
     paper = space.paper_points(config.space.paper_rates)
     manifest = {
         "name": name, "command": command, "config": config_to_dict(config),
@@ -198,7 +193,8 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
         "study_storage": study_url if config.storage.study_storage is None
         else "(given by --study_storage)", "study_name": name,
         "storage_path": storage_path, "experiment_dir": str(exp_dir), "address": address,
-        "scores": b.scores,
+        "scores": b.scores, "objectives": list(config.objectives),
+        "cost_axis": config.cost_axis, "latency": latency_summary(space, config),
     }
     write_manifest(exp_dir, manifest)
     return manifest, baseline, b.state

@@ -4,11 +4,11 @@
 ends it appends the trial's record to ``trials.jsonl`` (completed / stopped / failed;
 rejected ones are written by the searcher, which never starts them), and it prints a
 short status line: trials done, running, stopped, failed, rejected, the size of the
-current Pareto front, the best validation accuracy within the FLOPs budget and the
+current Pareto front, the best validation accuracy within the budgets (FLOPs, latency) and the
 time left. Ray's own table stays off (``verbose=0``). At the end of the search it
 says which scheduler and sampler ran and, for the (MO-)ASHA schedulers, how many
 trials each rung promoted per cost band (:func:`rung_summary`: the ended trials split
-into cheap, middle and dear thirds by FLOPs).
+into cheap, middle and dear thirds by the cost axis: FLOPs or predicted latency).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 from ray.tune import Callback
 
-from search.config import format_duration
+from search.config import COST_SCHEDULERS, format_duration
 from search.picks import pareto_records
 from search.records import TrialLog, read_records
 from search.trial_status import trial_record, trial_status
@@ -55,23 +55,33 @@ def record_from_trial(trial: Any, full_epochs: int, errored: bool, stop_reason: 
                         stop_reason, ended=now)
 
 
-def status_line(records: list[dict], running: int, flops_budget: float | None,
-                time_left: float | None, num_samples: int | None) -> str:
+_WORDS = {"flops_ratio": "FLOPs", "latency_ratio": "latency"}
+
+
+def status_line(records: list[dict], running: int, budgets: dict[str, float] | None,
+                time_left: float | None, num_samples: int | None,
+                cost: str = "flops_ratio") -> str:
+    """One progress line. ``budgets``: ``{cost ratio column: fraction}``; ``cost``: the
+    front's cost axis (``flops_ratio`` or ``latency_ratio``)."""
+    budgets = budgets or {}
     counts = {"completed": 0, "stopped": 0, "failed": 0, "rejected": 0}
     for r in records:
         counts[r.get("status", "failed")] = counts.get(r.get("status", "failed"), 0) + 1
     done = counts["completed"] + counts["stopped"] + counts["failed"]
-    front = pareto_records(records)
+    front = pareto_records(records, cost)
     fit = [r for r in records if r.get("status") == "completed" and r.get("val_acc") is not None
-           and (flops_budget is None or (r.get("flops_ratio") or 2) <= flops_budget)]
+           and all((r.get(k) if r.get(k) is not None else 2) <= b for k, b in budgets.items())]
     best = max(fit, key=lambda r: r["val_acc"]) if fit else None
-    where = f"FLOPs<={flops_budget:g}" if flops_budget is not None else "any FLOPs"
+    where = (", ".join(f"{_WORDS.get(k, k)}<={b:g}" for k, b in budgets.items())
+             if budgets else "any cost")
+    shown = [k for k in dict.fromkeys([cost, *budgets]) if best and best.get(k) is not None]
+    at = ", ".join(f"{_WORDS.get(k, k)} {100 * best[k]:.1f}%" for k in shown)
     parts = [f"trials {done}{'/' + str(num_samples) if num_samples else ''} ended "
              f"({counts['completed']} completed, {counts['stopped']} stopped, "
              f"{counts['failed']} failed, {counts['rejected']} rejected), {running} running",
              f"Pareto front {len(front)}",
-             (f"best val acc at {where}: {100 * best['val_acc']:.2f}% "
-              f"(FLOPs {100 * best['flops_ratio']:.1f}%)") if best else f"best at {where}: -"]
+             (f"best val acc at {where}: {100 * best['val_acc']:.2f}% ({at})") if best
+             else f"best at {where}: -"]
     if time_left is not None:
         parts.append(f"{format_duration(time_left)} left")
     return "[search] " + " | ".join(parts)
@@ -80,16 +90,18 @@ def status_line(records: list[dict], running: int, flops_budget: float | None,
 BANDS = ("cheap", "middle", "dear")
 
 
-def rung_summary(records: list[dict], rungs: list[int], bands: tuple[str, ...] = BANDS
-                 ) -> list[str]:
+def rung_summary(records: list[dict], rungs: list[int], bands: tuple[str, ...] = BANDS,
+                 cost: str = "flops_ratio") -> list[str]:
     """Per rung (epochs, ascending), how many trials of each cost band it promoted.
 
     A trial reached rung ``m`` when it trained ``m`` epochs and was promoted when it
     trained more; a trial the time budget cut is counted only at the rungs it passed.
-    Bands: the completed and stopped trials by FLOPs, in equal parts, cheapest first.
+    Bands: the completed and stopped trials by cost (``cost``: FLOPs, or
+    ``latency_ratio``), in equal parts, cheapest first.
     """
+    key = "flops" if cost == "flops_ratio" else cost
     ended = sorted((r for r in records if r.get("status") in ("completed", "stopped")
-                    and r.get("flops") is not None), key=lambda r: (r["flops"], str(r["trial_id"])))
+                    and r.get(key) is not None), key=lambda r: (r[key], str(r["trial_id"])))
     if not ended or not rungs:
         return []
     k = len(bands)
@@ -114,17 +126,20 @@ class SearchCallback(Callback):
     scheduler: str = "asha"  # (class defaults: a callback pickled by an older version)
     sampler: str | None = None
     rungs: tuple[int, ...] = ()
+    budgets: dict[str, float] | None = None
+    cost: str = "flops_ratio"
+    flops_budget: float | None = None  # what a callback pickled before budgets held
 
     def __init__(self, trials_path: str, full_epochs: int, num_samples: int | None = None,
-                 time_budget_s: float | None = None, flops_budget: float | None = None,
-                 quiet: bool = False, scheduler: str = "asha", sampler: str | None = None,
-                 rungs: list[int] | None = None) -> None:
+                 time_budget_s: float | None = None, quiet: bool = False, scheduler: str = "asha", sampler: str | None = None,
+                 rungs: list[int] | None = None, budgets: dict[str, float] | None = None,
+                 cost: str = "flops_ratio") -> None:
         self.log = TrialLog(trials_path)
         self.scheduler, self.sampler, self.rungs = scheduler, sampler, list(rungs or [])
         self.full_epochs = full_epochs
         self.num_samples = num_samples
         self.time_budget_s = time_budget_s
-        self.flops_budget = flops_budget
+        self.budgets, self.cost = budgets, cost
         self.quiet = quiet
         self._t0: float | None = None
         self._started: dict[str, float] = {}
@@ -172,7 +187,8 @@ class SearchCallback(Callback):
         else:
             how = f"no rung below {self.full_epochs} epoch(s): no early stopping"
         lines = [f"[search] scheduler {self.scheduler} ({how}), sampler {self.sampler or '-'}"]
-        return lines + rung_summary(read_records(self.log.path, warn=False), self.rungs)
+        return lines + rung_summary(read_records(self.log.path, warn=False), self.rungs,
+                                    cost=self.cost)
 
     def _time_left(self) -> float | None:
         if self.time_budget_s is None or self._t0 is None:
@@ -182,7 +198,7 @@ class SearchCallback(Callback):
     def _end(self, trials: list, trial: Any, errored: bool) -> None:
         left = self._time_left()
         reason = ("budget" if left is not None and left <= 1.0
-                  else "moasha" if self.scheduler == "moasha" else "asha")
+                  else self.scheduler if self.scheduler in COST_SCHEDULERS else "asha")
         rec = record_from_trial(trial, self.full_epochs, errored, reason,
                                 self._started.get(trial.trial_id))
         self.log.append(rec)
@@ -193,8 +209,11 @@ class SearchCallback(Callback):
             return
         running = sum(1 for t in trials if t.status == "RUNNING")
         records = read_records(self.log.path, warn=False)
-        line = status_line(records, running, self.flops_budget, self._time_left(),
-                           self.num_samples)
+        budgets = self.budgets
+        if budgets is None and self.flops_budget is not None:  # pickled by an older version
+            budgets = {"flops_ratio": float(self.flops_budget)}
+        line = status_line(records, running, budgets, self._time_left(), self.num_samples,
+                           self.cost)
         if line != self._last_line or force:
             print(line, file=self.stream or sys.stdout, flush=True)
             self._last_line = line

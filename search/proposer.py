@@ -8,7 +8,8 @@ through :class:`search.searcher.SketchSearch`, or the plain loop of
 - it counts trials itself and has nothing more to propose at ``num_samples`` (so a
   resumed search ends at the total asked);
 - the paper's vectors are enqueued first, then uniform anchors across the FLOPs range;
-- every proposal is priced before it runs; above ``flops_budget`` it is either
+- every proposal is priced before it runs (FLOPs, and latency when the space has a
+  latency table); above a budget (``budgets``: ``flops_ratio``, ``latency_ratio``) it is either
   *rejected* (told to Optuna as an infeasible result through a constraint, so the
   sampler learns the boundary; logged as ``rejected`` in trials.jsonl; never trained)
   or *repaired* (shrunk onto the budget; the proposal is closed and the repaired
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -37,7 +39,7 @@ from search.space import RateSpace
 from search.surrogate import rung_key
 from search.trial_status import trial_status
 
-__all__ = ["RateProposer", "outcome", "close_unstarted", "MAX_REJECTIONS"]
+__all__ = ["RateProposer", "outcome", "objective_values", "OBJECTIVE_COLUMNS", "close_unstarted", "MAX_REJECTIONS"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -45,9 +47,25 @@ MAX_REJECTIONS = 500  # proposals in a row above the budget before falling back 
 _CONFIG_ATTRS = ("proposed_rates", "paper_rates", "anchor")  # enqueued attrs the trial sees
 
 
-def outcome(result: dict | None, error: bool, full_epochs: int
+OBJECTIVE_COLUMNS = {"flops": "flops", "latency": "latency_ms"}  # objective -> cost column
+
+
+def objective_values(acc: float, cost: Any, objectives: Sequence[str]) -> list[float]:
+    """The values Optuna is told: accuracy, then each cost objective (MACs, ms)."""
+    out = [float(acc)]
+    for name in objectives[1:]:
+        value = cost.value(OBJECTIVE_COLUMNS[name])
+        if value is None:
+            raise ValueError(f"objective {name!r} needs a latency table in the rate space")
+        out.append(float(value))
+    return out
+
+
+def outcome(result: dict | None, error: bool, full_epochs: int,
+            objectives: Sequence[str] = ("val_acc", "flops"), cost: Any = None
             ) -> tuple[TrialState, list[float] | None, dict]:
-    """Optuna state, values and user attrs for a trial that ended with ``result``."""
+    """Optuna state, values and user attrs for a trial that ended with ``result``
+    (``cost``: its :class:`~search.space.Cost`, needed for a latency objective)."""
     status, message = trial_status(result, error, full_epochs)
     if status == "failed":
         attrs: dict[str, Any] = {"status": "failed"}
@@ -58,7 +76,9 @@ def outcome(result: dict | None, error: bool, full_epochs: int
     attrs = {"val_acc": acc, "epochs": epoch, "flops": flops, "status": status}
     if status == "stopped":
         return TrialState.PRUNED, None, attrs
-    return TrialState.COMPLETE, [acc, float(flops)], attrs
+    if list(objectives) == ["val_acc", "flops"]:
+        return TrialState.COMPLETE, [acc, float(flops)], attrs
+    return TrialState.COMPLETE, objective_values(acc, cost, objectives), attrs
 
 
 def close_unstarted(study: optuna.Study) -> int:
@@ -84,15 +104,21 @@ class RateProposer:
                  flops_budget: float | None = None, flops_policy: str = "reject",
                  points: list[tuple[str, dict]] | None = None,
                  anchors: list[tuple[str, dict]] | None = None,
-                 trial_log: TrialLog | None = None) -> None:
+                 trial_log: TrialLog | None = None,
+                 budgets: dict[str, float] | None = None,
+                 objectives: Sequence[str] = ("val_acc", "flops")) -> None:
         self.space = space
         self.sampler = sampler
         self.storage = storage
         self.study_name = study_name
         self.full_epochs = full_epochs
         self.num_samples = num_samples
-        self.flops_budget = flops_budget
+        self.budgets = dict(budgets or {})  # {cost key: fraction}: flops_ratio, latency_ratio
+        if flops_budget is not None:
+            self.budgets.setdefault("flops_ratio", float(flops_budget))
+        self.flops_budget = self.budgets.get("flops_ratio")
         self.flops_policy = flops_policy
+        self.objectives = list(objectives)
         self.trial_log = trial_log
         self.started = 0
         self._open: dict[str, int] = {}       # key -> Optuna trial number, once asked
@@ -111,10 +137,17 @@ class RateProposer:
         state["_handles"] = {}
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("objectives", ["val_acc", "flops"])  # pickled before latency existed
+        fb = state.get("flops_budget")
+        state.setdefault("budgets", {} if fb is None else {"flops_ratio": fb})
+        self.__dict__.update(state)
+
     @property
     def study(self) -> optuna.Study:
         if self._study is None:
-            self._study = open_study(self.storage, self.study_name, self.sampler)
+            self._study = open_study(self.storage, self.study_name, self.sampler,
+                                     self.objectives)
         return self._study
 
     # ------------------------------------------------------------------ state
@@ -138,6 +171,13 @@ class RateProposer:
 
     # ------------------------------------------------------------------ proposals
 
+    @staticmethod
+    def _price_attrs(trial: optuna.Trial, cost: Any) -> None:
+        trial.set_user_attr("flops_ratio", cost.flops_ratio)
+        if cost.latency_ms is not None:
+            trial.set_user_attr("latency_ms", cost.latency_ms)
+            trial.set_user_attr("latency_ratio", cost.latency_ratio)
+
     def _record_rejection(self, trial: optuna.Trial, rates: list[float], cost: Any,
                           why: str) -> None:
         if self.trial_log is None:
@@ -147,7 +187,8 @@ class RateProposer:
             "trial_id": f"rejected_{trial.number:05d}", "status": "rejected",
             "rates": rates, "widths": list(cost.widths), "val_acc": None, "flops": cost.flops,
             "flops_ratio": cost.flops_ratio, "params": cost.params,
-            "params_ratio": cost.params_ratio, "epochs": 0, "time_s": 0.0, "node": None,
+            "params_ratio": cost.params_ratio, "latency_ms": cost.latency_ms,
+            "latency_ratio": cost.latency_ratio, "epochs": 0, "time_s": 0.0, "node": None,
             "error": why, "started": now, "ended": now, "optuna_number": trial.number})
 
     def ask(self, key: str) -> dict | None:
@@ -155,15 +196,15 @@ class RateProposer:
         ``num_samples``."""
         if self.num_samples is not None and self.started >= self.num_samples:
             return None
-        study, space, budget = self.study, self.space, self.flops_budget
+        study, space, budgets = self.study, self.space, self.budgets
         for attempt in range(MAX_REJECTIONS + 2):  # the last one runs a repaired vector
             trial = study.ask()
             params = space(trial)
             rates = list(params["rates"])
             cost = space.cost(rates)
-            over = budget is not None and cost.flops_ratio > budget + 1e-12
+            over = space.overruns(cost, budgets)
             if over and (self.flops_policy == "repair" or attempt >= MAX_REJECTIONS):
-                fixed = space.repair(rates, budget)
+                fixed = space.repair(rates, budgets)
                 fixed_params = space.params_from_rates(fixed) if fixed is not None else None
                 if fixed_params is not None:
                     trial.set_user_attr("status", "repaired")
@@ -171,18 +212,17 @@ class RateProposer:
                     study.enqueue_trial(fixed_params, user_attrs={
                         "proposed_rates": rates, "repaired_from": trial.number})
                     continue
+            if budgets:
+                constrain(trial, space.violation(cost, budgets),
+                          "flops_budget" if list(budgets) == ["flops_ratio"] else "budget")
+            self._price_attrs(trial, cost)
             if over:
-                why = f"flops_ratio {cost.flops_ratio:.4f} above flops_budget {budget}"
-                constrain(trial, cost.flops_ratio - budget)
                 trial.set_user_attr("status", "rejected")
-                trial.set_user_attr("flops_ratio", cost.flops_ratio)
-                study.tell(trial, [0.0, float(cost.flops)], state=TrialState.COMPLETE)
-                self._record_rejection(trial, rates, cost, why)
+                study.tell(trial, objective_values(0.0, cost, self.objectives),
+                           state=TrialState.COMPLETE)
+                self._record_rejection(trial, rates, cost, "; ".join(over))
                 continue
-            if budget is not None:
-                constrain(trial, cost.flops_ratio - budget)
             trial.set_user_attr("tune_trial_id", key)
-            trial.set_user_attr("flops_ratio", cost.flops_ratio)
             self._open[key] = trial.number
             self._handles[key] = trial
             self._done.discard(key)
@@ -191,6 +231,9 @@ class RateProposer:
             attrs = trial.user_attrs
             config.update({k: attrs[k] for k in _CONFIG_ATTRS if k in attrs})
             config["optuna_number"] = trial.number
+            if cost.latency_ms is not None:  # priced before training, like the FLOPs
+                config["latency_ms"] = cost.latency_ms
+                config["latency_ratio"] = cost.latency_ratio
             return config
         return None  # only when no vector of the space meets the budget (checked before)
 
@@ -224,7 +267,10 @@ class RateProposer:
         self.note(key, result)  # Tune hands the last report to on_trial_complete only
         self._done.add(key)
         number = self._open[key]
-        state, values, attrs = outcome(result, error, self.full_epochs)
+        cost = None
+        if result and result.get("rates") is not None and self.objectives != ["val_acc", "flops"]:
+            cost = self.space.cost(result["rates"])
+        state, values, attrs = outcome(result, error, self.full_epochs, self.objectives, cost)
         try:
             handle = self._handles.pop(key, None) or trial_handle(self.study, number)
             for name, value in attrs.items():

@@ -2,7 +2,7 @@
 
 :func:`retrain_experiment` reads the experiment folder (config.yaml, manifest.json,
 trials.jsonl, baseline.pt), picks a trial (:mod:`search.picks`: ``knee``, ``best``,
-``flops<=F``, ``trial=ID``), sketches the baseline at the trial's exact widths with
+``flops<=F``, ``latency<=L``, ``trial=ID``; the knee on the search's cost axis), sketches the baseline at the trial's exact widths with
 the search's sketch options, recalibrates BN and fine-tunes with ``retrain``'s
 schedule (the original's 150 epochs with decay at 50 and 100 for CIFAR), keeping the
 best epoch on the images the search chose on (the manifest's ``scores``,
@@ -13,7 +13,8 @@ sketchtune checkpoint that ``sketch --test_only --refine`` and ``info
 --sketch_model`` read), ``metrics.csv`` (one row per epoch), ``train_state.pt`` (an
 interrupted retrain continues from it) and ``result.json`` (test accuracy with
 ``val_source`` and ``test_images``, the number of test images it was measured on,
-FLOPs, params and their reductions). ``workers > 1`` trains data-parallel through Ray
+FLOPs, params and their reductions; for a search priced by latency, the pick's
+predicted latency beside its latency measured here on the table's target). ``workers > 1`` trains data-parallel through Ray
 Train's TorchTrainer (:mod:`search.distributed`; train_holdout searches only).
 """
 
@@ -28,6 +29,7 @@ from typing import Any
 import yaml
 
 from search.config import SearchConfig, config_from_dict
+from search.latency_source import cost_key, measure_pick
 from search.picks import Pick, parse_pick, select_record
 from search.records import read_records
 from sketch_core.atomic import atomic_copy, atomic_write_json
@@ -134,6 +136,21 @@ def _scores(manifest: dict) -> dict:
     return manifest.get("scores") or {"val_source": "train_holdout"}
 
 
+def _check_distributed(config: SearchConfig, manifest: dict) -> None:
+    """UserError when a data-parallel retrain cannot reproduce this search's pick."""
+    if _scores(manifest)["val_source"] == "test_holdout":
+        raise UserError("retrain --workers > 1 chooses its best epoch on the validation split "
+                        "held out of the training split, but this search chose on held-out "
+                        "test images (val_source test_holdout); retrain with --workers 1")
+    if config.space.round_to > 1:
+        raise UserError("retrain --workers > 1 cannot reproduce widths rounded by "
+                        "space.round_to > 1; retrain with --workers 1")
+    m = config.model
+    if m.synthetic and set(m.synthetic) - {"num_classes"}:
+        raise UserError("retrain --workers > 1 supports synthetic data only with default "
+                        "options (model.synthetic other than num_classes); use --workers 1")
+
+
 def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epochs: int,
                  workers: int, address: str | None, manifest: dict, normalize: Any = None,
                  family: str | None = None) -> dict[str, Any]:
@@ -142,17 +159,7 @@ def _distributed(config: SearchConfig, exp_dir: Path, job: Path, rec: dict, epoc
     from search.ray_session import ray_session
     from sketch_core.spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 
-    m, s, rt = config.model, config.sketch, config.retrain
-    if _scores(manifest)["val_source"] == "test_holdout":
-        raise UserError("retrain --workers > 1 chooses its best epoch on the validation split "
-                        "held out of the training split, but this search chose on held-out "
-                        "test images (val_source test_holdout); retrain with --workers 1")
-    if config.space.round_to > 1:
-        raise UserError("retrain --workers > 1 cannot reproduce widths rounded by "
-                        "space.round_to > 1; retrain with --workers 1")
-    if m.synthetic and set(m.synthetic) - {"num_classes"}:
-        raise UserError("retrain --workers > 1 supports synthetic data only with default "
-                        "options (model.synthetic other than num_classes); use --workers 1")
+    m, s, rt = config.model, config.sketch, config.retrain  # _check_distributed ran first
     use_gpu = rt.gpus_per_worker > 0 or config.resources.gpu > 0
     spec = RunSpec(
         command="sketch",
@@ -217,13 +224,15 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
     norm = _retrain_normalize(exp_dir, normalize, force_normalize)
     pick = parse_pick(pick) if isinstance(pick, str) else pick
     records = read_records(exp_dir / "trials.jsonl")
-    rec = select_record(records, pick)
+    rec = select_record(records, pick, cost_key(config))
     workers = workers or config.retrain.workers
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
     epochs = config.retrain.epochs if epochs is None else epochs
     if epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {epochs}")
+    if workers > 1:  # refused before the pick's folder is made
+        _check_distributed(config, manifest)
     job = exp_dir / "retrain" / pick.label
     job.mkdir(parents=True, exist_ok=True)
     base = manifest["baseline"]
@@ -257,6 +266,20 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
         "model": str(job / "model.pt"), "lr": config.retrain.lr,
         "lr_decay_step": list(config.retrain.lr_decay_step),
     }
+    if rec.get("latency_ms") is not None:
+        result["latency_ms"] = rec["latency_ms"]
+        result["latency_ratio"] = rec.get("latency_ratio")
+    lat = measure_pick(exp_dir, config, base, result["widths"], rec.get("latency_ms"))
+    if lat is not None:
+        result["latency"] = lat
+        if lat.get("measured_ms") is not None:
+            _say(quiet, f"[retrain] latency on {lat['device']}/{lat['runtime']} (batch "
+                        f"{lat['batch']}, {lat['threads']} thread(s)): predicted "
+                        f"{_ms(lat['predicted_ms'])}, measured {_ms(lat['measured_ms'])} "
+                        f"({lat['statistic']} of {lat['repeats']} calls; median "
+                        f"{_ms(lat['measured_median_ms'])})")
+        else:
+            _say(quiet, f"[retrain] latency: predicted {_ms(lat['predicted_ms'])}; {lat['note']}")
     if export is not None:
         from sketch_core.export import export_checkpoint
 
@@ -299,6 +322,10 @@ def _on(result: dict) -> str:
 
 def _pct(x: Any) -> str:
     return "-" if x is None else f"{100 * float(x):.2f}%"
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.3f} ms"
 
 
 def _m(x: Any) -> str:

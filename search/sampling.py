@@ -8,6 +8,7 @@ the two-objective study (max ``val_acc``, min ``flops``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import optuna
@@ -54,7 +55,7 @@ class SQLiteStorage(optuna.storages.RDBStorage):
 
 
 class FlopsConstraint:
-    """Optuna constraint (<= 0 is feasible): flops_ratio - budget, from the trial's attrs."""
+    """Optuna constraint (<= 0 is feasible): the largest cost - budget, from the trial's attrs."""
 
     def __call__(self, trial: optuna.trial.FrozenTrial) -> list[float]:
         return [float(trial.user_attrs.get("constraint", 0.0))]
@@ -63,11 +64,12 @@ class FlopsConstraint:
 _HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
 
 
-def constrain(trial: optuna.Trial, value: float) -> None:
-    """Record ``flops_ratio - budget`` (<= 0 feasible) where the sampler reads it."""
+def constrain(trial: optuna.Trial, value: float, name: str = "flops_budget") -> None:
+    """Record the largest ``cost ratio - budget`` (<= 0 feasible) where the sampler reads it
+    (``name``: ``flops_budget``, or ``budget`` when a latency budget takes part)."""
     trial.set_user_attr("constraint", value)
     if _HAS_SET_CONSTRAINT:
-        trial.set_constraint("flops_budget", value)
+        trial.set_constraint(name, value)
 
 
 def population_size(num_samples: int | None, requested: int | None = None) -> int:
@@ -81,11 +83,13 @@ def population_size(num_samples: int | None, requested: int | None = None) -> in
 
 def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
                  population: int | None = None, constrained: bool = False,
-                 space: Any = None, flops_budget: float | None = None
+                 space: Any = None, flops_budget: float | None = None,
+                 budgets: dict[str, float] | None = None, cost: str = "flops_ratio"
                  ) -> optuna.samplers.BaseSampler:
     """``nsga2`` (default), ``tpe``, ``random`` or ``surrogate``, seeded; constrained when a
     budget is set. ``surrogate`` (:mod:`search.surrogate`) needs the ``space`` it proposes
-    in, and keeps below ``flops_budget`` itself."""
+    in, and keeps below ``flops_budget`` (or every one of ``budgets``) itself; ``cost``
+    (``flops_ratio`` or ``latency_ratio``) is the cost axis of its front."""
     # Optuna 5 reads constraints set on the trial; older versions need constraints_func
     cons = FlopsConstraint() if constrained and not _HAS_SET_CONSTRAINT else None
     if name == "nsga2":
@@ -102,13 +106,23 @@ def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
             raise ValueError("the surrogate sampler needs the rate space")
         from search.surrogate import SurrogateSampler
 
-        return SurrogateSampler(space, seed=seed, flops_budget=flops_budget)
+        return SurrogateSampler(space, seed=seed, flops_budget=flops_budget, budgets=budgets,
+                                cost=cost)
     raise ValueError(f"unknown sampler {name!r}")
 
 
 def open_study(storage: optuna.storages.BaseStorage | str | None, study_name: str,
-               sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """The search's study (created, or loaded when it exists): max val_acc, min flops."""
+               sampler: optuna.samplers.BaseSampler,
+               objectives: Sequence[str] = ("val_acc", "flops")) -> optuna.Study:
+    """The search's study (created, or loaded when it exists): max val_acc, then min each
+    cost objective (``flops`` by default; ``latency``)."""
+    directions = ["maximize"] + ["minimize"] * (len(objectives) - 1)
     study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
-                                directions=[_DIRECTIONS[m] for m in MODES], load_if_exists=True)
+                                directions=directions, load_if_exists=True)
+    if len(study.directions) != len(directions):
+        from sketch_core.errors import UserError
+
+        raise UserError(f"study {study_name!r} has {len(study.directions)} objectives, this "
+                        f"config {len(directions)} ({', '.join(objectives)}); continue it with "
+                        f"its own config or start a new search")
     return study

@@ -123,7 +123,8 @@ def scored_data(data: Any, trial: TrialConfig, scores: dict | None, data_set: st
                             f"chose on {n} of {total}; use the data the search used")
     else:
         n = holdout_size(trial, n_test, data_set)
-    return hold_out_test(data, n, trial.seed)
+    seed = scores.get("seed")  # the record's seed: the images the search itself held out
+    return hold_out_test(data, n, trial.seed if seed is None else int(seed))
 
 
 def scores_record(val_source: str, reason: str, data: Any, trial: TrialConfig) -> dict:

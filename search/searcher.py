@@ -3,7 +3,8 @@
 :class:`SketchSearch` subclasses ``ray.tune.search.Searcher`` (suggest /
 on_trial_result / on_trial_complete / save / restore) and leaves everything about the
 study to :class:`search.proposer.RateProposer` (multi-objective: max ``val_acc``, min
-``flops``; define-by-run :class:`~search.space.RateSpace`; FLOPs budget; PRUNED for
+``flops`` and/or ``latency``; define-by-run :class:`~search.space.RateSpace`; FLOPs and
+latency budgets; PRUNED for
 early stops). It says ``FINISHED`` at ``num_samples``; ``restore`` (``--resume``)
 loads the saved state and reconciles the study with the trials Tune will continue.
 The Ray-free names (storage, samplers, :func:`outcome`) are re-exported from here.
@@ -18,7 +19,8 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from search.proposer import MAX_REJECTIONS, RateProposer, close_unstarted, outcome
+from search.proposer import (MAX_REJECTIONS, OBJECTIVE_COLUMNS, RateProposer, close_unstarted,
+                             outcome)
 from search.records import TrialLog
 from search.sampling import (METRICS, MODES, FlopsConstraint, SQLiteStorage, make_sampler,
                              population_size)
@@ -39,12 +41,16 @@ class SketchSearch(Searcher):
                  flops_budget: float | None = None, flops_policy: str = "reject",
                  points: list[tuple[str, dict]] | None = None,
                  anchors: list[tuple[str, dict]] | None = None,
-                 trial_log: TrialLog | None = None) -> None:
-        super().__init__(metric=list(METRICS), mode=list(MODES))
+                 trial_log: TrialLog | None = None,
+                 budgets: dict[str, float] | None = None,
+                 objectives: list[str] | tuple[str, ...] = ("val_acc", "flops")) -> None:
+        super().__init__(metric=["val_acc"] + [OBJECTIVE_COLUMNS[o] for o in objectives[1:]],
+                         mode=["max"] + ["min"] * (len(objectives) - 1))
         self.proposer = RateProposer(
             space, sampler=sampler, storage=storage, study_name=study_name,
             full_epochs=full_epochs, num_samples=num_samples, flops_budget=flops_budget,
-            flops_policy=flops_policy, points=points, anchors=anchors, trial_log=trial_log)
+            flops_policy=flops_policy, points=points, anchors=anchors, trial_log=trial_log,
+            budgets=budgets, objectives=objectives)
 
     @property
     def study(self) -> optuna.Study:

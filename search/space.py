@@ -26,7 +26,11 @@ from sketch_core.errors import UserError
 from sketch_core.rates import parse_rates, widths_for
 from sketch_core.registry import Arch, CfgLike, resolve_arch
 
-__all__ = ["CostModel", "RateSpace", "Cost", "stage_groups"]
+__all__ = ["CostModel", "RateSpace", "Cost", "stage_groups", "BUDGET_KEYS"]
+
+# budget keys (fractions of the unpruned network) -> how a message names them
+BUDGET_KEYS = {"flops_ratio": "budget.flops_budget", "latency_ratio": "budget.latency"}
+_SHORT = {"flops_ratio": "flops_budget", "latency_ratio": "latency budget"}
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,12 @@ class Cost:
     params: int
     flops_ratio: float
     params_ratio: float
+    latency_ms: float | None = None     # predicted by the space's latency table, if any
+    latency_ratio: float | None = None  # latency_ms over the unpruned network's prediction
+
+    def value(self, name: str) -> float | None:
+        """The cost called ``name`` (a :data:`BUDGET_KEYS` key or an objective's column)."""
+        return getattr(self, name)
 
 
 def stage_groups(cfg: CfgLike, data_set: str = "cifar10",
@@ -195,6 +205,7 @@ class RateSpace:
     num_classes: int | None = None
     in_channels: int = 3
     input_size: int | None = None
+    latency: Any = field(default=None, repr=False, compare=False)  # a LatencyTable, or None
     _cost: CostModel | None = field(default=None, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -324,7 +335,12 @@ class RateSpace:
         if hit is None:
             cm = self.cost_model
             flops, params = cm.cost(widths)
-            hit = Cost(widths, flops, params, flops / cm.full_flops, params / cm.full_params)
+            lat = ratio = None
+            if self.latency is not None:
+                lat = float(self.latency.predict(widths))
+                ratio = lat / self.full_latency_ms
+            hit = Cost(widths, flops, params, flops / cm.full_flops, params / cm.full_params,
+                       lat, ratio)
             if len(self._cache) < 100_000:
                 self._cache[widths] = hit
         return hit
@@ -335,42 +351,105 @@ class RateSpace:
         widths = np.array([self.widths(r) for r in rates], dtype=np.float64)
         return cm.flops_many(widths) / cm.full_flops
 
+    @property
+    def full_latency_ms(self) -> float:
+        """The latency table's prediction for the unpruned network (ratios are of this)."""
+        if self.latency is None:
+            raise ValueError("this space has no latency table")
+        full = self._cache.get("full_latency_ms")
+        if full is None:
+            full = self._cache["full_latency_ms"] = float(
+                self.latency.predict(self.plan.full_widths()))
+        return full
+
+    def ratios(self, rates: Sequence[Sequence[float]], key: str = "flops_ratio") -> np.ndarray:
+        """``flops_ratio`` or ``latency_ratio`` of many per-unit vectors at once."""
+        if key == "flops_ratio":
+            return self.flops_ratios(rates)
+        if key != "latency_ratio":
+            raise ValueError(f"unknown cost {key!r}")
+        widths = np.array([self.widths(r) for r in rates], dtype=np.float64)
+        return self.latency.predict_many(widths) / self.full_latency_ms
+
+    def feasible_many(self, rates: Sequence[Sequence[float]],
+                      budgets: dict[str, float] | None) -> np.ndarray:
+        """Which of many per-unit vectors meet every budget (``{cost key: fraction}``)."""
+        ok = np.ones(len(rates), dtype=bool)
+        for key, limit in (budgets or {}).items():
+            ok &= self.ratios(rates, key) <= limit + 1e-12
+        return ok
+
+    @staticmethod
+    def overruns(cost: Cost, budgets: dict[str, float] | None) -> list[str]:
+        """What ``cost`` exceeds, one phrase per budget (empty: within all of them)."""
+        out = []
+        for key, limit in (budgets or {}).items():
+            value = cost.value(key)
+            if value is None or value <= limit + 1e-12:
+                continue
+            text = f"{key} {value:.4f} above {_SHORT.get(key, key)} {limit:g}"
+            if key == "latency_ratio" and cost.latency_ms and value > 0:  # the same in ms
+                text += f" ({cost.latency_ms:.3f} ms above {limit * cost.latency_ms / value:.3f} ms)"
+            out.append(text)
+        return out
+
+    @staticmethod
+    def violation(cost: Cost, budgets: dict[str, float] | None) -> float:
+        """Optuna's constraint value: the largest ``cost - budget`` (<= 0: feasible)."""
+        return max((cost.value(k) - b for k, b in (budgets or {}).items()), default=0.0)
+
     def _snap_down(self, r: float) -> float:
         if self.grid is None:
             return min(self.high, max(self.low, r))
         below = [g for g in self.grid if g <= r + 1e-9]
         return below[-1] if below else self.grid[0]
 
-    def repair(self, rates: Sequence[float], flops_budget: float) -> list[float] | None:
-        """The vector scaled down (uniformly, then snapped to the grid) onto the budget.
+    def repair(self, rates: Sequence[float], budgets: dict[str, float] | float
+               ) -> list[float] | None:
+        """The vector scaled down (uniformly, then snapped to the grid) onto the budgets.
 
-        Returns the largest such vector whose FLOPs ratio is within ``flops_budget``, or
-        None when even the space's lowest rates are above it.
+        ``budgets``: ``{cost key: fraction}`` (:data:`BUDGET_KEYS`), or a FLOPs budget
+        alone. Returns the largest such vector within every budget, or None when even
+        the space's lowest rates are above one.
         """
+        if not isinstance(budgets, dict):
+            budgets = {"flops_ratio": float(budgets)}
         values = [rates[g[0]] for g in self.groups]
-        if self.cost(rates).flops_ratio <= flops_budget:
+
+        def fits(r: list[float]) -> bool:
+            return not self.overruns(self.cost(r), budgets)
+
+        if fits(list(rates)):
             return list(rates)
 
         def scaled(s: float) -> list[float]:
             return self.expand([self._snap_down(v * s) for v in values])
 
-        if self.cost(scaled(0.0)).flops_ratio > flops_budget:
+        if not fits(scaled(0.0)):
             return None
         lo, hi = 0.0, 1.0
         for _ in range(30):
             mid = (lo + hi) / 2
-            if self.cost(scaled(mid)).flops_ratio <= flops_budget:
+            if fits(scaled(mid)):
                 lo = mid
             else:
                 hi = mid
         return scaled(lo)
 
-    def check_budget(self, flops_budget: float | None) -> None:
-        """UserError when no vector of the space meets ``flops_budget``."""
-        if flops_budget is None:
+    def check_budget(self, budgets: dict[str, float] | float | None) -> None:
+        """UserError when no vector of the space meets the budgets (or a FLOPs budget)."""
+        if budgets is None:
             return
+        if not isinstance(budgets, dict):
+            budgets = {"flops_ratio": float(budgets)}
         lowest = self.cost([self.low] * self.num_units)
-        if lowest.flops_ratio > flops_budget:
-            raise UserError(f"budget.flops_budget {flops_budget}: even every rate at space.low "
-                            f"{self.low} keeps {lowest.flops_ratio:.3f} of the FLOPs; lower "
-                            f"space.low or raise the budget")
+        for key, limit in budgets.items():
+            value = lowest.value(key)
+            if value is not None and value > limit + 1e-12:
+                what = "of the FLOPs" if key == "flops_ratio" else (
+                    f"of the unpruned latency ({lowest.latency_ms:.3f} ms predicted)")
+                given = f"{limit:g}" if key == "flops_ratio" else (
+                    f"{limit:g} ({limit * self.full_latency_ms:.3f} ms)")
+                raise UserError(f"{BUDGET_KEYS[key]} {given}: even every rate at space.low "
+                                f"{self.low} keeps {value:.3f} {what}, the lowest reachable; "
+                                f"lower space.low or raise the budget")

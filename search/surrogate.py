@@ -16,15 +16,20 @@
 2. **Model.** Bayesian ridge regression of accuracy on the log of each rate, its
    square, and the log of the vector's FLOPs ratio; the ridge strength is chosen by
    weighted leave-one-out error; the predictive spread is the posterior's.
-3. **Proposal.** Candidates are random vectors of the grid and mutations of the
-   observed front (a few rates moved one or two grid steps). Each is priced (FLOPs are
+3. **Proposal.** Candidates are every uniform vector of the grid (the family a user
+   would sweep by hand), random vectors of the grid, near-uniform vectors (each rate
+   within two grid steps of a common level) and mutations of the observed front (a few
+   rates moved one or two grid steps). Each is priced (FLOPs are
    known before training) and scored by the hypervolume it would add to the observed
-   front at an optimistic accuracy (mean + :data:`KAPPA` x spread); above a FLOPs
-   budget a candidate is never proposed. Vectors already asked for (in any state,
-   running ones included) are skipped.
+   front at an optimistic accuracy (mean + :data:`KAPPA` x spread). A candidate above a
+   budget (FLOPs or latency) is first scaled down onto it (all its rates times one
+   factor, snapped down to the grid), and one that still is above is never proposed;
+   so under a tight budget the proposals are feasible and spread, not rejected in
+   long runs. Vectors already asked for (in any state, running ones included) are
+   skipped.
 
 Until :data:`STARTUP` observations (by weight) exist, vectors are drawn at random
-(after the anchors and paper vectors, which come first), within the FLOPs budget when
+(after the anchors and paper vectors, which come first), scaled onto the budget when
 there is one; so is a proposal when no candidate of the model is new and in budget. No
 state beyond the study: ``--resume`` and a new driver see the same sampler. Nothing is
 fetched; numpy only.
@@ -49,6 +54,7 @@ STOPPED_WEIGHT = 0.5    # a stopped trial's estimated final accuracy counts half
 STARTUP = 8             # observations before the model proposes
 KAPPA = 1.0             # optimism: mean + KAPPA * predictive sd
 CANDIDATES = 512
+SHRINK_STEPS = 10       # bisection steps that scale an over-budget candidate onto the budget
 RIDGES = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
@@ -181,9 +187,14 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, space: RateSpace, *, seed: int | None = None,
                  flops_budget: float | None = None, startup: int = STARTUP,
-                 kappa: float = KAPPA, candidates: int = CANDIDATES) -> None:
+                 kappa: float = KAPPA, candidates: int = CANDIDATES,
+                 budgets: dict[str, float] | None = None, cost: str = "flops_ratio") -> None:
         self.space = space
-        self.flops_budget = flops_budget
+        self.budgets = dict(budgets or {})  # {cost key: fraction}, as the proposer's
+        if flops_budget is not None:
+            self.budgets.setdefault("flops_ratio", float(flops_budget))
+        self.flops_budget = self.budgets.get("flops_ratio")
+        self.cost = cost  # the front's cost axis: flops_ratio or latency_ratio
         self.startup = startup
         self.kappa = kappa
         self.candidates = candidates
@@ -195,6 +206,12 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         state = dict(self.__dict__)
         state["last_fit"] = {}  # rebuilt at the next proposal
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        fb = state.get("flops_budget")  # pickled before budgets and cost existed
+        state.setdefault("budgets", {} if fb is None else {"flops_ratio": fb})
+        state.setdefault("cost", "flops_ratio")
+        self.__dict__.update(state)
 
     def reseed_rng(self) -> None:
         self._rng.seed()
@@ -251,14 +268,57 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
     def _price(self, values: np.ndarray) -> np.ndarray:
         return self.space.flops_ratios([self.space.expand(v) for v in values])
 
+    def _cost(self, values: np.ndarray, flops_ratio: np.ndarray) -> np.ndarray:
+        """The front's cost axis of vectors given per group (``flops_ratio`` given)."""
+        if self.cost == "flops_ratio":
+            return flops_ratio
+        return self.space.ratios([self.space.expand(v) for v in values], self.cost)
+
+    def _feasible(self, values: np.ndarray) -> np.ndarray:
+        return self.space.feasible_many([self.space.expand(v) for v in values], self.budgets)
+
+    def _shrink(self, cand: np.ndarray, steps: int = SHRINK_STEPS) -> np.ndarray:
+        """Candidates above a budget scaled down onto it: each vector times one factor,
+        snapped down to the grid, the largest factor found by bisection (what
+        :meth:`RateSpace.repair` does for one vector, here for all at once). A
+        candidate that cannot be brought within the budget is left as it is."""
+        if not self.budgets or not len(cand):
+            return cand
+        ok = self._feasible(cand)
+        if ok.all():
+            return cand
+        grid = self._grid()
+        rows = np.flatnonzero(~ok)
+        bad = cand[rows]
+
+        def snapped(scale: np.ndarray) -> np.ndarray:
+            idx = np.searchsorted(grid, bad * scale[:, None] + 1e-9, side="right") - 1
+            return grid[np.clip(idx, 0, len(grid) - 1)]
+
+        lo, hi = np.zeros(len(bad)), np.ones(len(bad))
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            fits = self._feasible(snapped(mid))
+            lo, hi = np.where(fits, mid, lo), np.where(fits, hi, mid)
+        fixed = snapped(lo)
+        fits = self._feasible(fixed)
+        out = cand.copy()
+        out[rows[fits]] = fixed[fits]
+        return out
+
     def _candidates(self, obs: list[Observation], front_values: list[list[float]]
                     ) -> np.ndarray:
-        """Half random grid vectors, half the front's vectors with 1-3 rates moved 1-2 steps."""
+        """Every uniform vector of the grid; then, in equal parts, random grid vectors,
+        near-uniform ones (each rate within two grid steps of one common level) and the
+        front's vectors with 1-3 rates moved 1-2 steps."""
         grid = self._grid()
         k = len(self.space.param_names)
-        n_rand = self.candidates // 2
-        n_mut = self.candidates - n_rand
+        uniform = np.repeat(grid[:, None], k, axis=1)
+        n_rand = n_near = self.candidates // 4
+        n_mut = self.candidates - n_rand - n_near
         rand = grid[self._rng.randint(len(grid), size=(n_rand, k))]
+        level = self._rng.randint(len(grid), size=(n_near, 1))
+        near = grid[np.clip(level + self._rng.randint(-2, 3, size=(n_near, k)), 0, len(grid) - 1)]
         parents = np.array(front_values or [self._values(o.rates) for o in obs])
         pos = np.abs(parents[:, :, None] - grid[None, None, :]).argmin(axis=2)
         pos = pos[self._rng.randint(len(parents), size=n_mut)]
@@ -266,7 +326,7 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         moved[np.arange(n_mut), self._rng.randint(k, size=n_mut)] = True
         step = self._rng.choice([-2, -1, 1, 2], size=(n_mut, k))
         muts = grid[np.clip(pos + moved * step, 0, len(grid) - 1)]
-        return np.vstack([rand, muts])
+        return np.vstack([uniform, rand, near, muts])
 
     def _seen(self, study: optuna.Study, current: FrozenTrial) -> set[tuple]:
         """Vectors already asked for, in any state (running ones included)."""
@@ -276,17 +336,26 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
                 if t.number != current.number and all(n in t.params for n in names)}
 
     def _random_feasible(self, seen: set[tuple]) -> list[float] | None:
-        """A random grid vector within the FLOPs budget (before the model has data)."""
-        if self.flops_budget is None:
+        """A random grid vector within the budgets (before the model has data); when no
+        candidate is, the one least above them."""
+        if not self.budgets:
             return None  # Optuna's random sampler draws it
         grid = self._grid()
         cand = grid[self._rng.randint(len(grid), size=(self.candidates,
                                                         len(self.space.param_names)))]
-        fr = self._price(cand)
-        ok = [i for i in range(len(cand)) if fr[i] <= self.flops_budget + 1e-12
+        cand = self._shrink(cand)
+        feasible = self._feasible(cand)
+        ok = [i for i in range(len(cand)) if feasible[i]
               and tuple(np.round(cand[i], 9)) not in seen]
-        best = ok[self._rng.randint(len(ok))] if ok else int(np.argmin(fr))
+        best = ok[self._rng.randint(len(ok))] if ok else int(np.argmin(self._overrun(cand)))
         return [float(v) for v in cand[best]]
+
+    def _overrun(self, values: np.ndarray) -> np.ndarray:
+        """How far each vector is above its budgets: the largest cost / budget over them
+        (<= 1: within every one)."""
+        rates = [self.space.expand(v) for v in values]
+        return np.max([self.space.ratios(rates, k) / max(lim, 1e-12)
+                       for k, lim in self.budgets.items()], axis=0)
 
     def _propose(self, obs: list[Observation], seen: set[tuple]) -> list[float] | None:
         vals = np.array([self._values(o.rates) for o in obs])
@@ -294,22 +363,24 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         y = np.array([o.acc for o in obs])
         w = np.array([o.weight for o in obs])
         model = _Model(self._features(vals, fr), y, w)
-        front = _front(list(zip(fr.tolist(), y.tolist())))
+        cost = self._cost(vals, fr)
+        front = _front(list(zip(cost.tolist(), y.tolist())))
         on_front = {(round(f, 9), round(a, 9)) for f, a in front}
         front_values = [vals[i].tolist() for i in range(len(obs))
-                        if (round(float(fr[i]), 9), round(float(y[i]), 9)) in on_front]
-        cand = self._candidates(obs, front_values)
+                        if (round(float(cost[i]), 9), round(float(y[i]), 9)) in on_front]
+        cand = self._shrink(self._candidates(obs, front_values))
         cand_fr = self._price(cand)
         seen = seen | {tuple(np.round(v, 9)) for v in vals}
         keep = np.array([tuple(np.round(c, 9)) not in seen for c in cand])
-        if self.flops_budget is not None:
-            keep &= cand_fr <= self.flops_budget + 1e-12
+        if self.budgets:
+            keep &= self._feasible(cand)
         if not keep.any():
             return self._random_feasible(seen)
         cand, cand_fr = cand[keep], cand_fr[keep]
+        cand_cost = self._cost(cand, cand_fr)
         mean, sd = model.predict(self._features(cand, cand_fr))
         optimistic = np.clip(mean + self.kappa * sd, 0.0, 1.0)
-        gains = np.array([_gain(front, float(f), float(a)) for f, a in zip(cand_fr, optimistic)])
+        gains = np.array([_gain(front, float(f), float(a)) for f, a in zip(cand_cost, optimistic)])
         if gains.max() <= 0.0:  # nothing beats the front even optimistically: most uncertain
             best = int(np.argmax(sd))
         else:

@@ -320,7 +320,10 @@ def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]
         with checkpoint.as_directory() as d:
             start_state = load_state(Path(d) / STATE_FILE)
 
+    priced = {k: config[k] for k in ("latency_ms", "latency_ratio") if k in config}
+
     def report(metrics: dict, state_file: Path | None) -> None:
+        metrics = {**metrics, **priced}  # the latency the proposal was priced at, every report
         if state_file is None:
             tune.report(metrics)
             return

@@ -58,6 +58,9 @@ def trial_record(trial_id: str, result: dict, config: dict, status: str, error: 
         "val_acc_sketched": res.get("val_acc_sketched"),
         "optuna_number": cfg.get("optuna_number"),
     }
+    if cfg.get("latency_ms") is not None:  # priced by the latency table when proposed
+        rec["latency_ms"] = cfg["latency_ms"]
+        rec["latency_ratio"] = cfg.get("latency_ratio")
     if status == "stopped":
         rec["stop_reason"] = stop_reason
     if cfg.get("proposed_rates") is not None:

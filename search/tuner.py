@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from search.config import SearchConfig
+from search.config import COST_SCHEDULERS, SearchConfig
 from search.experiment import experiment_location, is_uri, read_manifest, write_manifest
 from search.gpu_share import packing_note
+from search.latency_source import COST_COLUMNS, budget_words, budgets, cost_key
 from search.prepare import (SearchOutcome, baseline_dict, check_folder, ended_reports,
                             finish_manifest, make_setup, open_new_experiment,
                             open_study_storage, rate_space, say)
@@ -45,24 +46,27 @@ def trial_dirname(trial: Any) -> str:
 def make_scheduler(config: SearchConfig, exp_dir: Path | None = None) -> tuple[Any, list[int]]:
     """The config's trial scheduler and its rungs (epochs; none for FIFO).
 
-    ``asha``: Ray's ASHA on ``val_acc``; ``moasha``: :class:`search.moasha.MOASHAScheduler`
-    on (``val_acc``, ``scheduler.cost``), its rungs kept in ``exp_dir/scheduler_state.json``;
-    ``none``, or ``asha`` with a grace period not below ``trial.epochs``: every trial
+    ``asha``: Ray's ASHA on ``val_acc``; ``cost_asha`` and ``moasha``:
+    :class:`search.moasha.CostASHAScheduler` and :class:`search.moasha.MOASHAScheduler` on
+    (``val_acc``, ``scheduler.cost``), their rungs kept in ``exp_dir/scheduler_state.json``;
+    ``none``, or any of them with a grace period not below ``trial.epochs``: every trial
     runs its full recipe.
     """
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from search.moasha import MOASHAScheduler, rung_milestones
+    from search.moasha import CostASHAScheduler, MOASHAScheduler, rung_milestones
 
     sc, epochs = config.scheduler, config.trial.epochs
-    if sc.name == "none" or epochs <= sc.grace_period:  # (moasha: refused by the config)
+    if sc.name == "none" or epochs <= sc.grace_period:  # config.early_stopping_note says so
         return FIFOScheduler(), []
     rungs = rung_milestones(epochs, sc.grace_period, sc.reduction_factor)
-    if sc.name == "moasha":
+    if sc.name in COST_SCHEDULERS:
         state = None if exp_dir is None else exp_dir / "scheduler_state.json"
-        return MOASHAScheduler(time_attr="epoch", metric="val_acc", cost_attr=sc.cost,
-                               max_t=epochs, grace_period=sc.grace_period,
-                               reduction_factor=sc.reduction_factor, state_file=state), rungs
+        cost = COST_COLUMNS[sc.cost or config.cost_axis][1]  # flops, or latency_ms (priced)
+        kind = CostASHAScheduler if sc.name == "cost_asha" else MOASHAScheduler
+        return kind(time_attr="epoch", metric="val_acc", cost_attr=cost, max_t=epochs,
+                    grace_period=sc.grace_period, reduction_factor=sc.reduction_factor,
+                    state_file=state), rungs
     return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=epochs,
                          grace_period=sc.grace_period,
                          reduction_factor=sc.reduction_factor), rungs
@@ -77,23 +81,26 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
     from search.searcher import SketchSearch, make_sampler
 
     b, t, r = config.budget, config.trial, config.resources
-    space = rate_space(config, baseline)
-    space.check_budget(b.flops_budget)
+    space = rate_space(config, baseline, exp_dir)
+    limits = budgets(config, space)
+    space.check_budget(limits)
     sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
                            config.sampler.population_size,
-                           constrained=b.flops_budget is not None, space=space,
-                           flops_budget=b.flops_budget)
+                           constrained=bool(limits), space=space, budgets=limits,
+                           cost=cost_key(config))
     searcher = SketchSearch(space, sampler=sampler, storage=study_storage, study_name=name,
                             full_epochs=t.epochs, num_samples=b.num_samples,
-                            flops_budget=b.flops_budget, flops_policy=b.flops_policy,
+                            flops_policy=b.flops_policy, budgets=limits,
+                            objectives=config.objectives,
                             points=points, anchors=space.uniform_points(config.sampler.anchors),
                             trial_log=TrialLog(exp_dir / "trials.jsonl"))
     scheduler, rungs = make_scheduler(config, exp_dir)
     callback = SearchCallback(str(exp_dir / "trials.jsonl"), full_epochs=t.epochs,
                               num_samples=b.num_samples, time_budget_s=config.time_budget_s,
-                              flops_budget=b.flops_budget, quiet=quiet,
+                              quiet=quiet,
                               scheduler=config.scheduler.name,
-                              sampler=config.sampler.name, rungs=rungs)
+                              sampler=config.sampler.name, rungs=rungs, budgets=limits,
+                              cost=cost_key(config))
     tune_config = tune.TuneConfig(
         search_alg=searcher, scheduler=scheduler, num_samples=-1,
         max_concurrent_trials=r.max_concurrent_trials, time_budget_s=config.time_budget_s,
@@ -129,6 +136,8 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says enough
     exp_dir, storage_path, name = experiment_location(config, resume)
     config, manifest = check_folder(config, exp_dir, resume)
+    if (note := config.early_stopping_note) is not None:
+        say(quiet, f"[search] {note}")
     t_start = time.time()
     with ray_session(address, None) as started_here:
         check_resources(config.resources.cpu, config.resources.gpu)
@@ -204,8 +213,7 @@ def _new_tuner(config: SearchConfig, fn: Any, exp_dir: Path, storage_path: str, 
     b = config.budget
     say(quiet, f"[search] {name}: {b.num_samples or 'unlimited'} trials"
                f"{', budget ' + b.time if b.time else ''}"
-               f"{', FLOPs <= ' + format(b.flops_budget, 'g') if b.flops_budget else ''}"
-               f", sampler {config.sampler.name}, {where}")
+               f"{budget_words(config)}, sampler {config.sampler.name}, {where}")
     return tune.Tuner(fn, tune_config=parts["tune_config"], run_config=parts["run_config"])
 
 

@@ -128,7 +128,7 @@ def test_every_shipped_config_loads_and_round_trips_through_yaml(name):
     config = load_config(name)
     data = config_to_dict(config)
     assert list(data) == ["model", "sketch", "space", "sampler", "budget", "trial", "scheduler",
-                          "resources", "storage", "retrain"]
+                          "resources", "storage", "retrain", "latency", "objectives"]
     assert "source" not in data
     again = config_from_dict(yaml.safe_load(yaml.safe_dump(data, sort_keys=False)))
     assert config_to_dict(again) == data and again.source is None

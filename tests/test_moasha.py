@@ -1,9 +1,10 @@
-"""MO-ASHA: promotion by (accuracy, cost) fronts, against single-objective ASHA.
+"""Cost-aware early stopping (cost-ASHA, MO-ASHA) against single-objective ASHA.
 
 The task of every test here: accuracy rises with cost (plus a little noise), so
-single-objective ASHA starves the cheap trials, while MO-ASHA lets the cheapest third
-reach the full recipe about as often as the dearest third and still stops about
-(1 - 1/eta) of the trials at each rung. The rule is tested as pure functions, both
+single-objective ASHA starves the cheap trials, while cost-ASHA (accuracy above the
+rung's accuracy-vs-cost trend) and MO-ASHA (fronts of accuracy against cost) let the
+cheapest third reach the full recipe about as often as the dearest third and still stop
+about (1 - 1/eta) of the trials at each rung. The rule is tested as pure functions, both
 schedulers are driven by a simulated asynchronous run (no Ray instance), and one short
 run on a local Ray instance checks the scheduler inside a real Tuner.
 """
@@ -11,6 +12,7 @@ run on a local Ray instance checks the scheduler inside a real Tuner.
 from __future__ import annotations
 
 import heapq
+import math
 import pickle
 import random
 import types
@@ -18,9 +20,10 @@ import types
 import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from search.config import config_from_dict
-from search.moasha import (MOASHAScheduler, pareto_fronts, promotes, spread_order,
-                           promotion_order, rung_milestones)
+from search.config import SCHEDULERS as SCHEDULER_NAMES, config_from_dict
+from search.moasha import (CostASHAScheduler, MOASHAScheduler, pareto_fronts, promotes,
+                           promotion_order, rung_milestones, spread_order, trend_promotes,
+                           trend_residuals)
 from search.progress import SearchCallback, rung_summary
 from search.tuner import make_scheduler
 from sketch_core.errors import UserError
@@ -34,6 +37,13 @@ def _accuracy(cost: float, epoch: int, noise: float) -> float:
 
 def _moasha(**kw) -> MOASHAScheduler:
     return MOASHAScheduler(max_t=EPOCHS, grace_period=GRACE, reduction_factor=ETA, **kw)
+
+
+def _cost_asha(**kw) -> CostASHAScheduler:
+    return CostASHAScheduler(max_t=EPOCHS, grace_period=GRACE, reduction_factor=ETA, **kw)
+
+
+SCHEDULERS = {"moasha": _moasha, "cost_asha": _cost_asha}
 
 
 def _asha() -> ASHAScheduler:
@@ -66,6 +76,70 @@ def test_promotes_the_cheap_end_of_the_front():
     passing = [k for k in recorded if promotes(recorded, k, ETA)]
     assert len(passing) == len(recorded) // ETA
     assert promotes({"only": (0.1, 1.0)}, "only", ETA)  # the first arrival goes on
+
+
+def test_trend_rule_ranks_accuracy_above_the_cost_trend():
+    rng = random.Random(3)
+    costs = [0.1 * 1.3 ** i for i in range(12)]  # the trend: 0.9 + 0.1 log(cost)
+    recorded = {f"t{i}": (0.9 + 0.1 * math.log(c) + rng.gauss(0, 0.005), c)
+                for i, c in enumerate(costs)}
+    recorded["cheap"] = (0.9 + 0.1 * math.log(0.05) + 0.03, 0.05)  # well above at its cost
+    recorded["dear"] = (0.9 + 0.1 * math.log(4.0) - 0.03, 4.0)  # well below, most accurate
+    assert recorded["cheap"][0] == min(a for a, _ in recorded.values())
+    assert recorded["dear"][0] == max(a for a, _ in recorded.values())
+    res = dict(zip(recorded, trend_residuals(list(recorded.values()))))
+    assert max(res, key=res.get) == "cheap" and min(res, key=res.get) == "dear"
+    assert trend_promotes(recorded, "cheap", ETA) and not trend_promotes(recorded, "dear", ETA)
+    passing = [k for k in recorded if trend_promotes(recorded, k, ETA)]
+    assert len(recorded) // ETA <= len(passing) <= len(recorded) // ETA + 1
+    # few points: the first arrival goes on; below 3 points, or at one cost, it is
+    # ASHA on accuracy
+    assert trend_promotes({"only": (0.1, 1.0)}, "only", ETA)
+    two = {"a": (0.5, 1.0), "b": (0.6, 2.0)}
+    assert trend_promotes(two, "b", ETA) and not trend_promotes(two, "a", ETA)
+    flat = {f"t{i}": (0.1 * i, 1.0) for i in range(9)}
+    assert [k for k in flat if trend_promotes(flat, k, ETA)] == ["t6", "t7", "t8"]
+
+
+# a rung recorded in a real quickstart search (digits, 32 trials, eta 3): val_acc x 144
+# validation images, MACs; in the order the trials arrived
+QUICKSTART_RUNG = [
+    (140, 1470592), (95, 699904), (55, 217216), (107, 962560), (140, 1733248),
+    (134, 1263232), (140, 2516608), (135, 1296640), (141, 1730944), (137, 1648000),
+    (133, 1364608), (141, 1475200), (132, 1150336), (84, 966016), (89, 1213696),
+    (138, 1134208), (125, 1268992), (130, 1137664), (113, 1362304), (136, 1620352),
+    (140, 1779328), (88, 1048960), (139, 1635328), (137, 1608832), (124, 1398016),
+    (142, 1516672), (94, 975232), (128, 1498240), (108, 1163008), (77, 919936),
+    (138, 1445248), (135, 1461376)]
+
+
+def _replay(rule) -> list[int]:
+    """Trials promoted from the recorded rung, decided on arrival, per cost third."""
+    recorded, passed = {}, []
+    for i, (correct, macs) in enumerate(QUICKSTART_RUNG):
+        recorded[f"t{i}"] = (correct / 144, float(macs))
+        if rule(recorded, f"t{i}", ETA):
+            passed.append(macs)
+    ranked = sorted(m for _, m in QUICKSTART_RUNG)
+    edges = ranked[len(ranked) // 3], ranked[2 * len(ranked) // 3]
+    return [sum(m < edges[0] for m in passed), sum(edges[0] <= m < edges[1] for m in passed),
+            sum(m >= edges[1] for m in passed)]
+
+
+def test_trend_rule_on_a_real_rung_promotes_about_a_third_in_every_cost_band():
+    def asha(recorded, key, eta):
+        accs = sorted(a for a, _ in recorded.values())
+        k = (len(accs) - 1) * (1 - 1 / eta)
+        lo = accs[int(k)]
+        cut = lo + (accs[min(int(k) + 1, len(accs) - 1)] - lo) * (k - int(k))
+        return recorded[key][0] >= cut
+
+    trend = _replay(trend_promotes)
+    assert 8 <= sum(trend) <= 13, trend  # about 1/eta of 32
+    assert min(trend) >= 2, trend  # every cost band passes some
+    single = _replay(asha)
+    assert single[0] <= 2 and single[2] >= 2 * single[0] + 3, single  # the dear end wins
+    assert sum(_replay(promotes)) <= 6  # MO-ASHA's order: few pass while a rung is small
 
 
 def test_rungs():
@@ -123,10 +197,11 @@ def _rates(runs: list[dict[float, int]]) -> dict[str, float]:
             "rung1": past1 / total, "rung3": past3 / total}
 
 
-def test_simulated_cheap_trials_reach_the_full_recipe():
-    mo = _rates([_simulate(_moasha(), 90, seed) for seed in range(5)])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_simulated_cheap_trials_reach_the_full_recipe(name):
+    mo = _rates([_simulate(SCHEDULERS[name](), 90, seed) for seed in range(5)])
     single = _rates([_simulate(_asha(), 90, seed) for seed in range(5)])
-    # MO-ASHA: the cheap third finishes about as often as the dear third
+    # the cheap third finishes about as often as the dear third
     assert mo["cheap"] > 0.05 and mo["cheap"] >= 0.6 * mo["dear"], mo
     assert mo["dear"] >= 0.6 * mo["cheap"], mo
     # and stopping still happens: about 1/eta pass each rung (the asynchronous early
@@ -138,8 +213,9 @@ def test_simulated_cheap_trials_reach_the_full_recipe():
     assert single["cheap"] < mo["cheap"], (single, mo)
 
 
-def test_cost_from_the_config_first_and_failed_reports_ignored():
-    s = _moasha()
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_cost_from_the_config_first_and_failed_reports_ignored(name):
+    s = SCHEDULERS[name]()
     trial = types.SimpleNamespace(trial_id="a", config={"flops": 5.0})
     assert s.on_trial_result(None, trial, {"epoch": 1, "val_acc": 0.5, "flops": 9.0}) \
         == TrialScheduler.CONTINUE
@@ -165,23 +241,26 @@ def _feed(s: MOASHAScheduler, n: int, start: int = 0) -> list[str]:
     return out
 
 
-def test_state_pickles_and_restores(tmp_path):
-    s = _moasha()
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_state_pickles_and_restores(tmp_path, name):
+    s = SCHEDULERS[name]()
     _feed(s, 12)
     copy = pickle.loads(pickle.dumps(s))
+    assert type(copy) is type(s)
     assert copy.rungs == s.rungs and copy.decisions == s.decisions
     assert _feed(copy, 6, start=100) == _feed(s, 6, start=100)  # the same decisions on
     s.save(str(tmp_path / "ck"))
-    fresh = _moasha()
+    fresh = SCHEDULERS[name]()
     fresh.restore(str(tmp_path / "ck"))
     assert fresh.rungs == s.rungs and fresh.decisions == s.decisions
 
 
-def test_state_file_survives_a_resume(tmp_path):
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_state_file_survives_a_resume(tmp_path, name):
     """Tune's restore unpickles the scheduler as it was built; the state file brings
     back what the rungs recorded since."""
     state = tmp_path / "scheduler_state.json"
-    s = _moasha(state_file=state)
+    s = SCHEDULERS[name](state_file=state)
     as_built = pickle.dumps(s)  # what Tuner(...) pickled at the start of the search
     _feed(s, 15)
     assert state.is_file()
@@ -193,18 +272,23 @@ def test_state_file_survives_a_resume(tmp_path):
 # --------------------------------------------------------------------------- config
 
 def test_config_names_and_the_grace_period():
-    with pytest.raises(UserError, match="is not one of asha, moasha, none; did you mean 'moasha'"):
+    with pytest.raises(UserError, match="is not one of asha, cost_asha, moasha, none; "
+                                        "did you mean 'moasha'"):
         config_from_dict({"scheduler": {"name": "mosha"}})
-    with pytest.raises(UserError) as err:
-        config_from_dict({"scheduler": {"name": "moasha", "grace_period": 3},
-                          "trial": {"epochs": 3}})
-    text = str(err.value)
-    assert "\n" not in text and "scheduler.grace_period" in text and "trial.epochs 3" in text
-    assert "grace period 3" in text
-    # plain ASHA keeps today's behaviour: no early stopping, no error
-    config = config_from_dict({"scheduler": {"name": "asha", "grace_period": 3},
-                               "trial": {"epochs": 3}})
-    assert isinstance(make_scheduler(config)[0], FIFOScheduler)
+    # a grace period not below trial.epochs stops nothing: every scheduler falls back to
+    # running the full recipe, and the search says so in one line
+    for name in SCHEDULER_NAMES:
+        config = config_from_dict({"scheduler": {"name": name, "grace_period": 3},
+                                   "trial": {"epochs": 3}})
+        assert isinstance(make_scheduler(config)[0], FIFOScheduler)
+        note = config.early_stopping_note
+        assert note is None if name == "none" else (
+            note.startswith(f"scheduler {name}: grace period 3 is not below trial.epochs 3")
+            and "every trial runs its full recipe" in note and "\n" not in note)
+    assert config_from_dict({"trial": {"epochs": 3}}).early_stopping_note is None
+    assert config_from_dict({}).scheduler.name == "cost_asha"
+    with pytest.raises(UserError, match="set scheduler.name to cost_asha or moasha"):
+        config_from_dict({"scheduler": {"name": "asha", "cost": "flops"}})
 
 
 def test_make_scheduler(tmp_path):
@@ -213,8 +297,11 @@ def test_make_scheduler(tmp_path):
                                                               "reduction_factor": 3},
                                                 "trial": {"epochs": 9}}), tmp_path)
     mo, rungs = build("moasha")
-    assert isinstance(mo, MOASHAScheduler) and rungs == mo.milestones == [1, 3]
+    assert type(mo) is MOASHAScheduler and rungs == mo.milestones == [1, 3]
     assert mo.state_file == str(tmp_path / "scheduler_state.json")
+    trend, rungs = build("cost_asha")
+    assert type(trend) is CostASHAScheduler and rungs == trend.milestones == [1, 3]
+    assert trend._cost_attr == "flops" and trend.state_file == mo.state_file
     asha, rungs = build("asha")
     assert isinstance(asha, ASHAScheduler) and rungs == [1, 3]
     none, rungs = build("none")
@@ -245,7 +332,8 @@ RAY_EPOCHS = 3  # one rung (epoch 1): a short run on a small machine
 
 
 @pytest.mark.slow
-def test_on_ray_promotes_along_the_front(tmp_path):
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_on_ray_promotes_along_the_front(tmp_path, name):
     """A real Tuner on a local Ray instance: the scheduler decides on arrival against
     the trials recorded at the rung, stops trials, lets cheap ones finish, and keeps
     its rungs in its state file. (The rates over many trials: the simulated runs.)"""
@@ -278,8 +366,9 @@ def test_on_ray_promotes_along_the_front(tmp_path):
             epochs[trial.config["point"]["flops"]] = int(result["epoch"])
 
     state = tmp_path / "scheduler_state.json"
-    scheduler = MOASHAScheduler(max_t=RAY_EPOCHS, grace_period=1, reduction_factor=ETA,
-                                state_file=state)
+    kind = CostASHAScheduler if name == "cost_asha" else MOASHAScheduler
+    scheduler = kind(max_t=RAY_EPOCHS, grace_period=1, reduction_factor=ETA, state_file=state)
+    rule = trend_promotes if name == "cost_asha" else promotes
     with ray_session(None, 2):
         tune.Tuner(
             tune.with_resources(fake_trial, {"cpu": 1}),
@@ -300,13 +389,13 @@ def test_on_ray_promotes_along_the_front(tmp_path):
     arrived: dict[str, tuple[float, float]] = {}
     for key, point in saved["rungs"]["1"].items():  # in the order they arrived
         arrived[key] = tuple(point)
-        assert promotes(arrived, key, ETA) == saved["decisions"]["1"][key], key
+        assert rule(arrived, key, ETA) == saved["decisions"]["1"][key], key
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--set", "scheduler.name=mosha"], "'mosha' is not one of asha, moasha, none"),
-    (["--set", "scheduler.name=moasha", "--set", "scheduler.grace_period=3"],
-     "grace period 3 is not below trial.epochs 3"),
+    (["--set", "scheduler.name=mosha"], "'mosha' is not one of asha, cost_asha, moasha, none"),
+    (["--set", "scheduler.name=asha", "--set", "scheduler.cost=flops"],
+     "set scheduler.name to cost_asha or moasha, or drop scheduler.cost"),
 ])
 def test_bad_scheduler_input_is_one_line_and_leaves_nothing(capsys, tmp_path, extra, message):
     import launch
@@ -316,3 +405,22 @@ def test_bad_scheduler_input_is_one_line_and_leaves_nothing(capsys, tmp_path, ex
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
     assert message in err and not (tmp_path / "bad").exists()
+
+
+def test_the_scheduler_benchmark_runs_tiny(search_cache_dir):
+    """benchmarks/scheduler_quality.py --smoke drives the real schedulers over real
+    trials and prints its table and ratio= line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "scheduler_quality.py"),
+                           "--smoke", "--cache_dir", str(search_cache_dir)], cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("ratio=") and float(lines[-1][6:]) > 0
+    assert all(any(line.startswith(f"{name} ") for line in lines)
+               for name in ("asha", "cost_asha", "moasha"))
+    assert "cost-ASHA/ASHA at equal trials" in proc.stdout and "MO-ASHA/ASHA" in proc.stdout

@@ -159,3 +159,45 @@ def test_after_the_last_rejection_the_repaired_vector_runs():
     assert config is not None and space.cost(config["rates"]).flops_ratio <= 0.5
     states = [t.user_attrs.get("status") for t in proposer.study.trials]
     assert states.count("rejected") == 500 and states.count("repaired") == 1
+
+
+def test_under_a_tight_budget_every_proposal_of_its_own_is_feasible_and_new():
+    """ResNet-56 at 0.35 of the FLOPs: random grid vectors almost never fit (rates drawn
+    independently keep ~0.35 on average only at the low end), so without shrinking the
+    candidates the proposer rejected hundreds in a row. Scaled onto the budget, none of
+    the sampler's own proposals is rejected, and they are spread over the budget."""
+    space = RateSpace("resnet56", "cifar10", low=0.1, high=1.0, step=0.05)
+    grid = np.array(space.grid)
+    rng = np.random.RandomState(0)
+    raw = grid[rng.randint(len(grid), size=(512, space.num_units))]
+    assert space.flops_ratios([list(v) for v in raw]).mean() > 0.35  # the trap itself
+    sampler = SurrogateSampler(space, seed=3, flops_budget=0.35, startup=4, candidates=128)
+    proposer = RateProposer(space, sampler=sampler, storage=None, study_name="tight",
+                            full_epochs=FULL, flops_budget=0.35)
+    ratios = []
+    for i in range(10):
+        config = _run(proposer, f"t{i}")
+        ratios.append(space.cost(config["rates"]).flops_ratio)
+    states = [t.user_attrs.get("status") for t in proposer.study.trials]
+    assert "rejected" not in states and "repaired" not in states
+    assert max(ratios) <= 0.35 + 1e-12 and max(ratios) > 0.3  # close to the budget too
+    shrunk = sampler._shrink(raw)
+    fits = space.flops_ratios([list(v) for v in shrunk]) <= 0.35 + 1e-12
+    assert fits.all() and np.isin(shrunk, grid).all()
+
+
+def test_candidates_hold_every_uniform_vector_and_near_uniform_ones():
+    """The family a user sweeps by hand is always on offer: every [r]*n of the grid,
+    then a quarter of random vectors, a quarter within two grid steps of one level."""
+    space = _space()
+    sampler = SurrogateSampler(space, seed=0, candidates=64)
+    grid = np.array(space.grid)
+    k = len(space.param_names)
+    cand = sampler._candidates([], [[0.5] * k])
+    assert cand.shape == (len(grid) + 64, k)
+    assert (cand[:len(grid)] == grid[:, None]).all()  # every uniform vector, in order
+    pos = np.abs(cand[:, :, None] - grid[None, None, :]).argmin(axis=2)
+    spread = pos.max(axis=1) - pos.min(axis=1)
+    near = spread[len(grid) + 16:len(grid) + 32]
+    assert (near <= 4).all() and (near > 0).any()
+    assert np.isin(cand, grid).all()  # on the grid

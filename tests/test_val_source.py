@@ -203,6 +203,9 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
     with pytest.raises(UserError, match=r"^retrain --workers > 1 chooses its best epoch on "
                                         r"the validation split held out"):
         retrain_experiment(tmp_path / "exp", "best", epochs=1, quiet=True, workers=2)
+    with pytest.raises(UserError, match=r"^retrain --workers > 1"):
+        retrain_experiment(tmp_path / "exp", "flops<=1", epochs=1, quiet=True, workers=2)
+    assert not (tmp_path / "exp" / "retrain" / "flops_le_1").exists()  # refused before mkdir
 
     from search.analysis import load_results
 

@@ -24,14 +24,15 @@ from sketch_core.errors import UserError
 
 from ..analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
                        format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
-                       load_experiments, pareto_front, parse_flops_budget, rates_of, best_under_budget,
-                       top_trials)
+                       load_experiments, pareto_front, experiment_fronts, parse_flops_budget, rates_of, best_under_budget,
+                       best_under_latency, top_trials)
+from ..picks import parse_latency_bound
 from ..scores import describe
 
 __all__ = ["add_arguments", "run"]
 
 _STATUS_WORDS = {"completed": "completed", "stopped": "stopped early", "failed": "failed",
-                 "rejected": "rejected by the FLOPs budget", "running": "running"}
+                 "rejected": "rejected by a budget", "running": "running"}
 _MAX_FRONT_ROWS = 30
 
 
@@ -44,6 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser, command_name: str = "analyze"
     parser.add_argument("--flops_budget", default=None, metavar="F",
                         help="print the best trial within this FLOPs budget: a fraction of the unpruned "
                              "model's MACs ('0.5'), a percentage ('50%%') or MACs ('60M', '1.2G')")
+    parser.add_argument("--latency_budget", default=None, metavar="L",
+                        help="print the best trial within this predicted latency: a fraction of the "
+                             "unpruned network's ('0.6', '60%%') or milliseconds ('3ms'); for searches "
+                             "priced by latency")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="where to write tables and plots (default: DIR/analysis of the first DIR)")
     parser.add_argument("--format", default="csv", choices=EXPORT_FORMATS,
@@ -75,6 +80,8 @@ def _table(df: pd.DataFrame) -> str:
         "MACs": [_si(v) for v in df["flops"]],
         "FLOPs ratio": [_pct(v, 1) for v in df["flops_ratio"]],
         "params": [_si(v) for v in df["params"]],
+        **({"latency (pred.)": ["-" if pd.isna(v) else f"{v:.3f} ms" for v in df["latency_ms"]]}
+           if "latency_ms" in df.columns and df["latency_ms"].notna().any() else {}),
         "epochs": ["-" if pd.isna(v) else str(int(v)) for v in df["epochs"]],
     })
     if "test_acc" in df.columns and df["test_acc"].notna().any():
@@ -128,12 +135,12 @@ def _baseline_line(exp: Experiment) -> str | None:
     return "unpruned baseline: " + ", ".join(parts) if parts else None
 
 
-def _sensitivity_line(sens: pd.DataFrame, k: int = 3) -> str | None:
+def _sensitivity_line(sens: pd.DataFrame, k: int = 3, at: str = "FLOPs") -> str | None:
     ok = sens.dropna(subset=["partial_spearman"]).sort_values("partial_spearman", ascending=False)
     if ok.empty:
         return None
     fmt = lambda rows: ", ".join(f"{r.unit_name} ({r.partial_spearman:+.2f})" for r in rows.itertuples())  # noqa: E731
-    return (f"layer sensitivity (partial Spearman of rate vs val_acc at equal FLOPs, {int(ok['n'].iloc[0])} "
+    return (f"layer sensitivity (partial Spearman of rate vs val_acc at equal {at}, {int(ok['n'].iloc[0])} "
             f"trials): keep wide: {fmt(ok.head(k))}; can be sketched hard: {fmt(ok.tail(k).iloc[::-1])}")
 
 
@@ -176,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise UserError(f"--top must be 0 or more, got {args.top}")
     budget = parse_flops_budget(args.flops_budget) if args.flops_budget is not None else None
+    if args.latency_budget is not None:
+        parse_latency_bound(args.latency_budget, "--latency_budget")
     with warnings.catch_warnings():
         warnings.simplefilter("always", ResultsWarning)
         warnings.showwarning = _print_warning
@@ -203,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
             common = pd.Series(last_lines).value_counts().head(3)
             print("failures: " + "; ".join(f"{msg} (x{n})" for msg, n in common.items()))
         top = top_trials(df, args.top)
-        front = pareto_front(df)
+        axis = exp.cost_axis
+        front = pareto_front(df, cost=axis)
         hv = hypervolume(df)
         if args.top and len(top):
             print(f"\ntop {len(top)} completed trials by validation accuracy:")
@@ -215,13 +225,15 @@ def run(args: argparse.Namespace) -> int:
         else:
             shown = front.head(_MAX_FRONT_ROWS)
             more = f", the first {len(shown)} shown (all in front.{args.format})" if len(front) > len(shown) else ""
-            print(f"\nPareto front (max validation accuracy, min FLOPs): {len(front)} trials{more}")
+            print(f"\nPareto front (max validation accuracy, min "
+                  f"{'predicted latency' if axis == 'latency' else 'FLOPs'}): {len(front)} trials{more}")
             print(_table(shown))
             print("rate vectors (--sketch_rate):")
             print(_rate_lines(shown))
         print(f"\nhypervolume: {hv:.4f}  (area dominated in validation accuracy x FLOPs ratio; "
               f"reference point: accuracy 0, FLOPs ratio 1)")
-        sens_line = _sensitivity_line(layer_sensitivity(df, exp.unit_names))
+        sens_line = _sensitivity_line(layer_sensitivity(df, exp.unit_names, cost=axis),
+                                      at="predicted latency" if axis == "latency" else "FLOPs")
         if sens_line:
             print(sens_line)
         best = None
@@ -234,6 +246,18 @@ def run(args: argparse.Namespace) -> int:
                       f"val. accuracy {_pct(best['val_acc'])}, {_si(best['flops'])} MACs "
                       f"({_pct(best['flops_ratio'], 1)} of the unpruned), {_si(best['params'])} params")
                 print(f"  --sketch_rate '{format_rate_vector(rates_of(best))}'")
+        best_lat = None
+        if args.latency_budget is not None:
+            best_lat = best_under_latency(df, args.latency_budget)
+            if best_lat is None:
+                print(f"\nno completed trial within the latency budget {args.latency_budget}")
+            else:
+                print(f"\nbest trial within the latency budget {args.latency_budget}: "
+                      f"{best_lat['trial_id']}: val. accuracy {_pct(best_lat['val_acc'])}, "
+                      f"{best_lat['latency_ms']:.3f} ms predicted "
+                      f"({_pct(best_lat['latency_ratio'], 1)} of the unpruned), "
+                      f"{_pct(best_lat['flops_ratio'], 1)} of the FLOPs")
+                print(f"  --sketch_rate '{format_rate_vector(rates_of(best_lat))}'")
         print()
         summary.append({"experiment": exp.name, "trials": len(df),
                         "completed": int((df["status"] == "completed").sum()),
@@ -249,9 +273,9 @@ def run(args: argparse.Namespace) -> int:
 
     combined = combine(exps)
     written = [export(combined, out, args.format, "trials"),
-               export(pareto_front(combined), out, args.format, "front")]
+               export(experiment_fronts(exps), out, args.format, "front")]
     tag = (lambda f, e: f.assign(experiment=e.name)) if len(exps) > 1 else (lambda f, e: f)
-    written.append(export(pd.concat([tag(layer_sensitivity(e.trials, e.unit_names), e) for e in exps],
+    written.append(export(pd.concat([tag(layer_sensitivity(e.trials, e.unit_names, cost=e.cost_axis), e) for e in exps],
                                     ignore_index=True), out, args.format, "sensitivity"))
     written.append(export(pd.concat([tag(hypervolume_history(e.trials), e) for e in exps], ignore_index=True),
                           out, args.format, "history"))

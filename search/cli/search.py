@@ -5,7 +5,7 @@ overrides ``--budget``, ``--num_samples``, ``--flops_budget``, ``--address``,
 ``--name``, ``--storage_path``, ``--study_storage``, ``--resume`` and any
 ``--set section.key=value``; it ends by printing the Pareto front and where the
 experiment folder, the dataframe and the final model are. ``retrain --experiment DIR
---pick knee|best|flops<=F|trial=ID [--workers N]`` retrains one configuration of a
+--pick knee|best|flops<=F|latency<=L|trial=ID [--workers N]`` retrains one configuration of a
 finished search (see :mod:`search.retrain`).
 """
 
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
         a("--experiment", required=True, help="the experiment folder a search wrote")
         a("--pick", default="knee",
           help="which configuration: knee (default), best, 'flops<=F' (F a fraction of the "
-               "unpruned FLOPs, quote it) or trial=ID")
+               "unpruned FLOPs), 'latency<=L' (L a fraction of the unpruned predicted "
+               "latency, or milliseconds like 3ms; quote both) or trial=ID")
         a("--workers", type=int, default=None,
           help="data-parallel workers (Ray Train TorchTrainer); default: the config's "
                "retrain.workers")
@@ -107,25 +108,33 @@ def _fmt_rates(rates: list[float] | None) -> str:
     return format_rates(rates) if rates else "-"
 
 
-def print_front(records: list[dict], limit: int = 20, file=None) -> None:
-    """The Pareto front (completed trials) as a table, fewest FLOPs first."""
+def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "flops_ratio") -> None:
+    """The Pareto front (completed trials) as a table, cheapest first (``cost``: the
+    search's cost axis, ``flops_ratio`` or ``latency_ratio``)."""
     from search.picks import knee_record, pareto_records
 
     file = file or sys.stdout
-    front = pareto_records(records)
-    knee = knee_record(records)
+    if cost != "flops_ratio" and not pareto_records(records, cost):
+        cost = "flops_ratio"
+    front = pareto_records(records, cost)
+    knee = knee_record(records, cost)
     if not front:
         print("no trial completed its schedule: no Pareto front", file=file)
         return
+    lat = any(r.get("latency_ms") is not None for r in front)
     print(f"Pareto front ({len(front)} of {sum(r.get('status') == 'completed' for r in records)} "
-          f"completed trials; * = knee):", file=file)
-    print(f"  {'trial':<16} {'val acc':>8} {'FLOPs':>7} {'params':>7}  rates", file=file)
+          f"completed trials{', by predicted latency' if cost == 'latency_ratio' else ''}; "
+          f"* = knee):", file=file)
+    print(f"  {'trial':<16} {'val acc':>8} {'FLOPs':>7} {'params':>7}"
+          f"{' latency (pred.)' if lat else ''}  rates", file=file)
     shown = front if len(front) <= limit else front[:limit // 2] + front[-limit // 2:]
     for r in shown:
         mark = "*" if knee is not None and r.get("trial_id") == knee.get("trial_id") else " "
+        ms = r.get("latency_ms")
+        lat_text = (f" {ms:10.3f} ms" if ms is not None else f" {'-':>13}") if lat else ""
         print(f"{mark} {str(r['trial_id']):<16} {100 * r['val_acc']:7.2f}% "
-              f"{100 * r['flops_ratio']:6.1f}% {100 * (r.get('params_ratio') or 0):6.1f}%  "
-              f"{_fmt_rates(r.get('rates'))}", file=file)
+              f"{100 * r['flops_ratio']:6.1f}% {100 * (r.get('params_ratio') or 0):6.1f}%"
+              f"{lat_text}  {_fmt_rates(r.get('rates'))}", file=file)
     if len(front) > limit:
         print(f"  ... {len(front) - limit} more in trials.jsonl", file=file)
 
@@ -157,8 +166,12 @@ def _run_search(args: argparse.Namespace) -> int:
     command = "launch.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_search(config, address=args.address, resume=args.resume, command=command,
                          quiet=args.quiet, run_retrain=False if args.no_retrain else None)
+    from search.experiment import read_manifest
+    from search.pareto import COST_COLUMNS
+
+    axis = read_manifest(outcome.exp_dir).get("cost_axis") or "flops"
     print()
-    print_front(outcome.records)
+    print_front(outcome.records, cost=COST_COLUMNS.get(axis, COST_COLUMNS["flops"])[0])
     df_path = _export_dataframe(outcome.exp_dir)
     print(f"scores:            {describe((outcome.baseline or {}).get('scores'))}")
     print(f"experiment folder: {outcome.exp_dir}")
@@ -168,10 +181,21 @@ def _run_search(args: argparse.Namespace) -> int:
         n = outcome.retrain.get("test_images")
         print(f"final model:       {outcome.retrain['model']}  (test acc "
               f"{100 * outcome.retrain['test_acc']:.2f}%{f' on {n} test images' if n else ''}, FLOPs "
-              f"-{100 * outcome.retrain['flops_reduction']:.1f}%)")
+              f"-{100 * outcome.retrain['flops_reduction']:.1f}%"
+              f"{_latency_words(outcome.retrain.get('latency'))})")
     p = outcome.phases
     print("phases: " + ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in p.items() if v is not None))
     return 0
+
+
+def _latency_words(lat: dict | None) -> str:
+    """``, latency 0.85 ms measured (1.05 predicted)`` for a pick priced by latency."""
+    if not lat or lat.get("predicted_ms") is None:
+        return ""
+    if lat.get("measured_ms") is None:
+        return f", latency {lat['predicted_ms']:.3f} ms predicted"
+    return (f", latency {lat['measured_ms']:.3f} ms measured ({lat['predicted_ms']:.3f} "
+            f"predicted)")
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
