@@ -58,9 +58,11 @@ def test_trials_spread_over_both_nodes_and_survive_losing_one(cluster, tmp_path,
     assert head.node_ip_address == worker.node_ip_address == "127.0.0.1"
     folder = tmp_path / "lost"
     proc = subprocess.Popen(_search_args(tmp_path, cluster.address, "lost", search_cache_dir,
-                                         "--num_samples", "8", "--set", "trial.epochs=3",
-                                         # small batches: epochs of a second or two, so the
-                                         # victim cannot finish before its node is gone
+                                         "--num_samples", "8", "--set", "trial.epochs=5",
+                                         # small batches: epochs of a second or two, so
+                                         # the victim cannot finish its four epochs to go
+                                         # before its node (and the worker process it
+                                         # leaves behind) is gone
                                          "--set", "trial.batch_size=16",
                                          "--set", "scheduler.name=none"),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -74,7 +76,7 @@ def test_trials_spread_over_both_nodes_and_survive_losing_one(cluster, tmp_path,
                 ended = {r["trial_id"] for r in records}
                 for tid, reps in _reports(folder).items():  # one running there now
                     if tid not in ended and reps and reps[-1].get("node") == worker.node_id \
-                            and reps[-1].get("epoch", 0) <= 1:  # two epochs still to go
+                            and reps[-1].get("epoch", 0) <= 1:  # four epochs still to go
                         victim = tid
                         break
             time.sleep(0.05)
@@ -89,7 +91,7 @@ def test_trials_spread_over_both_nodes_and_survive_losing_one(cluster, tmp_path,
     assert f"cluster {cluster.address}" in out
     records = {r["trial_id"]: r for r in read_records(folder / "trials.jsonl")}
     assert len(records) == 8
-    assert all(r["status"] == "completed" and r["epochs"] == 3 for r in records.values())
+    assert all(r["status"] == "completed" and r["epochs"] == 5 for r in records.values())
     nodes = Counter(r["node"] for r in records.values())
     assert set(nodes) == {head.node_id, worker.node_id}, nodes  # told apart by node id
     # the trial that lost its node finished on the head, from its last checkpoint
