@@ -45,8 +45,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+
+from _common import spearman  # noqa: E402
 
 
 def random_rates(rng: random.Random, units: int) -> list[float]:
@@ -54,34 +57,9 @@ def random_rates(rng: random.Random, units: int) -> list[float]:
     return [min(1.0, max(0.05, base + rng.uniform(-0.35, 0.35))) for _ in range(units)]
 
 
-def spearman(a, b) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
 def rel_err(pred, meas) -> float:
     pred, meas = np.asarray(pred, float), np.asarray(meas, float)
     return float(np.mean(np.abs(pred - meas) / meas))
-
-
-def _paired(net, ref, x, calls: int, warmup: int) -> tuple[list[float], list[float]]:
-    """``calls`` timings (ms) of ``net`` and of ``ref``, called alternately."""
-    import torch
-
-    with torch.inference_mode():
-        for _ in range(warmup):
-            ref(x)
-            net(x)
-        a, b = [], []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            ref(x)
-            t1 = time.perf_counter()
-            net(x)
-            a.append((time.perf_counter() - t1) * 1e3)
-            b.append((t1 - t0) * 1e3)
-    return a, b
 
 
 def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repeats: int,
@@ -93,24 +71,23 @@ def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repe
     result is the median over the pairs of (its time / the unpruned time) x
     ``unpruned_ms`` (default: the unpruned network's ``stat`` over the whole run): a
     spell of other work on the machine slows both calls of a pair alike and cancels."""
-    import torch
+    from sketch_core.latency import measure_latency, paired_ratios
 
     f = {"median": statistics.median, "min": min}[stat]
-    torch.set_num_threads(threads)
     nets = [arch.build(w).eval() for w in widths]
     ref_net = arch.build(None).eval()
-    x = torch.randn(batch, arch.in_channels, arch.input_size, arch.input_size,
-                    generator=torch.Generator().manual_seed(seed))
+    shape = (arch.in_channels, arch.input_size, arch.input_size)
+    kw = dict(batch=batch, threads=threads, repeats=repeats, warmup=3)
     order = list(range(len(widths)))
     random.Random(seed).shuffle(order)
     out, refs = [0.0] * len(widths), []
     for i in order:
         if drift:
-            m, r = _paired(nets[i], ref_net, x, repeats, 3)
-            out[i] = statistics.median(a / b for a, b in zip(m, r))
+            ratios, r = paired_ratios(nets[i], ref_net, shape, **kw)
+            out[i] = statistics.median(ratios)
             refs += r
         else:
-            out[i] = f(_paired(nets[i], nets[i], x, repeats, 3)[0])
+            out[i] = getattr(measure_latency(nets[i], shape, **kw), f"{stat}_ms")
     if not drift:
         return out
     scale = f(refs) if unpruned_ms is None else unpruned_ms

@@ -149,6 +149,19 @@ def _ort_session(model: nn.Module, x: torch.Tensor, device: str, threads: int | 
     return sess
 
 
+def _caller(model: nn.Module, x: torch.Tensor, device: str, runtime: str,
+            threads: int) -> tuple[Callable[[], object], bool]:
+    """A no-argument call of ``model`` on ``x`` in ``runtime`` on ``device``, and whether
+    it runs on CUDA (the model is moved there; the caller moves it back)."""
+    if runtime == "onnxruntime":
+        sess = _ort_session(model.cpu(), x, device, threads)
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        return (lambda: sess.run(None, feed)), False
+    dev = torch.device(device)
+    m, xd = model.to(dev), x.to(dev)
+    return (lambda: m(xd)), dev.type == "cuda"
+
+
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu",
                     batch: int = 1, threads: int | None = None, runtime: str = "torch",
                     repeats: int = 30, warmup: int = 5) -> LatencyStats:
@@ -169,34 +182,13 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: s
     model.eval()
     info = dict(warmup=warmup, device=device, runtime=runtime, batch=batch, input_shape=shape)
     try:
-        with _torch_threads(threads) as used:
-            if runtime == "onnxruntime":
-                sess = _ort_session(model.cpu(), x, device, threads or used)
-                feed = {sess.get_inputs()[0].name: x.numpy()}
-                times = time_calls(lambda: sess.run(None, feed), repeats=repeats, warmup=warmup)
-            else:
-                dev = torch.device(device)
-                m, xd = model.to(dev), x.to(dev)
-                with torch.inference_mode():
-                    times = time_calls(lambda: m(xd), repeats=repeats, warmup=warmup,
-                                       cuda=dev.type == "cuda")
+        with _torch_threads(threads) as used, torch.inference_mode():
+            call, cuda = _caller(model, x, device, runtime, threads or used)
+            times = time_calls(call, repeats=repeats, warmup=warmup, cuda=cuda)
     finally:
         model.to(home).train(was_training)
     return summarize(times, threads=None if device == "cuda" and runtime == "torch"
                      else (threads or used), **info)
-
-
-def _caller(model: nn.Module, x: torch.Tensor, device: str, runtime: str,
-            threads: int) -> tuple[Callable[[], object], bool]:
-    """A no-argument call of ``model`` on ``x`` in ``runtime`` on ``device``, and whether
-    it runs on CUDA (the model is moved there; the caller moves it back)."""
-    if runtime == "onnxruntime":
-        sess = _ort_session(model.cpu(), x, device, threads)
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-        return (lambda: sess.run(None, feed)), False
-    dev = torch.device(device)
-    m, xd = model.to(dev), x.to(dev)
-    return (lambda: m(xd)), dev.type == "cuda"
 
 
 def paired_ratios(model: nn.Module, ref: nn.Module, input_shape: tuple[int, ...], *,
