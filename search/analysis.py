@@ -584,17 +584,12 @@ def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True,
         parts = [pareto_front(g, per_experiment=False, cost=cost)
                  for _, g in df.groupby("experiment", sort=False)]
         return pd.concat(parts) if parts else df.iloc[0:0]
-    if cost == "latency":
-        done = _completed(df, "latency_ms")
-        if done.empty:
-            return done
-        order = front_indices(done["val_acc"].to_numpy(float), _floats(done["latency_ms"]))
-        return done.iloc[order]
-    done = _completed(df)
+    col = "latency_ms" if cost == "latency" else None
+    done = _completed(df, col)
     if done.empty:
         return done
-    cost = _cost_column(done)
-    return done.iloc[front_indices(done["val_acc"].to_numpy(float), _floats(done[cost]))]
+    col = col or _cost_column(done)
+    return done.iloc[front_indices(done["val_acc"].to_numpy(float), _floats(done[col]))]
 
 
 def _hv_2d(loss: np.ndarray, ref: np.ndarray) -> float:

@@ -22,7 +22,8 @@ from sketch_core.errors import UserError
 
 __all__ = ["LATENCY_FILE", "target_key", "search_table", "saved_table", "budgets",
            "latency_summary", "cost_key", "budget_words", "measure_pick",
-           "check_given_table", "COST_COLUMNS"]
+           "check_given_table"]
+
 
 def target_key(config: SearchConfig, space: Any) -> dict:
     """The key a table for this search must have (:func:`sketch_core.latency_table.table_key`)."""
@@ -72,8 +73,6 @@ def check_given_table(config: SearchConfig) -> None:
     lc = config.latency
     if not config.uses_latency or not lc.table:
         return
-    import torch
-
     from sketch_core.latency_table import load_table
 
     table = load_table(Path(lc.table).expanduser())
@@ -84,9 +83,8 @@ def check_given_table(config: SearchConfig) -> None:
     want = target_key(config, space)
     want = {k: want[k] for k in ("device", "runtime", "batch", "threads", "torch", "family",
                                  "cfg", "start_conv")}
-    want["torch"] = torch.__version__
     table.check(want, f"latency table {lc.table}")
-    space.latency = table
+    space.use_latency(table)
     space.check_budget(budgets(config, space))
 
 

@@ -31,7 +31,7 @@ from search.pareto import best_index, front_indices, knee_index
 from sketch_core.errors import UserError
 
 __all__ = ["Pick", "parse_pick", "parse_latency_bound", "pareto_records", "knee_record",
-           "select_record"]
+           "select_record", "front_cost"]
 
 _FLOPS_RE = re.compile(r"flops\s*<=\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)\s*$", re.IGNORECASE)
 _LATENCY_RE = re.compile(r"latency\s*<=\s*(.+?)\s*$", re.IGNORECASE)
@@ -108,6 +108,12 @@ def _completed(records: list[dict], cost: str = "flops_ratio"
     return done, [r["val_acc"] for r in done], [r[cost] for r in done]
 
 
+def front_cost(records: list[dict], cost: str = "flops_ratio") -> str:
+    """``cost``, or ``flops_ratio`` when no completed trial carries it (trials priced
+    before the search had latency)."""
+    return cost if cost == "flops_ratio" or _completed(records, cost)[0] else "flops_ratio"
+
+
 def pareto_records(records: list[dict], cost: str = "flops_ratio") -> list[dict]:
     """Completed records on the Pareto front (max val_acc, min ``cost``), sorted by
     cost; every copy of an exact duplicate is kept (the rule of :mod:`search.pareto`)."""
@@ -154,9 +160,7 @@ def select_record(records: list[dict], pick: Pick | str, cost: str = "flops_rati
                             f"completed trial is that fast (the fastest keeps "
                             f"{min(c):.3f}{unit})")
         return done[i]
-    if cost != "flops_ratio" and not _completed(records, cost)[0]:
-        cost = "flops_ratio"  # trials priced before the search had latency
-    done, acc, c = _completed(records, cost)
+    done, acc, c = _completed(records, front_cost(records, cost))
     if not done:
         raise UserError(f"--pick {pick.label}: no trial of this experiment completed its schedule")
     if pick.kind == "best":

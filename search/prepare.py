@@ -174,8 +174,7 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
                   f"{b.flops / 1e6:.2f}M MACs, {b.params / 1e6:.3f}M params "
                   f"({format_duration(b.pretrain_s)})")
     space = rate_space(config, baseline)
-    space.latency = search_table(config, space, exp_dir, lambda text: say(quiet, text))
-    space._cache = {}
+    space.use_latency(search_table(config, space, exp_dir, lambda text: say(quiet, text)))
     space.check_budget(budgets(config, space))
     paper = space.paper_points(config.space.paper_rates)
     manifest = {

@@ -131,7 +131,8 @@ class SearchCallback(Callback):
     flops_budget: float | None = None  # what a callback pickled before budgets held
 
     def __init__(self, trials_path: str, full_epochs: int, num_samples: int | None = None,
-                 time_budget_s: float | None = None, quiet: bool = False, scheduler: str = "asha", sampler: str | None = None,
+                 time_budget_s: float | None = None, quiet: bool = False,
+                 scheduler: str = "asha", sampler: str | None = None,
                  rungs: list[int] | None = None, budgets: dict[str, float] | None = None,
                  cost: str = "flops_ratio") -> None:
         self.log = TrialLog(trials_path)

@@ -351,6 +351,12 @@ class RateSpace:
         widths = np.array([self.widths(r) for r in rates], dtype=np.float64)
         return cm.flops_many(widths) / cm.full_flops
 
+    def use_latency(self, table: Any) -> None:
+        """Price vectors by ``table`` (a latency table, or None) from now on; costs priced
+        before are dropped."""
+        self.latency = table
+        self._cache = {}
+
     @property
     def full_latency_ms(self) -> float:
         """The latency table's prediction for the unpruned network (ratios are of this)."""

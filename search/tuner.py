@@ -20,7 +20,8 @@ from typing import Any, Callable
 from search.config import COST_SCHEDULERS, SearchConfig
 from search.experiment import experiment_location, is_uri, read_manifest, write_manifest
 from search.gpu_share import packing_note
-from search.latency_source import COST_COLUMNS, budget_words, budgets, cost_key
+from search.latency_source import budget_words, budgets, cost_key
+from search.pareto import COST_COLUMNS
 from search.prepare import (SearchOutcome, baseline_dict, check_folder, ended_reports,
                             finish_manifest, make_setup, open_new_experiment,
                             open_study_storage, rate_space, say)

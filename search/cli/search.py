@@ -111,11 +111,10 @@ def _fmt_rates(rates: list[float] | None) -> str:
 def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "flops_ratio") -> None:
     """The Pareto front (completed trials) as a table, cheapest first (``cost``: the
     search's cost axis, ``flops_ratio`` or ``latency_ratio``)."""
-    from search.picks import knee_record, pareto_records
+    from search.picks import front_cost, knee_record, pareto_records
 
     file = file or sys.stdout
-    if cost != "flops_ratio" and not pareto_records(records, cost):
-        cost = "flops_ratio"
+    cost = front_cost(records, cost)
     front = pareto_records(records, cost)
     knee = knee_record(records, cost)
     if not front:
