@@ -87,15 +87,14 @@ def main() -> None:
     import optuna
     import torch
     from optuna.trial import TrialState
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+    from ray.tune.schedulers import TrialScheduler
 
     from search.baseline import prepare_baseline
     from search.config import load_config
-    from search.moasha import CostASHAScheduler, MOASHAScheduler
+    from search.priced_space import rate_space
     from search.sampling import make_sampler
-    from search.space import RateSpace
     from search.trainable import trial_data
-    from search.tuner import _baseline_dict, _make_setup
+    from search.tuner import _baseline_dict, _make_setup, make_scheduler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)
@@ -103,15 +102,13 @@ def main() -> None:
     if args.cache_dir:
         sets.append(f"model.pretrain.cache_dir={args.cache_dir}")
     config = load_config("quickstart", sets)
-    sp, t, sc = config.space, config.trial, config.scheduler
+    t, sc = config.trial, config.scheduler
     b = prepare_baseline(config, None)
     baseline = _baseline_dict(b)
     setup = _make_setup(config, baseline, {})
     entry = setup.arch()
     data = trial_data(setup, "cpu")
-    space = RateSpace(config.model.cfg, config.model.data_set, low=sp.low, high=sp.high,
-                      step=sp.step, grouping=sp.grouping, in_channels=b.in_channels,
-                      input_size=b.input_size)
+    space = rate_space(config, baseline)
     images = sum(len(y) for _, y in data.train)  # per epoch (the same for every trial)
     test_images = sum(len(y) for _, y in data.test)
     curves: dict[tuple, list[tuple[float, float]]] = {}
@@ -124,13 +121,8 @@ def main() -> None:
         return curves[key]
 
     def make(name: str):
-        if name == "asha":
-            return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max",
-                                 max_t=t.epochs, grace_period=sc.grace_period,
-                                 reduction_factor=sc.reduction_factor)
-        kind = CostASHAScheduler if name == "cost_asha" else MOASHAScheduler
-        return kind(time_attr="epoch", metric="val_acc", cost_attr="flops", max_t=t.epochs,
-                    grace_period=sc.grace_period, reduction_factor=sc.reduction_factor)
+        """The search's own scheduler of that name, with the config's rungs (no state file)."""
+        return make_scheduler(load_config("quickstart", [*sets, f"scheduler.name={name}"]))[0]
 
     def run(name: str, seed: int, max_trials: int, cost_budget: float | None) -> list[dict]:
         """Trials in order: rates, flops ratio, epochs trained, status, accuracies."""
