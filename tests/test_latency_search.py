@@ -234,7 +234,10 @@ def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, b
     front = pareto_front(exp.trials, cost="latency")
     lat = front["latency_ms"].to_numpy()
     assert len(front) and (np.diff(lat) >= 0).all()
-    assert (np.diff(front["val_acc"].to_numpy()) > 0).all()
+    acc = np.diff(front["val_acc"].to_numpy())
+    # ties in both objectives (a vector proposed twice) all stay on the front
+    step = np.diff(lat)
+    assert (((acc > 0) & (step > 0)) | ((acc == 0) & (step == 0))).all()
     fastest = done["latency_ratio"].min()
     rec = select_record(latency_search.records, f"latency<={fastest + 1e-9}")
     assert rec["latency_ratio"] == pytest.approx(fastest)
