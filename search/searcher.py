@@ -13,7 +13,9 @@ The Ray-free names (storage, samplers, :func:`outcome`) are re-exported from her
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import tempfile
 from typing import Any
 
 import optuna
@@ -78,6 +80,26 @@ class SketchSearch(Searcher):
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             pickle.dump(self.proposer.state_dict(), f)
+
+    def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
+        """Save the state under Tune's file name, writing it first beside the folder.
+
+        Tune's own version writes a temporary file inside ``checkpoint_dir`` and renames
+        it. Tune copies that folder to the experiment in a background thread while the
+        driver saves, so the copy could list the temporary file, find it renamed and log a
+        traceback. Here the folder only ever holds complete states.
+        """
+        final = os.path.join(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str))
+        parent = os.path.dirname(os.path.abspath(checkpoint_dir))
+        fd, tmp = tempfile.mkstemp(prefix=".searcher-state-", suffix=".pkl", dir=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(self.proposer.state_dict(), f)
+            os.replace(tmp, final)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     def restore(self, checkpoint_path: str) -> None:
         """Load the state of Tune's last experiment snapshot, then reconcile the study.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from types import SimpleNamespace
 
@@ -110,3 +111,50 @@ def test_one_status_rule_for_the_study_and_the_records():
     assert trial_status({}, False, 3) == ("failed", NO_RESULT)
     assert trial_status({**full, "val_acc": None}, False, 3) == ("failed", NO_SCORES)
     assert trial_status({**full, "failed": True, "error": "boom"}, False, 3) == ("failed", "boom")
+
+
+class _ListsTheFolder:
+    """Pickles to nothing, recording what the folder held while the state was written."""
+
+    seen: list[list[str]] = []
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __reduce__(self):
+        _ListsTheFolder.seen.append(sorted(os.listdir(self.folder)))
+        return (str, ("probe",))
+
+
+def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path):
+    """Tune copies the folder in a background thread while the driver saves into it."""
+    from ray.tune.search import Searcher
+
+    from search.searcher import SketchSearch
+
+    space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1)
+    (tmp_path / "db").mkdir()
+    searcher = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
+                            storage=_storage(tmp_path / "db"), study_name="s", full_epochs=2,
+                            num_samples=4)
+    searcher.suggest("a")
+    folder = tmp_path / "driver_artifacts"
+    folder.mkdir()
+    real_state = searcher.proposer.state_dict
+    searcher.proposer.state_dict = lambda: {**real_state(), "probe": _ListsTheFolder(folder)}
+    _ListsTheFolder.seen.clear()
+    Searcher.save_to_dir(searcher, str(folder), "x")  # Ray's own: the probe sees its temp file
+    assert any(name.endswith("-tmp-searcher-state-x.pkl") for name in _ListsTheFolder.seen[0])
+    for name in os.listdir(folder):
+        os.unlink(folder / name)
+    searcher.save_to_dir(str(folder), "x")
+    searcher.save_to_dir(str(folder), "x")  # the second save replaces a complete file
+    assert _ListsTheFolder.seen[1:] == [[], ["searcher-state-x.pkl"]]
+    assert os.listdir(folder) == ["searcher-state-x.pkl"]
+    assert sorted(os.listdir(tmp_path)) == ["db", "driver_artifacts"]  # no temporary file left beside it
+    searcher.proposer.state_dict = real_state
+    again = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
+                         storage=_storage(tmp_path / "db"), study_name="s", full_epochs=2,
+                         num_samples=4)
+    again.restore_from_dir(str(folder))  # the saved state is a complete one
+    assert again.started == 1 and again.proposer.unfinished() == {"a"}
