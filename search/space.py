@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from sketch_core.errors import UserError
+from sketch_core.flops import module_shapes
 from sketch_core.rates import parse_rates, widths_for
 from sketch_core.registry import Arch, CfgLike, resolve_arch
 
@@ -99,21 +100,13 @@ class CostModel:
         with torch.device("meta"):
             model = entry.build(None, num_classes, in_channels)
         modules = dict(model.named_modules())
-        positions: dict[str, int] = {}
-
-        def hook(name: str):
-            def fn(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-                channels = out.shape[1] if isinstance(mod, nn.Conv2d) else mod.out_features
-                positions[name] = out.numel() // out.shape[0] // channels
-            return fn
-
-        handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()
-                   if isinstance(m, (nn.Conv2d, nn.Linear))]
-        model.eval()
-        with torch.no_grad():
-            model(torch.empty(1, in_channels, size, size, device="meta"))
-        for h in handles:
-            h.remove()
+        counted = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        shapes = module_shapes(model, counted, (in_channels, size, size))
+        positions = {}  # output positions per output channel of each conv and linear layer
+        for n, (_, out) in shapes.items():
+            m = modules[n]
+            channels = out[0] if isinstance(m, nn.Conv2d) else m.out_features
+            positions[n] = math.prod(out) // channels
         self.full_flops = 0
         for n, m in modules.items():
             if n in positions:

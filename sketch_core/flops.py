@@ -10,14 +10,14 @@ per MAC: halve it to cross-check.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from torch import nn
 
 from .registry import CfgLike, resolve_arch
 
-__all__ = ["count_flops", "count_arch", "input_shape"]
+__all__ = ["count_flops", "count_arch", "input_shape", "module_shapes"]
 
 
 def _on_meta(model: nn.Module) -> nn.Module:
@@ -26,6 +26,21 @@ def _on_meta(model: nn.Module) -> nn.Module:
     clone = copy.deepcopy(model, memo={id(t): torch.empty_like(t, device="meta")
                                        for t in list(model.parameters()) + list(model.buffers())})
     return clone
+
+
+def _run_hooked(meta: nn.Module, hooks: dict[nn.Module, Callable], input_size: Sequence[int]
+                ) -> None:
+    """One eval-mode forward pass of one meta input with a forward hook on each module."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    was_training = meta.training
+    try:
+        meta.eval()
+        with torch.no_grad():
+            meta(torch.empty(1, *input_size, device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+        meta.train(was_training)
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
@@ -42,18 +57,32 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, int]:
         elif isinstance(mod, nn.Linear):
             macs += out.numel() // out.shape[0] * mod.in_features
 
-    handles = [m.register_forward_hook(hook) for m in meta.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = meta.training
-    try:
-        meta.eval()
-        with torch.no_grad():
-            meta(torch.empty(1, *input_size, device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-        meta.train(was_training)
+    _run_hooked(meta, {m: hook for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear))},
+                input_size)
     return int(macs), int(params)
+
+
+def module_shapes(model: nn.Module, paths: Collection[str], input_size: Sequence[int]
+                  ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(input shape, output shape), without the batch, of each module named in ``paths``.
+
+    Shapes at the module's first call in one forward pass of one input of shape
+    ``input_size`` = (C, H, W), run on the meta device.
+    """
+    meta = _on_meta(model)
+    mods = dict(meta.named_modules())
+    missing = sorted(set(paths) - set(mods))
+    if missing:
+        raise ValueError(f"the model has no module named {', '.join(missing)}")
+    seen: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def hook(path: str):
+        def record(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            seen.setdefault(path, (tuple(inp[0].shape[1:]), tuple(out.shape[1:])))
+        return record
+
+    _run_hooked(meta, {mods[p]: hook(p) for p in paths}, input_size)
+    return seen
 
 
 def input_shape(family: str, in_channels: int = 3, input_size: int | None = None) -> tuple[int, int, int]:

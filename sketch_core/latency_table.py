@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_write_json
 from .errors import UserError
-from .flops import input_shape
+from .flops import input_shape, module_shapes
 from .plans import ModSpec, Plan
 from .registry import Arch
 
@@ -270,26 +270,6 @@ def load_table(path: str | Path, want: dict | None = None) -> LatencyTable:
 
 # --- measuring -----------------------------------------------------------------------
 
-def _input_shapes(model: nn.Module, paths: set[str], shape: tuple[int, ...]) -> dict[str, tuple]:
-    """Each named module's input shape (without the batch) in one forward pass."""
-    seen: dict[str, tuple] = {}
-    mods = dict(model.named_modules())
-
-    def hook(path: str):
-        def record(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
-            seen.setdefault(path, (tuple(inp[0].shape[1:]), tuple(out.shape[2:])))
-        return record
-
-    handles = [mods[p].register_forward_hook(hook(p)) for p in paths]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *shape))
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _layer(mod: nn.Module, c_in: int, c_out: int) -> nn.Module:
     """A fresh module like ``mod`` with ``c_in`` inputs and ``c_out`` outputs."""
     if isinstance(mod, nn.Conv2d):
@@ -344,18 +324,18 @@ def _plan_entries(arch: Arch, model: nn.Module, shape: tuple, points: int, point
     """Every planned module's entry (times still empty) and the distinct grids to time:
     modules alike (hyper-parameters, input shape, grid) share one."""
     plan = arch.plan()
-    shapes = _input_shapes(model, {s.path for s in plan.modules}, shape)
+    shapes = module_shapes(model, {s.path for s in plan.modules}, shape)
     mods = dict(model.named_modules())
     todo: dict[str, tuple] = {}
     entries = []
     for spec in plan.modules:
         segs, out_slot, out_full, in_grid, out_grid = _axes(spec, plan, points, points_1d)
-        mod, (in_shape, out_hw) = mods[spec.path], shapes[spec.path]
+        mod, (in_shape, out_shape) = mods[spec.path], shapes[spec.path]
         sig = repr((mod, in_shape, in_grid, out_grid, spec.kind))
         todo.setdefault(sig, (mod, in_shape, spec.kind, in_grid, out_grid))
         entries.append((sig, LayerEntry(spec.path, spec.kind, segs, out_slot,
                                         out_full or _out_fixed(mod), in_grid, out_grid, [],
-                                        math.prod(out_hw))))
+                                        math.prod(out_shape[1:]))))
     return entries, todo
 
 
