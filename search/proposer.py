@@ -8,6 +8,10 @@ through :class:`search.searcher.SketchSearch`, or the plain loop of
 - it counts trials itself and has nothing more to propose at ``num_samples`` (so a
   resumed search ends at the total asked);
 - the paper's vectors are enqueued first, then uniform anchors across the FLOPs range;
+- a proposal whose widths are those of a trial already handed out (the same network:
+  rates that round to the same widths count as one) is closed as PRUNED, status
+  ``repeat``, and the sampler asked again, so no network trains twice (after
+  ``MAX_REPEATS`` in a row the repeat runs);
 - every proposal is priced before it runs (FLOPs, and latency when the space has a
   latency table); above a budget (``budgets``: ``flops_ratio``, ``latency_ratio``) it is either
   *rejected* (told to Optuna as an infeasible result through a constraint, so the
@@ -44,6 +48,7 @@ __all__ = ["RateProposer", "outcome", "objective_values", "OBJECTIVE_COLUMNS", "
 log = logging.getLogger("sketchtune.search")
 
 MAX_REJECTIONS = 500  # proposals in a row above the budget before falling back to repair
+MAX_REPEATS = 32  # proposals in a row of an already trained network before one runs again
 _CONFIG_ATTRS = ("proposed_rates", "paper_rates", "anchor")  # enqueued attrs the trial sees
 
 
@@ -125,6 +130,7 @@ class RateProposer:
         self._done: set[str] = set()          # keys told
         self._study: optuna.Study | None = None
         self._handles: dict[str, optuna.Trial] = {}
+        self._trained: set[tuple[int, ...]] | None = None  # widths handed out; from the study
         for text, params in points or []:  # the paper's vectors run first
             self.study.enqueue_trial(params, user_attrs={"paper_rates": text},
                                      skip_if_exists=True)
@@ -135,10 +141,12 @@ class RateProposer:
         state = dict(self.__dict__)
         state["_study"] = None
         state["_handles"] = {}
+        state["_trained"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("objectives", ["val_acc", "flops"])  # pickled before latency existed
+        state.setdefault("_trained", None)
         fb = state.get("flops_budget")
         state.setdefault("budgets", {} if fb is None else {"flops_ratio": fb})
         self.__dict__.update(state)
@@ -164,6 +172,7 @@ class RateProposer:
         self.sampler = state.get("sampler", self.sampler)
         self._study = None
         self._handles = {}
+        self._trained = None
 
     def unfinished(self) -> set[str]:
         """Keys asked and not told yet."""
@@ -191,19 +200,35 @@ class RateProposer:
             "latency_ratio": cost.latency_ratio, "epochs": 0, "time_s": 0.0, "node": None,
             "error": why, "started": now, "ended": now, "optuna_number": trial.number})
 
+    def _handed_out(self) -> set[tuple[int, ...]]:
+        """Widths of every trial handed out to run (the study's, read once, then kept)."""
+        if self._trained is None:
+            space, seen = self.space, set()
+            for ft in self.study.get_trials(deepcopy=False):
+                if "tune_trial_id" not in ft.user_attrs or ft.user_attrs.get("status") in (
+                        "lost", "unstarted"):  # never ran
+                    continue
+                try:
+                    seen.add(tuple(space.widths(space.rates_from_params(ft.params))))
+                except (KeyError, ValueError):  # params of another space
+                    continue
+            self._trained = seen
+        return self._trained
+
     def ask(self, key: str) -> dict | None:
         """The config of trial ``key`` (``rates`` and where they came from); None at
         ``num_samples``."""
         if self.num_samples is not None and self.started >= self.num_samples:
             return None
         study, space, budgets = self.study, self.space, self.budgets
-        for attempt in range(MAX_REJECTIONS + 2):  # the last one runs a repaired vector
+        rejections = repeats = 0  # past MAX_REJECTIONS a repaired vector runs
+        for _ in range(MAX_REJECTIONS + 2 * MAX_REPEATS + 2):
             trial = study.ask()
             params = space(trial)
             rates = list(params["rates"])
             cost = space.cost(rates)
             over = space.overruns(cost, budgets)
-            if over and (self.flops_policy == "repair" or attempt >= MAX_REJECTIONS):
+            if over and (self.flops_policy == "repair" or rejections >= MAX_REJECTIONS):
                 fixed = space.repair(rates, budgets)
                 fixed_params = space.params_from_rates(fixed) if fixed is not None else None
                 if fixed_params is not None:
@@ -221,7 +246,16 @@ class RateProposer:
                 study.tell(trial, objective_values(0.0, cost, self.objectives),
                            state=TrialState.COMPLETE)
                 self._record_rejection(trial, rates, cost, "; ".join(over))
+                rejections += 1
                 continue
+            widths = tuple(cost.widths)
+            if widths in self._handed_out() and repeats < MAX_REPEATS:
+                repeats += 1
+                trial.set_user_attr("status", "repeat")
+                study.tell(trial, state=TrialState.PRUNED)
+                log.debug("proposal %d repeats a network already run; asked again", trial.number)
+                continue
+            self._handed_out().add(widths)
             trial.set_user_attr("tune_trial_id", key)
             self._open[key] = trial.number
             self._handles[key] = trial

@@ -158,3 +158,30 @@ def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path):
                          num_samples=4)
     again.restore_from_dir(str(folder))  # the saved state is a complete one
     assert again.started == 1 and again.proposer.unfinished() == {"a"}
+
+
+def test_a_network_already_handed_out_is_not_trained_again(tmp_path, monkeypatch):
+    """0.55 and 0.6 round to the same widths: one network, asked for once."""
+    import search.proposer as proposer
+
+    space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1, round_to=16)
+    assert space.widths([0.55] * 9) == space.widths([0.6] * 9) != space.widths([0.8] * 9)
+    p = RateProposer(space, sampler=make_sampler("random", 0, 8), storage=_storage(tmp_path),
+                     study_name="r", full_epochs=2,
+                     points=space.paper_points(["[0.55]*9", "[0.6]*9", "[0.8]*9"]))
+    assert p.ask("a")["rates"] == [0.55] * 9
+    assert p.ask("b")["rates"] == [0.8] * 9  # [0.6]*9 was closed, not handed out
+    closed = [t for t in p.study.get_trials() if t.user_attrs.get("status") == "repeat"]
+    assert len(closed) == 1 and closed[0].state == TrialState.PRUNED
+    assert closed[0].params == space.params_from_rates([0.6] * 9)
+    assert "tune_trial_id" not in closed[0].user_attrs and p.started == 2
+
+    again = pickle.loads(pickle.dumps(p))  # a resumed driver reads what ran from the study
+    again.load_state_dict(p.state_dict())
+    monkeypatch.setattr(proposer, "MAX_REPEATS", 2)
+    for _ in range(3):
+        again.study.enqueue_trial(space.params_from_rates([0.7] * 9))
+    third = again.ask("c")  # two repeats closed, then the third runs: a space worn out
+    assert third["rates"] == [0.7] * 9 and again.started == 3
+    states = [t.user_attrs.get("status") for t in again.study.get_trials()]
+    assert states.count("repeat") == 3

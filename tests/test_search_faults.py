@@ -112,7 +112,7 @@ def test_driver_killed_and_resumed(tmp_path, search_cache_dir):
                               storage=f"sqlite:///{tmp_path / 'killed' / 'study.db'}")
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     told = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials
-            if t.user_attrs.get("status") != "lost"}
+            if "tune_trial_id" in t.user_attrs and t.user_attrs.get("status") != "lost"}
     assert set(told) == set(ids)
     for r in after:
         expected = {"completed": TrialState.COMPLETE, "stopped": TrialState.PRUNED}[r["status"]]
