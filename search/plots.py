@@ -35,6 +35,7 @@ from sketch_core.atomic import atomic_write  # noqa: E402
 
 from .analysis import (Experiment, hypervolume_history, layer_sensitivity,  # noqa: E402
                        pareto_front, rate_columns)
+from .pareto import COST_COLUMNS  # noqa: E402
 
 __all__ = ["plot_tradeoff", "plot_front_rates", "plot_convergence", "plot_sensitivity",
            "save_figure", "write_plots", "PLOT_FORMATS"]
@@ -75,7 +76,7 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
     # one x axis for all: predicted latency only when every experiment priced by it
     by_latency = bool(exps) and all(e.cost_axis == "latency" for e in exps)
     axis = "latency" if by_latency else "flops"
-    xcol = "latency_ratio" if by_latency else "flops_ratio"
+    xcol = COST_COLUMNS[axis][0]
     for k, exp in enumerate(exps):
         color = _COLORS[k % len(_COLORS)]
         df = exp.trials
@@ -163,7 +164,7 @@ def plot_front_rates(results: Results, unit_names: Sequence[str] | None = None, 
     predicted latency for a search priced by latency), one column per unit."""
     exp = _as_experiments(results)[0]
     by_latency = exp.cost_axis == "latency"
-    ccol, word = ("latency_ratio", "latency") if by_latency else ("flops_ratio", "FLOPs")
+    ccol, word = COST_COLUMNS[exp.cost_axis][0], "latency" if by_latency else "FLOPs"
     front = pareto_front(exp.trials, per_experiment=False, cost=exp.cost_axis).sort_values(ccol)
     rcols = rate_columns(exp.trials)
     if len(front) > max_rows:
