@@ -9,7 +9,8 @@ search chooses on, a disjoint draw of ``--report_images`` is what the benchmark 
 A trial is scored as a search trial is: ``select_lsq`` (the trials' default), BN
 recalibrated on 10 training batches, then ``--epochs`` passes over ``--train_images``
 training images (seeded by the seed; 0 epochs: zero-shot). Scores are cached by
-(widths, seed). Methods, each ``--trials`` trials per seed:
+(widths, seed). A proposal that repeats a network counts as a trial here (the search
+itself asks for another instead). Methods, each ``--trials`` trials per seed:
 
 - ``surrogate``: ``sampler.name: surrogate`` after the usual anchors;
 - ``default``: NSGA-II as ``search`` builds it (population sized to the trials), after

@@ -5,7 +5,9 @@ ResNet-20, 9 rates on a 0.05 grid in [0.1, 1]):
 
 - ``default``: the search's default (``make_sampler`` as ``search`` builds it: NSGA-II,
   population sized to the trial count, after ``sampler.anchors`` uniform vectors spread
-  over the space), ask/tell as ``SketchSearch`` does;
+  over the space), ask/tell as ``SketchSearch`` does, except that a proposal repeating a
+  network already asked for is scored again (from the cache) where the search would
+  ask for another;
 - ``surrogate``: ``sampler.name: surrogate`` (:mod:`search.surrogate`), after the same
   anchors;
 - ``random``: Optuna's RandomSampler over the same space;

@@ -8,10 +8,11 @@ through :class:`search.searcher.SketchSearch`, or the plain loop of
 - it counts trials itself and has nothing more to propose at ``num_samples`` (so a
   resumed search ends at the total asked);
 - the paper's vectors are enqueued first, then uniform anchors across the FLOPs range;
-- a proposal whose widths are those of a trial already handed out (the same network:
-  rates that round to the same widths count as one) is closed as PRUNED, status
-  ``repeat``, and the sampler asked again, so no network trains twice (after
-  ``MAX_REPEATS`` in a row the repeat runs);
+- a proposal whose widths are those of a trial already handed out (running, ended or
+  failed; rates that round to the same widths are one network) is closed as FAIL,
+  status ``repeat`` (FAIL: no sampler reads it as a result, nor TPE as a poor one), and
+  the sampler asked again, so no network trains twice (after ``MAX_REPEATS`` in a row
+  the repeat runs);
 - every proposal is priced before it runs (FLOPs, and latency when the space has a
   latency table); above a budget (``budgets``: ``flops_ratio``, ``latency_ratio``) it is either
   *rejected* (told to Optuna as an infeasible result through a constraint, so the
@@ -252,7 +253,7 @@ class RateProposer:
             if widths in self._handed_out() and repeats < MAX_REPEATS:
                 repeats += 1
                 trial.set_user_attr("status", "repeat")
-                study.tell(trial, state=TrialState.PRUNED)
+                study.tell(trial, state=TrialState.FAIL)
                 log.debug("proposal %d repeats a network already run; asked again", trial.number)
                 continue
             self._handed_out().add(widths)
@@ -342,4 +343,5 @@ class RateProposer:
                 self._done.add(key)
         self.started = started
         self._handles = {}
+        self._trained = None  # read again: the trials closed as lost never ran
         return {"started": started, "resumable": kept, "lost": lost}

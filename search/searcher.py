@@ -16,10 +16,11 @@ import logging
 import os
 import pickle
 import tempfile
-from typing import Any
+from typing import IO, Any, Callable
 
 import optuna
-from ray.tune.search import Searcher
+from ray import cloudpickle
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from search.proposer import (MAX_REJECTIONS, OBJECTIVE_COLUMNS, RateProposer, close_unstarted,
                              outcome)
@@ -28,7 +29,7 @@ from search.sampling import (METRICS, MODES, FlopsConstraint, SQLiteStorage, mak
                              population_size)
 from search.space import RateSpace
 
-__all__ = ["SketchSearch", "SQLiteStorage", "make_sampler", "population_size", "FlopsConstraint",
+__all__ = ["SketchSearch", "SketchSearchGenerator", "search_algorithm", "SQLiteStorage", "make_sampler", "population_size", "FlopsConstraint",
            "close_unstarted", "outcome", "METRICS", "MODES", "MAX_REJECTIONS"]
 
 log = logging.getLogger("sketchtune.search")
@@ -82,24 +83,11 @@ class SketchSearch(Searcher):
             pickle.dump(self.proposer.state_dict(), f)
 
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
-        """Save the state under Tune's file name, writing it first beside the folder.
-
-        Tune's own version writes a temporary file inside ``checkpoint_dir`` and renames
-        it. Tune copies that folder to the experiment in a background thread while the
-        driver saves, so the copy could list the temporary file, find it renamed and log a
-        traceback. Here the folder only ever holds complete states.
-        """
-        final = os.path.join(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str))
-        parent = os.path.dirname(os.path.abspath(checkpoint_dir))
-        fd, tmp = tempfile.mkstemp(prefix=".searcher-state-", suffix=".pkl", dir=parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(self.proposer.state_dict(), f)
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        """Save the state under Tune's file name, written beside the folder first
+        (:func:`_save_beside`)."""
+        state = self.proposer.state_dict()
+        _save_beside(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str),
+                     lambda f: pickle.dump(state, f))
 
     def restore(self, checkpoint_path: str) -> None:
         """Load the state of Tune's last experiment snapshot, then reconcile the study.
@@ -114,3 +102,51 @@ class SketchSearch(Searcher):
     def reconcile(self, resumable: set[str]) -> dict[str, int]:
         """See :meth:`RateProposer.reconcile`."""
         return self.proposer.reconcile(resumable)
+
+
+def _save_beside(folder: str, name: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``folder/name`` through a temporary file in ``folder``'s parent, then move it in.
+
+    Tune's own saves write a temporary file inside the driver's folder and rename it.
+    Tune copies that folder to the experiment in a background thread while the driver
+    saves, so the copy could list a temporary file, find it renamed and log a
+    traceback. Saved this way, the folder only ever holds complete files. Where the
+    parent cannot take the file (not writable), it is written in ``folder`` as Tune does.
+    """
+    final = os.path.join(folder, name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=os.path.dirname(os.path.abspath(folder)))
+    except OSError:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)
+    try:
+        with open(fd, "wb", closefd=True) as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, final)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SketchSearchGenerator(SearchGenerator):
+    """Tune's ``SearchGenerator`` around a :class:`SketchSearch`, its own state saved
+    like the searcher's (:func:`_save_beside`). Its file and contents are Tune's."""
+
+    def save_to_dir(self, dirpath: str, session_str: str) -> None:
+        state = self.get_state()
+        inner = self.searcher
+        while hasattr(inner, "searcher"):  # the wrappers' states, as Tune keeps them
+            state["name:" + type(inner).__name__] = inner.get_state()
+            inner = inner.searcher
+        inner.save_to_dir(dirpath, session_str)
+        _save_beside(dirpath, self.CKPT_FILE_TMPL.format(session_str),
+                     lambda f: cloudpickle.dump(state, f))
+
+
+def search_algorithm(searcher: SketchSearch, max_concurrent: int | None) -> SketchSearchGenerator:
+    """What ``TuneConfig(search_alg=...)`` takes: ``searcher`` behind Tune's
+    ``ConcurrencyLimiter`` (at ``max_concurrent`` trials at once, when set), in a
+    :class:`SketchSearchGenerator`. Pass ``max_concurrent_trials=None`` beside it."""
+    inner = searcher if not max_concurrent else ConcurrencyLimiter(searcher, max_concurrent)
+    return SketchSearchGenerator(inner)

@@ -79,7 +79,7 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
 
     from search.progress import SearchCallback
     from search.records import TrialLog
-    from search.searcher import SketchSearch, make_sampler
+    from search.searcher import SketchSearch, make_sampler, search_algorithm
 
     b, t, r = config.budget, config.trial, config.resources
     space = rate_space(config, baseline, exp_dir)
@@ -103,8 +103,8 @@ def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: st
                               sampler=config.sampler.name, rungs=rungs, budgets=limits,
                               cost=cost_key(config))
     tune_config = tune.TuneConfig(
-        search_alg=searcher, scheduler=scheduler, num_samples=-1,
-        max_concurrent_trials=r.max_concurrent_trials, time_budget_s=config.time_budget_s,
+        search_alg=search_algorithm(searcher, r.max_concurrent_trials), scheduler=scheduler,
+        num_samples=-1, max_concurrent_trials=None, time_budget_s=config.time_budget_s,
         reuse_actors=r.reuse_actors, trial_dirname_creator=trial_dirname)
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 

@@ -235,7 +235,7 @@ def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, b
     lat = front["latency_ms"].to_numpy()
     assert len(front) and (np.diff(lat) >= 0).all()
     acc = np.diff(front["val_acc"].to_numpy())
-    # ties in both objectives (a vector proposed twice) all stay on the front
+    # networks tied in both objectives all stay on the front
     step = np.diff(lat)
     assert (((acc > 0) & (step > 0)) | ((acc == 0) & (step == 0))).all()
     fastest = done["latency_ratio"].min()

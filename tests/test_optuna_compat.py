@@ -128,36 +128,49 @@ class _ListsTheFolder:
 
 def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path):
     """Tune copies the folder in a background thread while the driver saves into it."""
-    from ray.tune.search import Searcher
+    from types import MethodType
 
-    from search.searcher import SketchSearch
+    from ray.tune.search import SearchGenerator, Searcher
+
+    from search.searcher import SketchSearch, search_algorithm
 
     space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1)
     (tmp_path / "db").mkdir()
-    searcher = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
-                            storage=_storage(tmp_path / "db"), study_name="s", full_epochs=2,
-                            num_samples=4)
-    searcher.suggest("a")
+
+    def generator():
+        searcher = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
+                                storage=_storage(tmp_path / "db"), study_name="s",
+                                full_epochs=2, num_samples=4)
+        return searcher, search_algorithm(searcher, 2)
+
+    searcher, gen = generator()
+    assert gen.searcher.suggest("a")["rates"]  # through Tune's concurrency limiter
     folder = tmp_path / "driver_artifacts"
     folder.mkdir()
-    real_state = searcher.proposer.state_dict
-    searcher.proposer.state_dict = lambda: {**real_state(), "probe": _ListsTheFolder(folder)}
+    real = searcher.proposer.state_dict, gen.get_state
+    searcher.proposer.state_dict = lambda: {**real[0](), "probe": _ListsTheFolder(folder)}
+    gen.get_state = lambda: {**real[1](), "probe": _ListsTheFolder(folder)}
     _ListsTheFolder.seen.clear()
-    Searcher.save_to_dir(searcher, str(folder), "x")  # Ray's own: the probe sees its temp file
-    assert any(name.endswith("-tmp-searcher-state-x.pkl") for name in _ListsTheFolder.seen[0])
+    searcher.save_to_dir = MethodType(Searcher.save_to_dir, searcher)
+    SearchGenerator.save_to_dir(gen, str(folder), "x")  # Tune's own: the probes see temp files
+    assert any(n.endswith("-tmp-searcher-state-x.pkl") for n in _ListsTheFolder.seen[0])
+    assert any(n.endswith("-tmp-search_gen_state-x.json") for n in _ListsTheFolder.seen[1])
+    del searcher.save_to_dir
     for name in os.listdir(folder):
         os.unlink(folder / name)
-    searcher.save_to_dir(str(folder), "x")
-    searcher.save_to_dir(str(folder), "x")  # the second save replaces a complete file
-    assert _ListsTheFolder.seen[1:] == [[], ["searcher-state-x.pkl"]]
-    assert os.listdir(folder) == ["searcher-state-x.pkl"]
-    assert sorted(os.listdir(tmp_path)) == ["db", "driver_artifacts"]  # no temporary file left beside it
-    searcher.proposer.state_dict = real_state
-    again = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
-                         storage=_storage(tmp_path / "db"), study_name="s", full_epochs=2,
-                         num_samples=4)
-    again.restore_from_dir(str(folder))  # the saved state is a complete one
+    _ListsTheFolder.seen.clear()
+    gen.save_to_dir(str(folder), "x")
+    gen.save_to_dir(str(folder), "x")  # the second save replaces complete files
+    complete = ["search_gen_state-x.json", "searcher-state-x.pkl"]
+    assert all(set(names) <= set(complete) for names in _ListsTheFolder.seen)
+    assert len(_ListsTheFolder.seen) == 4 and sorted(os.listdir(folder)) == complete
+    assert sorted(os.listdir(tmp_path)) == ["db", "driver_artifacts"]  # nothing left beside
+    searcher.proposer.state_dict, gen.get_state = real
+
+    again, again_gen = generator()  # a resumed driver: Tune's restore reads our files
+    again_gen.restore_from_dir(str(folder))
     assert again.started == 1 and again.proposer.unfinished() == {"a"}
+    assert again_gen.searcher.live_trials == {"a"}
 
 
 def test_a_network_already_handed_out_is_not_trained_again(tmp_path, monkeypatch):
@@ -172,7 +185,7 @@ def test_a_network_already_handed_out_is_not_trained_again(tmp_path, monkeypatch
     assert p.ask("a")["rates"] == [0.55] * 9
     assert p.ask("b")["rates"] == [0.8] * 9  # [0.6]*9 was closed, not handed out
     closed = [t for t in p.study.get_trials() if t.user_attrs.get("status") == "repeat"]
-    assert len(closed) == 1 and closed[0].state == TrialState.PRUNED
+    assert len(closed) == 1 and closed[0].state == TrialState.FAIL
     assert closed[0].params == space.params_from_rates([0.6] * 9)
     assert "tune_trial_id" not in closed[0].user_attrs and p.started == 2
 
