@@ -24,7 +24,21 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 __all__ = ["pretrained", "hypervolume", "spearman", "bootstrap_interval", "mean_sd", "Clock",
-           "ROOT"]
+           "ROOT", "require_real_data"]
+
+
+def require_real_data(root: Path, jpeg: str, checkpoint: str, network: str) -> None:
+    """One-line error (``UserError``) unless ``root`` holds the JPEG CIFAR-10 and the
+    public ``checkpoint`` that ``--data real`` reads."""
+    from sketch_core.errors import UserError
+
+    need = [root / jpeg / "train", root / jpeg / "test", root / checkpoint]
+    missing = [str(p) for p in need if not p.exists()]
+    if missing:
+        raise UserError(f"--data real needs the JPEG CIFAR-10 ({jpeg}/train, {jpeg}/test) and "
+                        f"the public {network} ({checkpoint}) under --data_root {root}; missing: "
+                        f"{', '.join(missing)}; point --data_root at the folder that holds them "
+                        f"(default: ../shared/data beside the repository)")
 
 
 def pretrained(work: Path, argv: Sequence[str], quiet: bool = True) -> Path:

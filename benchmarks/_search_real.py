@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, Clock, bootstrap_interval, hypervolume
+from _common import ROOT, Clock, bootstrap_interval, hypervolume, require_real_data
 
 CFG = "resnet20"
 CKPT = "pretrained/resnet20-12fca82f.th"
@@ -58,13 +58,7 @@ def _work_dir(arg: str | None) -> Path:
 def _check(root: Path, args: argparse.Namespace, n_train: int | None, n_test: int | None) -> None:
     from sketch_core.errors import UserError
 
-    need = [root / JPEG / "train", root / JPEG / "test", root / CKPT]
-    missing = [str(p) for p in need if not p.exists()]
-    if missing:
-        raise UserError(f"--data real needs the JPEG CIFAR-10 ({JPEG}/train, {JPEG}/test) and the "
-                        f"public ResNet-20 ({CKPT}) under --data_root {root}; missing: "
-                        f"{', '.join(missing)}; point --data_root at the folder that holds them "
-                        f"(default: ../shared/data beside the repository)")
+    require_real_data(root, JPEG, CKPT, "ResNet-20")
     if n_train is not None and not 1 <= args.train_images <= n_train:
         raise UserError(f"--train_images {args.train_images}: expected 1 to {n_train} (the "
                         f"training split)")

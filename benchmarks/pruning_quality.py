@@ -52,7 +52,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, Clock, hypervolume, mean_sd, pretrained, seeded
+from _common import ROOT, Clock, hypervolume, mean_sd, pretrained, require_real_data, seeded
 
 # method -> (sketch mode, select_by)
 MODES = {"sketch": ("sketch", "filters"), "select": ("select", "filters"),
@@ -259,13 +259,7 @@ def check_real_inputs(root: Path, finetune_images: int, adapt_images: int | None
     """The real data's presence and the sizes asked for; the number of training images."""
     from sketch_core.errors import UserError
 
-    need = [root / REAL_JPEG / "train", root / REAL_JPEG / "test", root / REAL_CKPT]
-    missing = [str(p) for p in need if not p.exists()]
-    if missing:
-        raise UserError(f"--data real needs the JPEG CIFAR-10 ({REAL_JPEG}/train, {REAL_JPEG}/test) "
-                        f"and the public ResNet-56 ({REAL_CKPT}) under --data_root {root}; missing: "
-                        f"{', '.join(missing)}; point --data_root at the folder that holds them "
-                        f"(default: ../shared/data beside the repository)")
+    require_real_data(root, REAL_JPEG, REAL_CKPT, "ResNet-56")
     train_dir = root / REAL_JPEG / "train"
     n_train = sum(len(os.listdir(d)) for d in train_dir.iterdir() if d.is_dir())
     if not 1 <= finetune_images <= n_train:
