@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
-from typing import IO, Any, Callable
+from typing import Any
 
 import optuna
 from ray import cloudpickle
@@ -28,9 +27,11 @@ from search.records import TrialLog
 from search.sampling import (METRICS, MODES, FlopsConstraint, SQLiteStorage, make_sampler,
                              population_size)
 from search.space import RateSpace
+from sketch_core.atomic import atomic_write_bytes
 
-__all__ = ["SketchSearch", "SketchSearchGenerator", "search_algorithm", "SQLiteStorage", "make_sampler", "population_size", "FlopsConstraint",
-           "close_unstarted", "outcome", "METRICS", "MODES", "MAX_REJECTIONS"]
+__all__ = ["SketchSearch", "SketchSearchGenerator", "search_algorithm", "SQLiteStorage",
+           "make_sampler", "population_size", "FlopsConstraint", "close_unstarted", "outcome",
+           "METRICS", "MODES", "MAX_REJECTIONS"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -85,9 +86,8 @@ class SketchSearch(Searcher):
     def save_to_dir(self, checkpoint_dir: str, session_str: str = "default") -> None:
         """Save the state under Tune's file name, written beside the folder first
         (:func:`_save_beside`)."""
-        state = self.proposer.state_dict()
         _save_beside(checkpoint_dir, self.CKPT_FILE_TMPL.format(session_str),
-                     lambda f: pickle.dump(state, f))
+                     pickle.dumps(self.proposer.state_dict()))
 
     def restore(self, checkpoint_path: str) -> None:
         """Load the state of Tune's last experiment snapshot, then reconcile the study.
@@ -104,29 +104,18 @@ class SketchSearch(Searcher):
         return self.proposer.reconcile(resumable)
 
 
-def _save_beside(folder: str, name: str, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``folder/name`` through a temporary file in ``folder``'s parent, then move it in.
+def _save_beside(folder: str, name: str, data: bytes) -> None:
+    """Write ``folder/name`` whole, its temporary file in ``folder``'s parent.
 
     Tune's own saves write a temporary file inside the driver's folder and rename it.
     Tune copies that folder to the experiment in a background thread while the driver
     saves, so the copy could list a temporary file, find it renamed and log a
     traceback. Saved this way, the folder only ever holds complete files. Where the
-    parent cannot take the file (not writable), it is written in ``folder`` as Tune does.
+    parent is not writable, the temporary file is written in ``folder``, as Tune does.
     """
-    final = os.path.join(folder, name)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=os.path.dirname(os.path.abspath(folder)))
-    except OSError:
-        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{name}.", dir=folder)
-    try:
-        with open(fd, "wb", closefd=True) as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    parent = os.path.dirname(os.path.abspath(folder))
+    atomic_write_bytes(os.path.join(folder, name), data,
+                       tmp_dir=parent if os.access(parent, os.W_OK) else None)
 
 
 class SketchSearchGenerator(SearchGenerator):
@@ -140,8 +129,7 @@ class SketchSearchGenerator(SearchGenerator):
             state["name:" + type(inner).__name__] = inner.get_state()
             inner = inner.searcher
         inner.save_to_dir(dirpath, session_str)
-        _save_beside(dirpath, self.CKPT_FILE_TMPL.format(session_str),
-                     lambda f: cloudpickle.dump(state, f))
+        _save_beside(dirpath, self.CKPT_FILE_TMPL.format(session_str), cloudpickle.dumps(state))
 
 
 def search_algorithm(searcher: SketchSearch, max_concurrent: int | None) -> SketchSearchGenerator:

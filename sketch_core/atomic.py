@@ -1,8 +1,10 @@
 """The one way sketchtune writes a file: whole or not at all.
 
 Every file is written to a fresh temporary file in the destination's own folder
-(so the rename never crosses a file system), flushed and fsynced, given the mode a
-plain ``open()`` would give it, then renamed over the destination. A reader sees
+(so the rename never crosses a file system; ``tmp_dir`` names another folder on the
+same file system where something that lists the destination's folder must never see
+a temporary), flushed and fsynced, given the mode a plain ``open()`` would give it,
+then renamed over the destination. A reader sees
 the old file or the new one, never half of either; a failure leaves the old file
 and no temporary behind.
 """
@@ -29,15 +31,18 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` for a temp file beside ``path``, then rename it over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None],
+                 tmp_dir: str | os.PathLike | None = None) -> None:
+    """Call ``write(tmp_path)`` for a temp file beside ``path`` (or in ``tmp_dir``), then
+    rename it over ``path``.
 
     ``write`` may open ``tmp_path`` itself (pandas, matplotlib, shutil do); the file is
     fsynced here afterwards, whatever wrote it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
+                               dir=path.parent if tmp_dir is None else tmp_dir)
     os.close(fd)
     try:
         write(tmp)
@@ -51,16 +56,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def _through(path: str | os.PathLike, mode: str, emit: Callable[[BinaryIO], None]) -> None:
+def _through(path: str | os.PathLike, mode: str, emit: Callable[[BinaryIO], None],
+             tmp_dir: str | os.PathLike | None = None) -> None:
     def write(tmp: str) -> None:
         with open(tmp, mode) as f:
             emit(f)
 
-    atomic_write(path, write)
+    atomic_write(path, write, tmp_dir)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _through(path, "wb", lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes,
+                       tmp_dir: str | os.PathLike | None = None) -> None:
+    _through(path, "wb", lambda f: f.write(data), tmp_dir)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

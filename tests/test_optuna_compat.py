@@ -126,7 +126,7 @@ class _ListsTheFolder:
         return (str, ("probe",))
 
 
-def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path):
+def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path, monkeypatch):
     """Tune copies the folder in a background thread while the driver saves into it."""
     from types import MethodType
 
@@ -159,10 +159,20 @@ def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path):
     for name in os.listdir(folder):
         os.unlink(folder / name)
     _ListsTheFolder.seen.clear()
+    moves, real_replace = [], os.replace
+
+    def replace(src, dst):  # the moment a written file goes in: where was it written?
+        moves.append((os.path.dirname(src), sorted(os.listdir(folder))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
     gen.save_to_dir(str(folder), "x")
     gen.save_to_dir(str(folder), "x")  # the second save replaces complete files
+    monkeypatch.undo()
     complete = ["search_gen_state-x.json", "searcher-state-x.pkl"]
     assert all(set(names) <= set(complete) for names in _ListsTheFolder.seen)
+    assert len(moves) == 4 and all(d == str(tmp_path) and set(names) <= set(complete)
+                                   for d, names in moves)
     assert len(_ListsTheFolder.seen) == 4 and sorted(os.listdir(folder)) == complete
     assert sorted(os.listdir(tmp_path)) == ["db", "driver_artifacts"]  # nothing left beside
     searcher.proposer.state_dict, gen.get_state = real
