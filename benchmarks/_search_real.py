@@ -78,7 +78,7 @@ def _adapted(public: Path, data, work: Path, images: int, clock: Clock):
     import torch
 
     from sketch_core import load_checkpoint, save_checkpoint
-    from sketch_core.train import fit
+    from sketch_core.training.loop import fit
 
     ckpt = work / f"{CFG}-jpeg-e1-n{images}-lr0.01.pt"
     if ckpt.exists():
@@ -121,11 +121,11 @@ def run_real(args: argparse.Namespace) -> int:
     import optuna
     import torch
 
-    from search.sampling import make_sampler
-    from search.space import RateSpace
+    from search.propose.study import make_sampler
+    from search.propose.space import RateSpace
     from sketch_core import recalibrate_bn, sketch
-    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
-    from sketch_core.train import evaluate, fit
+    from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.training.loop import evaluate, fit
 
     if args.smoke:
         for k, v in SMOKE.items():

@@ -39,7 +39,7 @@ def main() -> int:
 
     import launch
     from analysis_synthetic import write_experiment
-    from search import analysis
+    from search.results import dataframe as analysis
 
     with tempfile.TemporaryDirectory() as tmp:
         exp = Path(tmp) / "synthetic"

@@ -5,7 +5,7 @@ beside the repository; ``--images N`` takes a class-balanced subset of N trainin
 N/5 test images, linked into a temporary folder). Three figures:
 
 - decode: the one-time decode of every image (train + test) into the cache
-  (:func:`sketch_core.folder_cache.load_folder_images`, a fresh temporary cache folder),
+  (:func:`sketch_core.data.folder_cache.load_folder_images`, a fresh temporary cache folder),
   wall and CPU time, and the rate extrapolated to CIFAR-10's 60,000 images (goal
   <= 30 s); importing torchvision's decoder is timed apart (a fixed cost);
 - cached load: ``load_data("folder", ...)`` again, served from that cache (listing,
@@ -44,10 +44,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, load_data  # noqa: E402
-from sketch_core.folder_cache import load_folder_images  # noqa: E402
+from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, load_data  # noqa: E402
+from sketch_core.data.folder_cache import load_folder_images  # noqa: E402
 from sketch_core.registry import get_arch  # noqa: E402
-from sketch_core.train import resolve_device  # noqa: E402
+from sketch_core.training.loop import resolve_device  # noqa: E402
 
 TOTAL_IMAGES = 60_000
 

@@ -84,7 +84,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 $py -c "import torch, torchvision; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'torchvision', torchvision.__version__, '| device', torch.cuda.get_device_name(0) \
 if torch.cuda.is_available() else 'cpu')"
-$py -c "from search.gpu_share import mps_status; print(mps_status())"
+$py -c "from search.run.gpu_share import mps_status; print(mps_status())"
 
 # ---- the data: a folder, an archive of one, or (toy) a few images per class of it
 if [ -f "$data" ]; then
@@ -166,7 +166,7 @@ if [ "$runner" = ray ]; then
   TAIL=6 step search $py launch.py search --config "$config" "${setargs[@]}"
 else
   echo "no Ray here: the Ray-free loop, ${GPU_SHARE} GPU per trial"
-  TAIL=6 step search $py -m search.local_loop --config "$config" "${setargs[@]}" \
+  TAIL=6 step search $py -m search.run.local_loop --config "$config" "${setargs[@]}" \
     --gpus_per_trial "$GPU_SHARE" --exp_dir "$work/search"
 fi
 
@@ -174,8 +174,8 @@ fi
 $py - "$work/search" "$work" <<'EOF'
 import json, sys
 from pathlib import Path
-from search.records import read_records
-from search.space import RateSpace
+from search.results.trials_file import read_records
+from search.propose.space import RateSpace
 exp, work = Path(sys.argv[1]), Path(sys.argv[2])
 recs = [r for r in read_records(exp / "trials.jsonl") if r.get("status") in ("completed", "stopped")
         and r.get("flops_ratio") is not None and r["flops_ratio"] <= 0.5 and r.get("val_acc") is not None]

@@ -1,7 +1,7 @@
 """Search-trial throughput on one GPU: eager trials, the graph step, trials packed k to a GPU.
 
 The same rate vectors (seeded, CIFAR ResNet-56 by default) are trained as search
-trials (:func:`search.trainable.train_trial`: sketch a baseline, recalibrate BN,
+trials (:func:`search.run.trial.train_trial`: sketch a baseline, recalibrate BN,
 fine-tune ``--epochs`` epochs of the 45,000 resident training images of a CIFAR-10-shaped
 set of random images, validate after each epoch, batch 128):
 
@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search.config import TrialConfig  # noqa: E402
-from search.gpu_share import mps_status  # noqa: E402
-from search.trainable import TrialSetup, train_trial  # noqa: E402
+from search.experiment.config import TrialConfig  # noqa: E402
+from search.run.gpu_share import mps_status  # noqa: E402
+from search.run.trial import TrialSetup, train_trial  # noqa: E402
 from sketch_core.registry import get_arch  # noqa: E402
 from train_throughput import machine, write_cifar_format  # noqa: E402
 
@@ -89,7 +89,7 @@ def run_mode(name: str, vectors: list[list[float]], setup: TrialSetup, baseline:
              processes: int, train_images: int) -> dict:
     """Run ``vectors`` as trials, ``processes`` at a time (1: in this process)."""
     if processes == 1:  # each mode loads its data and builds its baseline itself
-        from search import trainable
+        from search.run import trial as trainable
 
         trainable._CACHE.clear()
     t0 = time.perf_counter()

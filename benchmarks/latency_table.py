@@ -1,7 +1,7 @@
 """The latency model against a FLOPs-proportional model, on measured CPU latency.
 
 For each model (CIFAR ResNet-56 and VGG-16 by default) the script measures the latency
-table here (``sketch_core.latency_table.build_table``), draws random rate vectors,
+table here (``sketch_core.cost.latency_table.build_table``), draws random rate vectors,
 and measures each pruned network's whole-model latency (median of ``--repeats`` calls;
 the vectors are timed in a shuffled order so drift in the machine's load does not
 line up with either set). Two disjoint sets of vectors are drawn from the same seeded
@@ -71,7 +71,7 @@ def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repe
     result is the median over the pairs of (its time / the unpruned time) x
     ``unpruned_ms`` (default: the unpruned network's ``stat`` over the whole run): a
     spell of other work on the machine slows both calls of a pair alike and cancels."""
-    from sketch_core.latency import measure_latency, paired_ratios
+    from sketch_core.cost.latency import measure_latency, paired_ratios
 
     f = {"median": statistics.median, "min": min}[stat]
     nets = [arch.build(w).eval() for w in widths]
@@ -97,8 +97,8 @@ def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repe
 def compare(cfg: str, *, vectors: int, fit_vectors: int, threads: int, batch: int, repeats: int,
             points: int, seed: int, drift: bool = True, stat: str = "min") -> dict:
     """The latency model and the fitted FLOPs model on ``vectors`` test vectors of ``cfg``."""
-    from search.space import CostModel
-    from sketch_core.latency_table import build_table
+    from search.propose.space import CostModel
+    from sketch_core.cost.latency_table import build_table
     from sketch_core.rates import widths_for
     from sketch_core.registry import resolve_arch
 

@@ -11,14 +11,14 @@ filters is learnable from 12,000 images yet needs many filters to imitate, so na
 students end measurably lower. Training, validation and test images are generated
 apart (``--n_train``, ``--n_val``, ``--n_test``); the large validation and test sets
 measure accuracy to a fraction of a point. A CIFAR ResNet-20 baseline is trained on it
-with ``sketch_core.train.fit`` (the loop ``launch.py pretrain`` runs: SGD lr 0.1, decay
+with ``sketch_core.training.loop.fit`` (the loop ``launch.py pretrain`` runs: SGD lr 0.1, decay
 x0.1 at 1/2 and 3/4 of ``--pretrain_epochs``, best epoch on validation).
 
 ``--vectors`` random rate vectors (9 rates on the search's 0.05 grid: levels spread over
 [``--low``, ``--high``], one uniform draw per equal stratum, each rate the level plus
 uniform jitter of +-``--jitter``, clipped) are each scored
 
-- by the search's trial recipe, ``search.trainable.train_trial`` itself with the trial
+- by the search's trial recipe, ``search.run.trial.train_trial`` itself with the trial
   defaults of the search config (the sketch mode under test, BN recalibration on 8
   batches, a 3-epoch fine-tune at lr 0.01, validation accuracy of the last epoch;
   ``trial_data`` is pointed at the generated set), and
@@ -103,12 +103,12 @@ def teacher_task(n: int, size: int, channels: int, classes: int, seed: int, dept
 
 
 def teacher_data(args, seed: int = 0):
-    """The generated set as a ``sketch_core.data.Data``: training, validation (generated
+    """The generated set as a ``sketch_core.data.sets.Data``: training, validation (generated
     apart from the training images, so its size is free) and test splits; no augmentation,
     which would change the teacher's labels."""
     import torch
 
-    from sketch_core.data import Data, TensorLoader
+    from sketch_core.data.sets import Data, TensorLoader
 
     n_tr, n_va = args.n_train, args.n_val
     x, y = teacher_task(n_tr + n_va + args.n_test, args.size, args.channels, args.classes,
@@ -140,7 +140,7 @@ def pretrain(args, data, work: Path, clock: Clock):
     import torch
 
     from sketch_core import get_arch
-    from sketch_core.train import evaluate, fit
+    from sketch_core.training.loop import evaluate, fit
 
     key = hashlib.sha1(json.dumps([args.n_train, args.n_val, args.size, args.channels,
                                    args.classes, args.task_seed, args.teacher_depth,
@@ -178,7 +178,7 @@ def split_mode(name: str) -> tuple[str, str]:
 def retrain(full, rates, mode, data, epochs: int, seed: int, bn_batches: int) -> float:
     """The retrain recipe: sketch, recalibrate BN, fine-tune, best on val; test accuracy."""
     from sketch_core import recalibrate_bn, sketch
-    from sketch_core.train import evaluate, fit
+    from sketch_core.training.loop import evaluate, fit
 
     calib = data.calibration_batches(bn_batches)
     mode, select_by = split_mode(mode)
@@ -216,7 +216,7 @@ def trial_config(overrides: list[str]):
     """The search config's trial defaults with ``KEY=VALUE`` overrides (YAML values)."""
     import yaml
 
-    from search.config import SearchConfig
+    from search.experiment.config import SearchConfig
 
     t = SearchConfig().trial
     names = set(type(t).model_fields)
@@ -263,8 +263,8 @@ def main() -> int:
 
     import torch
 
-    import search.trainable as trainable
-    from search.config import SearchConfig, SketchConfig
+    import search.run.trial as trainable
+    from search.experiment.config import SearchConfig, SketchConfig
     from sketch_core import count_flops
 
     t = trial_config(args.trial)

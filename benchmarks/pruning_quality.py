@@ -96,8 +96,8 @@ def run_digits(args: argparse.Namespace) -> int:
 
     from sketch_core import (count_flops, get_arch, load_checkpoint, rates_to_widths, recalibrate_bn,
                              sketch)
-    from sketch_core.data import load_data
-    from sketch_core.train import evaluate, fit
+    from sketch_core.data.sets import load_data
+    from sketch_core.training.loop import evaluate, fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,7 +294,7 @@ def adapted_baseline(public: Path, data, work: Path, *, epochs: int, images: int
     ``images`` training images (all: None). Returns (model, test acc before, after).
     """
     from sketch_core import load_checkpoint, save_checkpoint
-    from sketch_core.train import evaluate, fit
+    from sketch_core.training.loop import evaluate, fit
 
     n_test = len(data.test.index)
     tag = f"{REAL_CFG}-jpeg-e{epochs}-n{images or 'all'}-lr{lr:g}"
@@ -346,9 +346,9 @@ def run_real(args: argparse.Namespace) -> int:
     import torch
 
     from sketch_core import count_flops, get_arch, rates_to_widths, recalibrate_bn, sketch
-    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
     from sketch_core.errors import UserError
-    from sketch_core.train import evaluate, fit
+    from sketch_core.training.loop import evaluate, fit
 
     smoke = SMOKE if args.smoke else {}
 

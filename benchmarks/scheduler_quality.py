@@ -2,9 +2,9 @@
 
 The default search (NSGA-II after ``sampler.anchors`` uniform vectors) on the
 quickstart's task (digits, ResNet-20, 9 rates), with early stopping by Ray Tune's own
-``ASHAScheduler`` (``val_acc`` alone), by :class:`search.moasha.CostASHAScheduler`
+``ASHAScheduler`` (``val_acc`` alone), by :class:`search.run.schedulers.CostASHAScheduler`
 (accuracy above the rung's accuracy-vs-FLOPs trend) or by
-:class:`search.moasha.MOASHAScheduler` (fronts of accuracy against FLOPs), all driven through
+:class:`search.run.schedulers.MOASHAScheduler` (fronts of accuracy against FLOPs), all driven through
 their public scheduler interface (``on_trial_add`` / ``on_trial_result``) with the
 quickstart's rungs (``trial.epochs``, ``scheduler.grace_period``,
 ``reduction_factor``). Trials arrive one after another (one worker); a trial stopped
@@ -44,11 +44,11 @@ from _common import bootstrap_interval, hypervolume  # noqa: E402
 
 def _trial_curve(rates, setup, state, data, entry):
     """(val_acc, test_acc) after each epoch of the search's trial at ``rates``."""
-    from search.trainable import baseline_model
-    from sketch_core.bn import recalibrate_bn
+    from search.run.trial import baseline_model
+    from sketch_core.pruning.bn import recalibrate_bn
     from sketch_core.rates import rates_to_widths
-    from sketch_core.sketching import sketch
-    from sketch_core.train import evaluate, fit
+    from sketch_core.pruning.prune import sketch
+    from sketch_core.training.loop import evaluate, fit
 
     sk, t = setup.sketch, setup.trial
     widths = rates_to_widths(entry, rates, setup.data_set, sk.start_conv, sk.sketch_lastconv,
@@ -89,12 +89,12 @@ def main() -> None:
     from optuna.trial import TrialState
     from ray.tune.schedulers import TrialScheduler
 
-    from search.baseline import prepare_baseline
-    from search.config import load_config
-    from search.priced_space import rate_space
-    from search.sampling import make_sampler
-    from search.trainable import trial_data
-    from search.tuner import _baseline_dict, _make_setup, make_scheduler
+    from search.experiment.baseline import prepare_baseline
+    from search.experiment.config import load_config
+    from search.experiment.priced_space import rate_space
+    from search.propose.study import make_sampler
+    from search.run.trial import trial_data
+    from search.run.ray_driver import _baseline_dict, _make_setup, make_scheduler
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)

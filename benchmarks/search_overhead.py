@@ -2,7 +2,7 @@
 
 Both sides run the quickstart's trials (digits, ResNet-20, the same seeded rate
 vectors, ``trial.epochs`` epochs each) one at a time on one CPU thread, through the
-same function (:func:`search.trainable.train_trial`). The plain loop calls it in this
+same function (:func:`search.run.trial.train_trial`). The plain loop calls it in this
 process; the search runs it as Tune trials (the searcher told the vectors up front,
 no early stopping, one trial at a time, a checkpoint per epoch, trials.jsonl, the
 Optuna study in SQLite), timed from ``Tuner.fit()`` to its return (the search phase;
@@ -38,11 +38,11 @@ def main() -> None:
 
     import torch
 
-    from search.baseline import prepare_baseline
-    from search.config import load_config
-    from search.space import RateSpace
-    from search.trainable import train_trial
-    from search.tuner import _baseline_dict, _make_setup, run_search
+    from search.experiment.baseline import prepare_baseline
+    from search.experiment.config import load_config
+    from search.propose.space import RateSpace
+    from search.run.trial import train_trial
+    from search.run.ray_driver import _baseline_dict, _make_setup, run_search
     from sketch_core.rates import format_rates
 
     work = Path(tempfile.mkdtemp(prefix="search-overhead-"))

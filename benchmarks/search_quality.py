@@ -8,12 +8,12 @@ ResNet-20, 9 rates on a 0.05 grid in [0.1, 1]):
   over the space), ask/tell as ``SketchSearch`` does, except that a proposal repeating a
   network already asked for is scored again (from the cache) where the search would
   ask for another;
-- ``surrogate``: ``sampler.name: surrogate`` (:mod:`search.surrogate`), after the same
+- ``surrogate``: ``sampler.name: surrogate`` (:mod:`search.propose.samplers.surrogate`), after the same
   anchors;
 - ``random``: Optuna's RandomSampler over the same space;
 - ``uniform``: a sweep of uniform vectors ``[r]*9``, r evenly spread over the grid.
 
-Each trial is scored as the search scores it (``search.trainable.train_trial``: sketch
+Each trial is scored as the search scores it (``search.run.trial.train_trial``: sketch
 with the config's mode, BN recalibration, ``--epochs`` epochs of fine-tuning, validation
 accuracy; results cached by widths, since the score is deterministic). The quality of
 a method is the hypervolume of its Pareto front in (validation accuracy max, FLOPs
@@ -87,12 +87,12 @@ def main() -> None:
     import optuna
     import torch
 
-    from search.baseline import prepare_baseline
-    from search.config import load_config
-    from search.searcher import make_sampler
-    from search.space import RateSpace
-    from search.trainable import train_trial
-    from search.tuner import _baseline_dict, _make_setup
+    from search.experiment.baseline import prepare_baseline
+    from search.experiment.config import load_config
+    from search.run.tune_searcher import make_sampler
+    from search.propose.space import RateSpace
+    from search.run.trial import train_trial
+    from search.run.ray_driver import _baseline_dict, _make_setup
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     torch.set_num_threads(1)

@@ -36,9 +36,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sketch_core.data import CIFAR_MEAN, CIFAR_STD, CIFAR10_FILES, load_data  # noqa: E402
+from sketch_core.data.sets import CIFAR_MEAN, CIFAR_STD, CIFAR10_FILES, load_data  # noqa: E402
 from sketch_core.registry import get_arch  # noqa: E402
-from sketch_core.train import fit, resolve_device  # noqa: E402
+from sketch_core.training.loop import fit, resolve_device  # noqa: E402
 
 
 def write_cifar_format(root: Path, images: np.ndarray, labels: np.ndarray) -> None:

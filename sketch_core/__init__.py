@@ -21,16 +21,16 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .bn import recalibrate_bn
-from .checkpoint import LoadedModel, load_checkpoint, save_checkpoint
-from .errors import UserError
-from .flops import count_arch, count_flops, input_shape
-from .sketching import MODES, RANDOM_RULES, SELECT_BY, sketch
-from .rates import format_rates, parse_rates, rates_to_widths
-from .registry import Arch, CfgLike, family_of, get_arch, list_cfgs, register, resolve_arch
-from .fd import frequent_directions
-from .spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
-from .engine import execute
+from sketch_core.pruning.bn import recalibrate_bn
+from sketch_core.io.checkpoint import LoadedModel, load_checkpoint, save_checkpoint
+from sketch_core.errors import UserError
+from sketch_core.cost.flops import count_arch, count_flops, input_shape
+from sketch_core.pruning.prune import MODES, RANDOM_RULES, SELECT_BY, sketch
+from sketch_core.rates import format_rates, parse_rates, rates_to_widths
+from sketch_core.registry import Arch, CfgLike, family_of, get_arch, list_cfgs, register, resolve_arch
+from sketch_core.pruning.fd import frequent_directions
+from sketch_core.job_spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
+from sketch_core.jobs import execute
 
 __all__ = [
     "build_model", "load_checkpoint", "save_checkpoint", "LoadedModel", "sketch", "count_flops",

@@ -6,7 +6,7 @@ controls: one or more slots (a GoogLeNet module narrows three convs with one rat
 Every module whose weights change when a slot narrows is listed as a
 :class:`ModSpec`: which slot its output channels belong to and how its input
 channels are laid out (runs of channels from slots, or fixed runs that never change).
-The sketch code in :mod:`sketch_core.sketching` reads only this description; it never
+The sketch code in :mod:`sketch_core.pruning.prune` reads only this description; it never
 branches on architecture names.
 """
 
@@ -107,7 +107,7 @@ class PlanBuilder:
 def require_default_start_conv(cfg: str, start_conv: int | None) -> None:
     """Only VGG has a first conv to choose; every other architecture takes the default 1."""
     if start_conv not in (None, 1):
-        from .errors import UserError
+        from sketch_core.errors import UserError
 
         raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
                         f"(got {start_conv})")

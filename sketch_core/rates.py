@@ -14,9 +14,9 @@ import math
 import re
 from collections.abc import Sequence
 
-from .errors import UserError
-from .plans import Plan
-from .registry import Arch, CfgLike, resolve_arch
+from sketch_core.errors import UserError
+from sketch_core.plans import Plan
+from sketch_core.registry import Arch, CfgLike, resolve_arch
 
 __all__ = ["parse_rates", "format_rates", "validate_rates", "kept_width", "rates_to_widths",
            "widths_for", "expand_rates", "MAX_RATES"]

@@ -27,9 +27,9 @@ from typing import Union
 
 from torch import nn
 
-from .errors import UserError
-from .models import FAMILIES, ModelEntry, register, registered, unregister
-from .plans import Plan, require_default_start_conv
+from sketch_core.errors import UserError
+from sketch_core.models import FAMILIES, ModelEntry, register, registered, unregister
+from sketch_core.plans import Plan, require_default_start_conv
 
 __all__ = ["Arch", "ArchEntry", "CfgLike", "ModelEntry", "resolve_arch", "get_arch", "family_of", "list_cfgs",
            "list_arches", "register", "unregister", "FAMILIES", "SMALL_INPUT"]

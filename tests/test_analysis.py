@@ -1,4 +1,4 @@
-"""search.analysis, search.plots and `launch.py analyze` on experiment folders written to disk."""
+"""search.results.dataframe, search.results.plots and `launch.py analyze` on experiment folders written to disk."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper beside th
 
 import launch  # noqa: E402
 from analysis_synthetic import BASE_FLOPS, write_experiment  # noqa: E402
-from search import analysis as A  # noqa: E402
-from search.pareto import front_mask  # noqa: E402
+from search.results import dataframe as A  # noqa: E402
+from search.results.pareto import front_mask  # noqa: E402
 from sketch_core.rates import parse_rates  # noqa: E402
 
 N_UNITS = 9
@@ -284,7 +284,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_plots_are_sensible_pngs_and_svgs(df, exp_dir, tmp_path):
-    from search import plots
+    from search.results import plots
 
     with pytest.warns(A.ResultsWarning):
         exp = A.load_experiment(exp_dir[0])

@@ -23,7 +23,7 @@ from sketch_core.plans import PlanBuilder, Seg
 from sketch_core.rates import MAX_RATES, widths_for
 from sketch_core.registry import (Arch, list_arches, list_cfgs, register, resolve_arch,
                                   unregister)
-from search.space import RateSpace
+from search.propose.space import RateSpace
 
 
 # ------------------------------------------------------------------ a model of our own

@@ -276,7 +276,7 @@ def test_job_folder_is_not_overwritten_and_reset_starts_over(tmp_path, capsys):
 def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     """The several-GPU path (Ray Train TorchTrainer + DDP), with two CPU workers over gloo."""
     pytest.importorskip("ray")  # installed with sketchtune; absent on a bare GPU test machine
-    from search.distributed import run_distributed
+    from search.run.data_parallel import run_distributed
     from sketch_core.cli.train_args import spec_from_args
 
     job = tmp_path / "ddp"
@@ -297,7 +297,7 @@ def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
 def test_data_parallel_bad_input_is_reported_before_workers_start(tmp_path, digits_resnet20_ckpt):
     ray = pytest.importorskip("ray")
 
-    from search.distributed import run_distributed
+    from search.run.data_parallel import run_distributed
     from sketch_core.cli.train_args import spec_from_args
     from sketch_core.errors import UserError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from search.records import read_records
+from search.results.trials_file import read_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

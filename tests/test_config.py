@@ -8,14 +8,14 @@ import random
 import optuna
 import pytest
 
-from search.config import (config_from_dict, config_to_dict, load_config, parse_duration,
+from search.experiment.config import (config_from_dict, config_to_dict, load_config, parse_duration,
                            recipe_hash, resolve_config_path, shipped_configs)
-from search.picks import knee_record, parse_pick, pareto_records, select_record
-from search.records import TrialLog, read_records
-from search.searcher import make_sampler, outcome, population_size
-from search.space import RateSpace, stage_groups
+from search.results.picks import knee_record, parse_pick, pareto_records, select_record
+from search.results.trials_file import TrialLog, read_records
+from search.run.tune_searcher import make_sampler, outcome, population_size
+from search.propose.space import RateSpace, stage_groups
 from sketch_core.errors import UserError
-from sketch_core.flops import count_arch
+from sketch_core.cost.flops import count_arch
 from sketch_core.rates import parse_rates
 
 
@@ -74,9 +74,9 @@ def test_bad_config_values_are_one_clear_user_error(override, message):
 
 def test_config_choices_are_the_cores():
     """The config validates without importing torch; its lists must be sketch_core's."""
-    import search.config as cfg
+    import search.experiment.config as cfg
     import sketch_core
-    from sketch_core.fd import WEIGHT_NORMS
+    from sketch_core.pruning.fd import WEIGHT_NORMS
 
     assert cfg.MODES == sketch_core.MODES
     assert cfg.RANDOM_RULES == sketch_core.RANDOM_RULES
@@ -137,10 +137,10 @@ def test_every_shipped_config_loads_and_round_trips_through_yaml(name):
 def test_config_literals_are_built_from_the_cores_lists():
     import typing
 
-    from search.config import ModelConfig, SketchConfig
-    from sketch_core.data import DATA_SETS
-    from sketch_core.fd import WEIGHT_NORMS
-    from sketch_core.sketching import MODES, RANDOM_RULES, SELECT_BY
+    from search.experiment.config import ModelConfig, SketchConfig
+    from sketch_core.data.sets import DATA_SETS
+    from sketch_core.pruning.fd import WEIGHT_NORMS
+    from sketch_core.pruning.prune import MODES, RANDOM_RULES, SELECT_BY
 
     def choices(model, key):
         tp = model.model_fields[key].annotation

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from sketch_core import get_arch, load_checkpoint, recalibrate_bn, sketch
-from sketch_core.data import load_data
-from sketch_core.fd import frequent_directions, row_space_energy
-from sketch_core.train import evaluate, fit
+from sketch_core.data.sets import load_data
+from sketch_core.pruning.fd import frequent_directions, row_space_energy
+from sketch_core.training.loop import evaluate, fit
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -120,7 +120,7 @@ def test_launch_pretrain_and_sketch_on_gpu0(tmp_path, capsys):
 def _graph_run(model, device, step, amp=False, batch_size=64):
     from types import SimpleNamespace
 
-    from sketch_core.train import Recipe, Run
+    from sketch_core.training.loop import Recipe, Run
 
     data = SimpleNamespace(train=SimpleNamespace(batch_size=batch_size))
     return Run(model, data, Recipe(epochs=1, lr=0.05, amp=amp, step=step), torch.device(device))
@@ -136,7 +136,7 @@ def _train_steps(run, batches, decay_at=None):
 
 
 def test_graph_step_on_cuda_trains_as_the_eager_cuda_step_and_the_cpu():
-    from sketch_core.cuda_graph import GraphStep
+    from sketch_core.training.cuda_graph import GraphStep
 
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randn(64, 3, 32, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen))

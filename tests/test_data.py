@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from sketch_core.data import FolderLoader, TensorLoader, _batch_crop, _shard, load_data
+from sketch_core.data.sets import FolderLoader, TensorLoader, _batch_crop, _shard, load_data
 from sketch_core.errors import UserError
 
 
@@ -189,7 +189,7 @@ def small_folder(root, classes=("ants", "bees", "cats"), n_train=5, n_test=2, si
 
 
 def _count_decodes(monkeypatch):
-    from sketch_core import folder_cache
+    from sketch_core.data import folder_cache
 
     calls = []
     real = folder_cache._decode
@@ -239,7 +239,7 @@ def test_small_image_folder_is_decoded_once_and_resident(tmp_path, monkeypatch):
 def test_folder_cache_rebuilt_after_a_file_changes_or_truncation(tmp_path, monkeypatch, caplog):
     import os
 
-    from sketch_core.folder_cache import load_folder_images
+    from sketch_core.data.folder_cache import load_folder_images
 
     root, cache = small_folder(tmp_path / "set"), tmp_path / "cache"
     first = load_folder_images(root / "train", cache)
@@ -269,7 +269,7 @@ def test_folder_cache_rebuilt_after_a_file_changes_or_truncation(tmp_path, monke
 
 
 def test_folder_cache_bad_input_one_clear_error_nothing_written(tmp_path):
-    from sketch_core.folder_cache import load_folder_images, prepare_folder_cache
+    from sketch_core.data.folder_cache import load_folder_images, prepare_folder_cache
 
     cache = tmp_path / "cache"
     # images of two sizes: one file of each size named
@@ -296,7 +296,7 @@ def test_folder_cache_bad_input_one_clear_error_nothing_written(tmp_path):
 
 
 def test_large_or_non_square_folders_keep_the_per_image_path(image_folder, tmp_path):
-    from sketch_core.folder_cache import default_input_size, prepare_folder_cache
+    from sketch_core.data.folder_cache import default_input_size, prepare_folder_cache
 
     assert prepare_folder_cache(image_folder, tmp_path / "cache") is None   # 40x48 images
     assert default_input_size(image_folder) == 224

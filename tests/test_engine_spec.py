@@ -12,7 +12,7 @@ import launch
 from sketch_core import (DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec,
                          UserError, execute)
 from sketch_core.cli.train_args import spec_from_args
-from sketch_core.engine import RUN_KEYS, check_spec, preflight, resolve
+from sketch_core.jobs import RUN_KEYS, check_spec, preflight, resolve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

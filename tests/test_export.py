@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import launch
-from sketch_core.checkpoint import save_checkpoint
-from sketch_core.export import (example_batch, export_checkpoint, export_model, prepare_checkpoint, read_metadata,
+from sketch_core.io.checkpoint import save_checkpoint
+from sketch_core.io.export import (example_batch, export_checkpoint, export_model, prepare_checkpoint, read_metadata,
                                  run_exported, trace)
 from sketch_core.rates import rates_to_widths
 from sketch_core.registry import resolve_arch
@@ -200,9 +200,9 @@ def test_a_real_network_scores_the_same_in_onnxruntime(tmp_path, one_torch_threa
 
     import onnxruntime as ort
 
-    from sketch_core.checkpoint import load_checkpoint
-    from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
-    from sketch_core.sketching import sketch
+    from sketch_core.io.checkpoint import load_checkpoint
+    from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
+    from sketch_core.pruning.prune import sketch
 
     weights, jpeg = REAL / "pretrained" / "resnet20-12fca82f.th", REAL / "cifar10-jpg"
     missing = [str(p) for p in (weights, jpeg / "train", jpeg / "test") if not p.exists()]

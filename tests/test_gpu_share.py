@@ -8,9 +8,9 @@ import queue
 import pytest
 import torch
 
-from search import local_loop
-from search.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
-from search.trainable import TrialSetup
+from search.run import local_loop
+from search.run.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
+from search.run.trial import TrialSetup
 from sketch_core.errors import UserError
 
 

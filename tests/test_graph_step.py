@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from search.config import TrialConfig, config_from_dict
-from sketch_core.cuda_graph import STEPS, GraphStep, graph_unavailable, sgd_update_
-from sketch_core.data import load_data
+from search.experiment.config import TrialConfig, config_from_dict
+from sketch_core.training.cuda_graph import STEPS, GraphStep, graph_unavailable, sgd_update_
+from sketch_core.data.sets import load_data
 from sketch_core.errors import UserError
-from sketch_core.train import Recipe, Run, fit
+from sketch_core.training.loop import Recipe, Run, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SYN = dict(n_train=200, n_test=64, num_classes=4, channels=3, size=8)
@@ -188,7 +188,7 @@ def test_a_capture_that_disagrees_or_fails_falls_back_to_eager(data, caplog, cap
 
 
 def test_a_trial_passes_the_step_option_to_fit(caplog):
-    from search.trainable import TrialSetup, train_trial
+    from search.run.trial import TrialSetup, train_trial
     from sketch_core.registry import get_arch
 
     torch.manual_seed(0)

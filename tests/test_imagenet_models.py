@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sketch_core.errors import UserError
-from sketch_core.flops import count_flops
+from sketch_core.cost.flops import count_flops
 from sketch_core.models import imagenet_densenet, imagenet_googlenet
 from sketch_core.plans import Plan
 from sketch_core.registry import get_arch

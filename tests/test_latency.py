@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import launch
-from sketch_core.latency import LatencyStats, measure_latency, paired_ratios, summarize
+from sketch_core.cost.latency import LatencyStats, measure_latency, paired_ratios, summarize
 
 HAVE_ORT = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 

@@ -22,10 +22,10 @@ import optuna
 import pytest
 
 import launch
-from search.config import load_config
-from search.space import RateSpace
+from search.experiment.config import load_config
+from search.propose.space import RateSpace
 from sketch_core.errors import UserError
-from sketch_core.latency_table import build_table, load_table
+from sketch_core.cost.latency_table import build_table, load_table
 
 TINY = dict(threads=1, points=3, repeats=2, passes=2, warmup=1, full_repeats=3)
 
@@ -157,7 +157,7 @@ def test_bad_latency_input_to_a_search_is_exit_2_and_leaves_no_folder(
 def latency_search(tmp_path_factory, digits_table, budget, search_cache_dir):
     """One real search: objectives [val_acc, latency], budget.latency, MO-ASHA on the
     predicted latency, a saved table, the knee retrained for one epoch."""
-    from search.tuner import run_search
+    from search.run.ray_driver import run_search
 
     root = tmp_path_factory.mktemp("latency_search")
     config = load_config("quickstart", [
@@ -207,7 +207,7 @@ def test_moasha_ranks_on_the_predicted_latency(latency_search):
 
 
 def test_the_knee_and_the_retrained_pick_are_on_latency(latency_search, budget):
-    from search.picks import knee_record
+    from search.results.picks import knee_record
 
     result = latency_search.retrain
     assert result is not None and result["pick"] == "knee"
@@ -224,8 +224,8 @@ def test_the_knee_and_the_retrained_pick_are_on_latency(latency_search, budget):
 
 
 def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, budget):
-    from search.analysis import load_experiment, pareto_front
-    from search.picks import select_record
+    from search.results.dataframe import load_experiment, pareto_front
+    from search.results.picks import select_record
 
     exp = load_experiment(latency_search.exp_dir)
     assert exp.cost_axis == "latency"
@@ -249,7 +249,7 @@ def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, b
     out = capsys.readouterr().out
     assert code == 0 and "best trial within the latency budget" in out
     assert "min predicted latency" in out and "latency (pred.)" in out
-    from search.analysis import read_export  # the exported front is the latency front
+    from search.results.dataframe import read_export  # the exported front is the latency front
 
     written = read_export(next((tmp_path / "a").glob("front.*")))
     assert sorted(written["trial_id"]) == sorted(front["trial_id"])
@@ -257,7 +257,7 @@ def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, b
 
 
 def test_the_progress_line_counts_the_latency_front_and_budget():
-    from search.progress import rung_summary, status_line
+    from search.run.progress import rung_summary, status_line
 
     def rec(tid, acc, fr, lr, epochs=3):
         return {"trial_id": tid, "status": "completed", "val_acc": acc, "flops_ratio": fr,
@@ -277,8 +277,8 @@ def test_the_progress_line_counts_the_latency_front_and_budget():
 
 
 def test_three_objectives_tell_optuna_accuracy_flops_and_latency(digits_table):
-    from search.proposer import RateProposer
-    from search.sampling import make_sampler
+    from search.propose.proposer import RateProposer
+    from search.propose.study import make_sampler
 
     space = _space(latency=load_table(digits_table))
     proposer = RateProposer(space, sampler=make_sampler("random", 0), storage=None,
@@ -293,14 +293,14 @@ def test_three_objectives_tell_optuna_accuracy_flops_and_latency(digits_table):
     assert len(study.directions) == 3
     assert study.trials[0].values == pytest.approx([0.9, cost.flops, cost.latency_ms])
     with pytest.raises(UserError, match="has 3 objectives, this config 2"):
-        from search.sampling import open_study
+        from search.propose.study import open_study
 
         open_study(study._storage, "three", make_sampler("random", 0))
 
 
 def test_a_measured_table_is_cached_and_copied_into_the_experiment(tmp_path, monkeypatch):
-    import sketch_core.latency_table as lt
-    from search.latency_source import LATENCY_FILE, saved_table, search_table
+    import sketch_core.cost.latency_table as lt
+    from search.experiment.latency_source import LATENCY_FILE, saved_table, search_table
 
     config = load_config("quickstart", ["objectives=[val_acc,latency]",
                                         f"latency.cache_dir={tmp_path / 'cache'}",

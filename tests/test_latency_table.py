@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import launch
-from sketch_core.latency_table import (
+from sketch_core.cost.latency_table import (
     CALIBRATION_RATES,
     FORMAT,
     LatencyTable,
@@ -109,7 +109,7 @@ def test_save_load_round_trip_and_cache(tmp_path, r20_table, monkeypatch):
 
     arch = resolve_arch("resnet20", "cifar10")
     first = cached_table(arch, tmp_path / "cache", **TINY)
-    import sketch_core.latency_table as lt
+    import sketch_core.cost.latency_table as lt
 
     monkeypatch.setattr(lt, "build_table", lambda *a, **k: pytest.fail("measured again"))
     assert cached_table(arch, tmp_path / "cache", **TINY).as_dict() == first.as_dict()

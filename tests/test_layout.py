@@ -102,8 +102,8 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_reader_finds_a_known_import():
     graph = _graph()
-    assert "sketch_core.fd" in graph["sketch_core.sketching"]
-    assert "search.config" in graph["search.tuner"]
+    assert "sketch_core.pruning.fd" in graph["sketch_core.pruning.prune"]
+    assert "search.experiment.config" in graph["search.run.ray_driver"]
 
 
 def test_no_import_circle():
@@ -143,5 +143,5 @@ def _function_lines(path: Path, name: str) -> int:
 
 
 def test_the_training_loop_and_the_search_driver_read_in_one_screen():
-    assert _function_lines(ROOT / "sketch_core" / "train.py", "fit") <= 60
-    assert _function_lines(ROOT / "search" / "tuner.py", "run_search") <= 60
+    assert _function_lines(ROOT / "sketch_core" / "training" / "loop.py", "fit") <= 60
+    assert _function_lines(ROOT / "search" / "run" / "ray_driver.py", "run_search") <= 60

@@ -1,4 +1,4 @@
-"""The search without Ray: search.local_loop in a process where ``import ray`` fails."""
+"""The search without Ray: search.run.local_loop in a process where ``import ray`` fails."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.records import read_records
-from search.space import RateSpace
+from search.results.trials_file import read_records
+from search.propose.space import RateSpace
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import json, sys
     sys.modules["ray"] = None  # any import of ray now raises ImportError
-    from search.config import load_config
-    from search.local_loop import run_local
+    from search.experiment.config import load_config
+    from search.run.local_loop import run_local
 
     exp_dir, cache = sys.argv[1], sys.argv[2]
     extra, workers = json.loads(sys.argv[3]), int(sys.argv[4])
@@ -94,10 +94,10 @@ def test_local_loop_rejects_over_budget_and_tells_the_sampler(tmp_path, search_c
 
 
 def test_time_budget_ends_a_local_trial_as_stopped(monkeypatch):
-    import search.local_loop as local_loop
-    from search.config import TrialConfig
-    from search.trainable import TrialSetup
-    from search.trial_status import trial_status
+    import search.run.local_loop as local_loop
+    from search.experiment.config import TrialConfig
+    from search.run.trial import TrialSetup
+    from search.results.record import trial_status
 
     def fake_train(rates, setup, baseline, report):
         for epoch in range(1, setup.trial.epochs + 1):

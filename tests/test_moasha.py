@@ -20,12 +20,12 @@ import types
 import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from search.config import SCHEDULERS as SCHEDULER_NAMES, config_from_dict
-from search.moasha import (CostASHAScheduler, MOASHAScheduler, pareto_fronts, promotes,
+from search.experiment.config import SCHEDULERS as SCHEDULER_NAMES, config_from_dict
+from search.run.schedulers import (CostASHAScheduler, MOASHAScheduler, pareto_fronts, promotes,
                            promotion_order, rung_milestones, spread_order, trend_promotes,
                            trend_residuals)
-from search.progress import SearchCallback, rung_summary
-from search.tuner import make_scheduler
+from search.run.progress import SearchCallback, rung_summary
+from search.run.ray_driver import make_scheduler
 from sketch_core.errors import UserError
 
 EPOCHS, GRACE, ETA = 9, 1, 3
@@ -342,7 +342,7 @@ def test_on_ray_promotes_along_the_front(tmp_path, name):
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    from search.ray_session import ray_session
+    from search.run.ray_session import ray_session
 
     rng = random.Random(5)
     n = 24  # one at a time: the arrival order is the grid's, so the run is deterministic

@@ -16,10 +16,10 @@ from torch import nn
 import launch
 from sketch_core import (UserError, frequent_directions, get_arch, load_checkpoint, rates_to_widths,
                          recalibrate_bn, sketch)
-from sketch_core import lsq
-from sketch_core.data import load_data
-from sketch_core.fd import row_space_energy
-from sketch_core.train import evaluate, fit
+from sketch_core.pruning import lsq
+from sketch_core.data.sets import load_data
+from sketch_core.pruning.fd import row_space_energy
+from sketch_core.training.loop import evaluate, fit
 
 CIFAR = ["resnet20", "vgg16", "googlenet", "densenet40"]
 

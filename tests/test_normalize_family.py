@@ -13,7 +13,7 @@ import torch
 
 import launch
 from sketch_core.errors import UserError
-from sketch_core.normalize import (IMAGENET_MEAN, IMAGENET_STD, choose_normalize, format_normalize,
+from sketch_core.data.normalize import (IMAGENET_MEAN, IMAGENET_STD, choose_normalize, format_normalize,
                                    parse_normalize, same_normalize)
 
 DIGITS = ["--data_set", "digits", "--arch", "resnet", "--cfg", "resnet20", "--no_progress"]
@@ -76,7 +76,7 @@ def normalized_job(tmp_path_factory):
 def test_checkpoint_and_state_record_the_normalisation_and_later_runs_use_it(normalized_job,
                                                                               capsys):
     from sketch_core import load_checkpoint
-    from sketch_core.train import load_state
+    from sketch_core.training.loop import load_state
 
     best = normalized_job / "checkpoint" / "model_best.pt"
     meta = load_checkpoint(best).meta
@@ -209,7 +209,7 @@ def test_folder_errors_and_huge_rate_vectors_through_the_cli(tmp_path, capsys, m
 
 
 def test_search_config_takes_normalize_and_family():
-    from search.config import config_from_dict
+    from search.experiment.config import config_from_dict
 
     cfg = config_from_dict({"model": {"cfg": "resnet50", "data_set": "cifar10",
                                       "normalize": "imagenet", "family": "cifar"}})

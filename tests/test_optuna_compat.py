@@ -10,11 +10,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.optuna_compat import close_running, trial_handle
-from search.proposer import RateProposer, close_unstarted, outcome
-from search.sampling import SQLiteStorage, make_sampler
-from search.space import RateSpace
-from search.trial_status import NO_RESULT, NO_SCORES, trial_status
+from search.propose.optuna_compat import close_running, trial_handle
+from search.propose.proposer import RateProposer, close_unstarted, outcome
+from search.propose.study import SQLiteStorage, make_sampler
+from search.propose.space import RateSpace
+from search.results.record import NO_RESULT, NO_SCORES, trial_status
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -91,7 +91,7 @@ def test_reconcile_closes_trials_that_will_not_continue(tmp_path):
 
 
 def test_one_status_rule_for_the_study_and_the_records():
-    from search.progress import record_from_trial
+    from search.run.progress import record_from_trial
 
     full = {"val_acc": 0.9, "flops": 100, "epoch": 3}
     cases = [(full, False, "completed"), ({**full, "epoch": 1}, False, "stopped"),
@@ -132,7 +132,7 @@ def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path, mon
 
     from ray.tune.search import SearchGenerator, Searcher
 
-    from search.searcher import SketchSearch, search_algorithm
+    from search.run.tune_searcher import SketchSearch, search_algorithm
 
     space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1)
     (tmp_path / "db").mkdir()
@@ -185,7 +185,7 @@ def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path, mon
 
 def test_a_network_already_handed_out_is_not_trained_again(tmp_path, monkeypatch):
     """0.55 and 0.6 round to the same widths: one network, asked for once."""
-    import search.proposer as proposer
+    import search.propose.proposer as proposer
 
     space = RateSpace("resnet20", "digits", in_channels=1, input_size=8, low=0.1, round_to=16)
     assert space.widths([0.55] * 9) == space.widths([0.6] * 9) != space.widths([0.8] * 9)

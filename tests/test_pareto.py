@@ -1,4 +1,4 @@
-"""search.pareto: one front, knee and best rule, shared by the picks and the analysis; one trials.jsonl reader."""
+"""search.results.pareto: one front, knee and best rule, shared by the picks and the analysis; one trials.jsonl reader."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from search import analysis as A
-from search.pareto import best_index, front_indices, front_mask, knee_index
-from search.picks import knee_record, pareto_records, select_record
-from search.records import NO_TRIAL_ID, NOT_AN_OBJECT, json_lines, parse_records, read_records
+from search.results import dataframe as A
+from search.results.pareto import best_index, front_indices, front_mask, knee_index
+from search.results.picks import knee_record, pareto_records, select_record
+from search.results.trials_file import NO_TRIAL_ID, NOT_AN_OBJECT, json_lines, parse_records, read_records
 
 
 def _brute(loss: np.ndarray) -> np.ndarray:

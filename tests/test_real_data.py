@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from sketch_core import UserError, load_checkpoint
-from sketch_core.data import IMAGENET_MEAN, IMAGENET_STD, load_data
-from sketch_core.train import evaluate
+from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
+from sketch_core.training.loop import evaluate
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PRETRAINED = DATA / "pretrained"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sketch_core import MODES, build_model, sketch
-from sketch_core.fd import frequent_directions, released_fd
+from sketch_core.pruning.fd import frequent_directions, released_fd
 
 
 def test_two_rows_shrink_at_index_one_and_the_last_row_is_raw():

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 import launch
-from search.picks import knee_record
-from search.records import read_records
-from sketch_core.checkpoint import load_checkpoint
+from search.results.picks import knee_record
+from search.results.trials_file import read_records
+from sketch_core.io.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -17,10 +17,10 @@ import pytest
 from optuna.trial import TrialState
 
 import launch
-from search.config import load_config
-from search.records import read_records
-from search.space import RateSpace
-from search.surrogate import observations, rung_key
+from search.experiment.config import load_config
+from search.results.trials_file import read_records
+from search.propose.space import RateSpace
+from search.propose.samplers.surrogate import observations, rung_key
 from sketch_core.rates import rates_to_widths
 
 pytestmark = pytest.mark.slow
@@ -123,7 +123,7 @@ def _small_config(tmp_path, cache, **over):
 
 
 def test_flops_budget_rejects_without_training_and_teaches_optuna(tmp_path, search_cache_dir):
-    from search.tuner import run_search
+    from search.run.ray_driver import run_search
 
     config = _small_config(tmp_path, search_cache_dir, storage__name="rej",
                            budget__flops_budget=0.4, budget__flops_policy="reject",
@@ -148,7 +148,7 @@ def test_flops_budget_rejects_without_training_and_teaches_optuna(tmp_path, sear
 def test_surrogate_sampler_runs_a_search_through_ray_tune(tmp_path, search_cache_dir):
     """Tune pickles the searcher with it; every trial in the budget, no vector twice (the
     model's proposals themselves: tests/test_surrogate.py)."""
-    from search.tuner import run_search
+    from search.run.ray_driver import run_search
 
     config = _small_config(tmp_path, search_cache_dir, storage__name="sur",
                            sampler__name="surrogate", budget__num_samples=11,
@@ -165,7 +165,7 @@ def test_surrogate_sampler_runs_a_search_through_ray_tune(tmp_path, search_cache
 
 
 def test_flops_budget_repair_trains_the_repaired_vector(tmp_path, search_cache_dir):
-    from search.tuner import run_search
+    from search.run.ray_driver import run_search
 
     # no anchors: [0.6]*9 is repaired to [0.4]*9, the network of an anchor, run only once
     config = _small_config(tmp_path, search_cache_dir, storage__name="rep",

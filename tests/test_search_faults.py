@@ -17,8 +17,8 @@ import pytest
 import ray.cloudpickle
 from optuna.trial import TrialState
 
-from search.config import load_config
-from search.records import read_records
+from search.experiment.config import load_config
+from search.results.trials_file import read_records
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def faulty_trial(config, setup, baseline):
     """The real trainable, except for two of the paper's vectors:
     [0.6]*9 raises before training (as a crash would), [0.5]*9 diverges (lr 1e12)."""
-    from search.trainable import run_trial
+    from search.run.trial import run_trial
 
     calls = Path(os.environ["SKETCHTUNE_TEST_CALLS"])
     with open(calls, "a") as f:
@@ -44,7 +44,7 @@ def faulty_trial(config, setup, baseline):
 
 def test_a_trial_that_raises_and_one_that_diverges(tmp_path, search_cache_dir, monkeypatch,
                                                    capsys):
-    from search.tuner import run_search
+    from search.run.ray_driver import run_search
 
     calls = tmp_path / "calls.txt"
     monkeypatch.setenv("SKETCHTUNE_TEST_CALLS", str(calls))  # inherited by the local Ray

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sketch_core import frequent_directions
-from sketch_core.fd import row_space_energy, weight_norm
+from sketch_core.pruning.fd import row_space_energy, weight_norm
 
 
 def test_fd_error_bound_on_many_random_matrices():

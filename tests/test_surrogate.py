@@ -9,10 +9,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from search.proposer import RateProposer
-from search.sampling import SQLiteStorage, make_sampler
-from search.space import RateSpace
-from search.surrogate import STOPPED_WEIGHT, SurrogateSampler, observations, rung_key
+from search.propose.proposer import RateProposer
+from search.propose.study import SQLiteStorage, make_sampler
+from search.propose.space import RateSpace
+from search.propose.samplers.surrogate import STOPPED_WEIGHT, SurrogateSampler, observations, rung_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from sketch_core.data import load_data
+from sketch_core.data.sets import load_data
 from sketch_core.errors import UserError
-from sketch_core.train import (TrainingDiverged, TrainingInterrupted, evaluate, fit, load_state)
+from sketch_core.training.loop import (TrainingDiverged, TrainingInterrupted, evaluate, fit, load_state)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is fastest
 SYN = dict(n_train=384, n_test=128, num_classes=4, channels=3, size=8)
@@ -153,8 +153,8 @@ def test_no_validation_split_keeps_the_last_epoch(tmp_path):
 
 
 def test_a_recipe_equals_its_keywords_and_hooks_see_every_event(data):
-    from sketch_core.hooks import Hook
-    from sketch_core.train import Recipe
+    from sketch_core.training.hooks import Hook
+    from sketch_core.training.loop import Recipe
 
     class Record(Hook):
         def __init__(self):

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from search.config import TrialConfig, config_from_dict, load_config
-from search.trainable import (EpochSample, TrialSetup, check_trial_images, sized_data,
+from search.experiment.config import TrialConfig, config_from_dict, load_config
+from search.run.trial import (EpochSample, TrialSetup, check_trial_images, sized_data,
                               train_trial)
-from sketch_core.data import load_data
+from sketch_core.data.sets import load_data
 from sketch_core.errors import UserError
 
 RATES = [0.5] * 9
@@ -106,7 +106,7 @@ def test_trial_code_honours_both(digits, one_torch_thread, monkeypatch):
                        trial=t, baseline_key="random-init", baseline_flops=1,
                        baseline_params=1)
     seen: list[int] = []
-    from sketch_core import train as train_module
+    from sketch_core.training import loop as train_module
 
     real_fit = train_module.fit
 
@@ -124,7 +124,7 @@ def test_trial_code_honours_both(digits, one_torch_thread, monkeypatch):
 
 def test_driver_checks_before_anything_trains(tmp_path):
     """Too many images: one line before the baseline is trained; nothing half-written."""
-    from search.local_loop import run_local
+    from search.run.local_loop import run_local
 
     config = load_config("quickstart", [f"model.pretrain.cache_dir={tmp_path / 'cache'}",
                                         "trial.train_images=99999"])

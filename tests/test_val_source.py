@@ -14,10 +14,10 @@ import re
 import pytest
 import torch
 
-from search.config import config_from_dict, load_config
-from search.scores import DEFAULT_TEST_HOLDOUT, choose_val_source, split_record
-from sketch_core.checkpoint import save_checkpoint
-from sketch_core.data import load_data
+from search.experiment.config import config_from_dict, load_config
+from search.experiment.scoring_split import DEFAULT_TEST_HOLDOUT, choose_val_source, split_record
+from sketch_core.io.checkpoint import save_checkpoint
+from sketch_core.data.sets import load_data
 from sketch_core.errors import UserError
 from sketch_core.registry import resolve_arch
 
@@ -84,9 +84,9 @@ def test_auto_follows_the_baselines_provenance(tmp_path):
 
 
 def test_a_pretrain_run_records_the_split_auto_accepts(tmp_path):
-    """``launch.py pretrain`` (sketch_core.engine) records the split as the search reads it."""
-    from sketch_core.engine import _split_record
-    from sketch_core.spec import DataSpec, RunSpec
+    """``launch.py pretrain`` (sketch_core.jobs) records the split as the search reads it."""
+    from sketch_core.jobs import _split_record
+    from sketch_core.job_spec import DataSpec, RunSpec
 
     spec = RunSpec(command="pretrain", data=DataSpec(data_set="synthetic", seed=0,
                                                      val_fraction=0.1))
@@ -94,7 +94,7 @@ def test_a_pretrain_run_records_the_split_auto_accepts(tmp_path):
 
 
 def test_default_holdout_size():
-    from search.scores import holdout_size
+    from search.experiment.scoring_split import holdout_size
 
     t = config_from_dict({"trial": {"val_source": "test_holdout"}}).trial
     assert holdout_size(t, 10000, "cifar10") == DEFAULT_TEST_HOLDOUT == 2000
@@ -102,7 +102,7 @@ def test_default_holdout_size():
 
 
 def test_holdout_is_seeded_and_checked_against_the_record():
-    from search.scores import scored_data
+    from search.experiment.scoring_split import scored_data
 
     data = load_data("synthetic", synthetic=SYNTH, val_fraction=0.0)
     t0, t1 = (config_from_dict({"trial": {"val_source": "test_holdout", "test_holdout": 30,
@@ -123,10 +123,10 @@ def _key(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
 
 
 class _Trace:
-    """Wraps sketch_core.train's ``fit`` and ``evaluate``: which batches each one received."""
+    """Wraps sketch_core.training.loop's ``fit`` and ``evaluate``: which batches each one received."""
 
     def __init__(self, monkeypatch):
-        from sketch_core import train
+        from sketch_core.training import loop as train
 
         self.fits: list = []      # the Data objects fit trained and chose on
         self.evals: list = []     # (loader, image keys) of every evaluate call
@@ -160,8 +160,8 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
                                                    one_torch_thread):
     """auto with a record-less checkpoint: trials and the retrain's best epoch choose on
     40 held-out test images, the retrain reports on the other 80 only."""
-    from search.local_loop import run_local
-    from search.retrain import retrain_experiment
+    from search.run.local_loop import run_local
+    from search.run.retrain import retrain_experiment
 
     bare = _checkpoint(tmp_path / "bare.pt", None)
     config = _config(tmp_path, f"model.pretrained={bare}", "trial.test_holdout=40",
@@ -183,8 +183,8 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
     assert (scores["val_source"], scores["choose_images"], scores["report_images"]) == (
         "test_holdout", 40, 80)
     assert "no training split" in scores["reason"] and manifest["baseline"]["scores"] == scores
-    from search.prepare import make_setup  # what a resumed search's trials load
-    from search.trainable import _CACHE, trial_data
+    from search.experiment.prepare import make_setup  # what a resumed search's trials load
+    from search.run.trial import _CACHE, trial_data
 
     _CACHE.clear()
     resumed = trial_data(make_setup(config, manifest["baseline"], {}), "cpu")
@@ -207,7 +207,7 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
         retrain_experiment(tmp_path / "exp", "flops<=1", epochs=1, quiet=True, workers=2)
     assert not (tmp_path / "exp" / "retrain" / "flops_le_1").exists()  # refused before mkdir
 
-    from search.analysis import load_results
+    from search.results.dataframe import load_results
 
     df = load_results(tmp_path / "exp")
     assert set(df["val_source"]) == {"test_holdout"}
@@ -219,8 +219,8 @@ def test_train_holdout_chooses_inside_the_training_split(tmp_path, monkeypatch,
                                                          one_torch_thread):
     """The default for a baseline pretrained here: trials choose on the training holdout,
     the whole test split is never evaluated by a trial."""
-    from search.scores import scores_record
-    from search.trainable import TrialSetup, train_trial
+    from search.experiment.scoring_split import scores_record
+    from search.run.trial import TrialSetup, train_trial
 
     config = _config(tmp_path)
     data = load_data("synthetic", synthetic=SYNTH, val_fraction=0.1, eval_batch_size=50)
@@ -269,7 +269,7 @@ def test_weights_started_from_elsewhere_keep_their_provenance(tmp_path, capsys):
     """``pretrain --init`` and ``sketch`` record the split only when their source's own
     record vouches for it: an adapted public network never passes as a clean one."""
     import launch
-    from sketch_core.checkpoint import load_checkpoint
+    from sketch_core.io.checkpoint import load_checkpoint
 
     def pretrain(job, *extra):
         argv = ["pretrain", "--data_set", "synthetic", "--arch", "resnet", "--cfg", "resnet20",

@@ -22,12 +22,12 @@ import pandas as pd
 
 from sketch_core.errors import UserError
 
-from ..analysis import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
+from search.results.dataframe import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
                        format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
                        load_experiments, pareto_front, experiment_fronts, parse_flops_budget, rates_of, best_under_budget,
                        best_under_latency, top_trials)
-from ..picks import parse_latency_bound
-from ..scores import describe
+from search.results.picks import parse_latency_bound
+from search.experiment.scoring_split import describe
 
 __all__ = ["add_arguments", "run"]
 
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
     written.append(export(pd.concat([tag(hypervolume_history(e.trials), e) for e in exps], ignore_index=True),
                           out, args.format, "history"))
     if not args.no_plots:
-        from ..plots import write_plots
+        from search.results.plots import write_plots
 
         written += write_plots(exps, out)
     print(f"wrote {len(written)} files to {out}:")

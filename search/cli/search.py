@@ -1,12 +1,12 @@
 """``launch.py search`` and ``launch.py retrain``: the command lines of the rate search.
 
-``search --config FILE|NAME`` runs a search (see :mod:`search.tuner`) with the
+``search --config FILE|NAME`` runs a search (see :mod:`search.run.ray_driver`) with the
 overrides ``--budget``, ``--num_samples``, ``--flops_budget``, ``--address``,
 ``--name``, ``--storage_path``, ``--study_storage``, ``--resume`` and any
 ``--set section.key=value``; it ends by printing the Pareto front and where the
 experiment folder, the dataframe and the final model are. ``retrain --experiment DIR
 --pick knee|best|flops<=F|latency<=L|trial=ID [--workers N]`` retrains one configuration of a
-finished search (see :mod:`search.retrain`).
+finished search (see :mod:`search.run.retrain`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def _fmt_rates(rates: list[float] | None) -> str:
 def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "flops_ratio") -> None:
     """The Pareto front (completed trials) as a table, cheapest first (``cost``: the
     search's cost axis, ``flops_ratio`` or ``latency_ratio``)."""
-    from search.picks import front_cost, knee_record, pareto_records
+    from search.results.picks import front_cost, knee_record, pareto_records
 
     file = file or sys.stdout
     cost = front_cost(records, cost)
@@ -140,7 +140,7 @@ def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "fl
 
 def _export_dataframe(exp_dir: Path) -> Path | None:
     try:
-        from search.analysis import export, load_results
+        from search.results.dataframe import export, load_results
 
         return export(load_results(exp_dir), exp_dir, "csv", "trials")
     except Exception as exc:  # the search's results stand without the export
@@ -149,14 +149,14 @@ def _export_dataframe(exp_dir: Path) -> Path | None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from search.config import load_config
-    from search.scores import describe
-    from search.tuner import run_search
+    from search.experiment.config import load_config
+    from search.experiment.scoring_split import describe
+    from search.run.ray_driver import run_search
 
     if args.config:
         config = load_config(args.config, _overrides(args))
     elif args.resume:  # only where the experiment is matters: it keeps its own config
-        from search.config import apply_overrides, config_from_dict
+        from search.experiment.config import apply_overrides, config_from_dict
 
         config = config_from_dict(apply_overrides({}, _overrides(args)))
     else:
@@ -165,8 +165,8 @@ def _run_search(args: argparse.Namespace) -> int:
     command = "launch.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_search(config, address=args.address, resume=args.resume, command=command,
                          quiet=args.quiet, run_retrain=False if args.no_retrain else None)
-    from search.experiment import read_manifest
-    from search.pareto import COST_COLUMNS
+    from search.experiment.folder import read_manifest
+    from search.results.pareto import COST_COLUMNS
 
     axis = read_manifest(outcome.exp_dir).get("cost_axis") or "flops"
     print()
@@ -198,7 +198,7 @@ def _latency_words(lat: dict | None) -> str:
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
-    from search.retrain import retrain_experiment
+    from search.run.retrain import retrain_experiment
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")

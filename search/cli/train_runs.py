@@ -1,8 +1,8 @@
 """``launch.py sketch`` and ``launch.py pretrain``: the arguments of the original, one or many GPUs.
 
 The options and the single-device run live in :mod:`sketch_core.cli.train_args`; this thin
-module only sends a run on several ``--gpus``, as a :class:`sketch_core.spec.RunSpec`, to
-:mod:`search.distributed`, which trains data-parallel through Ray Train.
+module only sends a run on several ``--gpus``, as a :class:`sketch_core.job_spec.RunSpec`, to
+:mod:`search.run.data_parallel`, which trains data-parallel through Ray Train.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __all__ = ["add_arguments", "run"]
 def run(args: argparse.Namespace) -> int:
     """One device: :func:`sketch_core.cli.train_args.run`; several GPUs: Ray Train's TorchTrainer."""
     if args.gpus and len(args.gpus) > 1 and not args.test_only:
-        from ..distributed import run_distributed
+        from search.run.data_parallel import run_distributed
 
         run_distributed(spec_from_args(args))
         return 0

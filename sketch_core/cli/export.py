@@ -1,6 +1,6 @@
 """``launch.py export``: a sketchtune checkpoint to ONNX or a ``torch.export`` program.
 
-Writes the file (see :mod:`sketch_core.export` for what it holds), runs it on a fixed
+Writes the file (see :mod:`sketch_core.io.export` for what it holds), runs it on a fixed
 seeded batch and prints the largest absolute difference of its logits from PyTorch's.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..export import FORMATS, export_checkpoint
+from sketch_core.io.export import FORMATS, export_checkpoint
 
 __all__ = ["add_arguments", "run"]
 

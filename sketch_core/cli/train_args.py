@@ -4,10 +4,10 @@
 and fine-tunes; ``pretrain`` trains an unpruned baseline that ``sketch`` accepts. Every
 argument of the original keeps its name, meaning and default; booleans take the
 original's spelling (``--filter_norm True``). This module only turns the parsed
-arguments into a :class:`sketch_core.spec.RunSpec` (:func:`spec_from_args`) and runs it
-on one device with :func:`sketch_core.engine.execute`, which owns the job folder and
+arguments into a :class:`sketch_core.job_spec.RunSpec` (:func:`spec_from_args`) and runs it
+on one device with :func:`sketch_core.jobs.execute`, which owns the job folder and
 its files. ``search.cli.train_runs`` sends runs on several GPUs to
-``search.distributed`` (Ray Train), whose workers execute the same spec.
+``search.run.data_parallel`` (Ray Train), whose workers execute the same spec.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import signal
 import sys
 from typing import Callable, Iterator
 
-from ..engine import (check_spec, execute, job_folder, logging_to, run_defaults,
+from sketch_core.jobs import (check_spec, execute, job_folder, logging_to, run_defaults,
                       select_devices)
-from ..errors import UserError
-from ..spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
+from sketch_core.errors import UserError
+from sketch_core.job_spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
 
 __all__ = ["add_arguments", "spec_from_args", "check_args", "run", "str2bool"]
 
@@ -167,7 +167,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
     """The run a parsed ``sketch`` / ``pretrain`` command line describes (defaults unresolved
-    where the option was left out; :func:`sketch_core.engine.resolve` fills them)."""
+    where the option was left out; :func:`sketch_core.jobs.resolve` fills them)."""
     command = getattr(args, "command_name", None) or "sketch"
     get = lambda key, default=None: getattr(args, key, default)  # noqa: E731
     sketch = None
@@ -258,12 +258,12 @@ def run(args: argparse.Namespace) -> int:
     devices = select_devices(spec.gpus)
     if len(devices) > 1:
         raise UserError("several --gpus run through Ray Train: use launch.py, which sends "
-                        "them to search.distributed")
+                        "them to search.run.data_parallel")
     if spec.test_only:
         execute(spec, devices[0])
         return 0
     with job_folder(spec) as job, logging_to(job), _stop_on_signals(True) as caught:
-        from ..train import TrainingInterrupted
+        from sketch_core.training.loop import TrainingInterrupted
 
         log.info("launch.py %s %s", args.command_name, _command_line(args))
         try:

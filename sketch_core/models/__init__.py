@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..plans import Plan
+from sketch_core.plans import Plan
 
 __all__ = ["ModelEntry", "register", "unregister", "registered", "FAMILIES"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import register
-from ..plans import Plan, PlanBuilder, Seg
+from sketch_core.models import register
+from sketch_core.plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarGoogLeNet", "Inception", "build", "plan", "MODULES"]
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register
-from ..plans import Plan, PlanBuilder, Seg
+from sketch_core.models import register
+from sketch_core.plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarResNet", "BasicBlock", "build", "plan", "depth_blocks"]
 

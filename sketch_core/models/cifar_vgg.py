@@ -14,8 +14,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from . import register
-from ..plans import Plan, PlanBuilder, Seg
+from sketch_core.models import register
+from sketch_core.plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarVGG", "build", "plan", "CFG"]
 
@@ -71,7 +71,7 @@ def build(cfg: str, widths: list[int] | None = None, num_classes: int = 10,
 
 
 def plan(cfg: str, start_conv: int = 1) -> Plan:
-    from ..errors import UserError
+    from sketch_core.errors import UserError
 
     full = [x for x in CFG if x != "M"]
     if not 0 <= start_conv < len(full):

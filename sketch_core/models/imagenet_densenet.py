@@ -24,10 +24,10 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from . import register
-from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
-from .imagenet_resnet import check_widths
+from sketch_core.models import register
+from sketch_core.errors import UserError
+from sketch_core.plans import Plan, PlanBuilder, Seg, require_default_start_conv
+from sketch_core.models.imagenet_resnet import check_widths
 
 __all__ = ["DenseLayer", "DenseBlock", "Transition", "DenseNet", "CONFIGS", "build", "plan",
            "remap_legacy_keys"]

@@ -21,9 +21,9 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from . import register
-from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg, require_default_start_conv
+from sketch_core.models import register
+from sketch_core.errors import UserError
+from sketch_core.plans import Plan, PlanBuilder, Seg, require_default_start_conv
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "CONFIGS", "build", "plan", "check_widths"]
 

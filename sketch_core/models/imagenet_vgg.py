@@ -19,10 +19,10 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from . import register
-from ..errors import UserError
-from ..plans import Plan, PlanBuilder, Seg
-from .imagenet_resnet import check_widths
+from sketch_core.models import register
+from sketch_core.errors import UserError
+from sketch_core.plans import Plan, PlanBuilder, Seg
+from sketch_core.models.imagenet_resnet import check_widths
 
 __all__ = ["VGG", "CONFIGS", "build", "plan", "conv_indices"]
 

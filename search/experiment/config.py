@@ -1,0 +1,808 @@
+"""The search configuration: YAML schema, defaults, overrides and validation.
+
+A config file has one section per concern (``model``, ``sketch``, ``space``,
+``sampler``, ``budget``, ``trial``, ``scheduler``, ``resources``, ``storage``,
+``retrain``); every key has a type and a default, so a file names only what differs.
+Each section is a pydantic model that forbids unknown keys and checks types, choices
+and ranges; the rules that tie keys together are model validators. :func:`load_config`
+reads a path or the name of a shipped config (``quickstart``), applies
+``--set section.key=value`` overrides and validates. Anything wrong is one
+:class:`~sketch_core.errors.UserError` naming the dotted key, what was given and what
+is expected (an unknown key also gets the closest valid one). The choice lists of the
+sketch and the data come from :mod:`sketch_core`. This module needs neither Ray nor
+Optuna.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, field_validator, model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+
+from search.results.picks import parse_pick
+from sketch_core.data.sets import DATA_SETS
+from sketch_core.errors import UserError
+from sketch_core.pruning.fd import WEIGHT_NORMS as NORMS
+from sketch_core.data.normalize import check_channels, parse_normalize
+from sketch_core.registry import FAMILIES, Arch, family_of, list_cfgs, resolve_arch
+from sketch_core.pruning.prune import MODES, RANDOM_RULES, SELECT_BY
+
+__all__ = [
+    "ModelConfig", "PretrainConfig", "SketchConfig", "SpaceConfig", "SamplerConfig",
+    "BudgetConfig", "TrialConfig", "SchedulerConfig", "ResourcesConfig", "StorageConfig",
+    "RetrainConfig", "LatencyConfig", "SearchConfig", "load_config", "config_from_dict", "config_to_dict",
+    "apply_overrides", "parse_duration", "format_duration", "shipped_configs",
+    "resolve_config_path", "recipe_hash",
+]
+
+# the search's own choices; the sketch's and the data's are sketch_core's (imported above)
+SAMPLERS = ("nsga2", "tpe", "random", "surrogate")
+SCHEDULERS = ("asha", "cost_asha", "moasha", "none")
+COST_SCHEDULERS = ("cost_asha", "moasha")  # the schedulers that rank by accuracy and cost
+GROUPINGS = ("per_unit", "per_stage")
+FLOPS_POLICIES = ("reject", "repair")
+OBJECTIVES = ("val_acc", "flops", "latency")  # val_acc first; then flops and/or latency
+COSTS = ("flops", "latency")
+LATENCY_DEVICES = ("cpu", "cuda")
+LATENCY_RUNTIMES = ("torch", "onnxruntime")
+_MS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)\s*ms\s*$", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- value types
+
+class _Note:
+    """Annotation metadata: a sentence added to a range error of the key it annotates."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _integral(value: Any) -> Any:
+    """``3.0`` is an integer; nothing else changes (strict validation does the rest)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _bool_word(value: Any) -> Any:
+    """``True``/``False`` as strings, the original's spelling, are booleans."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def _tuple_as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _config_error(message: str, *keys: str) -> PydanticCustomError:
+    """A rule's failure: ``keys`` are the section's keys it names (none: the field's own)."""
+    return PydanticCustomError("config", "{message}", {"message": message, "keys": keys})
+
+
+def _verbatim(exc: UserError) -> PydanticCustomError:
+    """A UserError of a parser the schema delegates to, kept word for word."""
+    return PydanticCustomError("user_error", "{message}", {"message": str(exc)})
+
+
+# strict validation (see _Section) plus the few conversions YAML and the original allow
+Int = Annotated[int, BeforeValidator(_integral)]
+Bool = Annotated[bool, BeforeValidator(_bool_word)]
+IntList = Annotated[list[Int], BeforeValidator(_tuple_as_list)]
+StrList = Annotated[list[str], BeforeValidator(_tuple_as_list)]
+PositiveInt = Annotated[Int, Field(gt=0)]
+NonNegativeInt = Annotated[Int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0, le=1),
+                     _Note("rates and FLOPs budgets are fractions of the unpruned network")]
+
+DataSet = Literal[DATA_SETS]
+Family = Literal[FAMILIES]
+Mode = Literal[MODES]
+SelectBy = Literal[SELECT_BY]
+WeightNorm = Literal[NORMS]
+RandomRule = Literal[RANDOM_RULES]
+Sampler = Literal[SAMPLERS]
+Scheduler = Literal[SCHEDULERS]
+Grouping = Literal[GROUPINGS]
+FlopsPolicy = Literal[FLOPS_POLICIES]
+Objective = Literal[OBJECTIVES]
+CostName = Literal[COSTS]
+
+
+# --------------------------------------------------------------------------- sections
+
+class _Section(BaseModel):
+    """What every section shares: no unknown keys, no silent conversions, checked updates."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        return {} if data is None else data  # ``trial:`` with nothing under it
+
+
+class PretrainConfig(_Section):
+    """How to train a baseline when ``model.pretrained`` is empty (digits, synthetic)."""
+
+    epochs: PositiveInt = 30
+    lr: PositiveFloat = 0.1
+    lr_decay_step: IntList = Field(default_factory=lambda: [15, 25])
+    batch_size: Int = 128
+    weight_decay: float = 5e-4
+    seed: Int = 0
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/sketchtune or ~/.cache/sketchtune
+
+
+class ModelConfig(_Section):
+    """The network, its data and its baseline."""
+
+    cfg: str = "resnet56"
+    arch: str | None = None
+    data_set: DataSet = "cifar10"
+    data_path: str | None = None
+    pretrained: str | None = None
+    num_classes: PositiveInt | None = None
+    input_size: PositiveInt | None = None
+    family: Family | None = None   # None: the only family that has cfg, else the data set's
+    normalize: str | None = None   # cifar, imagenet or MEAN/STD; None: the checkpoint's record
+    force_normalize: Bool = False  # normalize even where it contradicts model.pretrained's
+    download: Bool = False
+    synthetic: dict | None = None
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    def data_input_size(self) -> int | None:
+        """The input size the data will have: ``input_size``, else a folder's images' own
+        side (when the folder is there to look at), else None (the family's default)."""
+        if self.input_size:
+            return self.input_size
+        if self.data_set == "folder" and self.data_path and Path(self.data_path).expanduser().is_dir():
+            from sketch_core.data.folder_cache import default_input_size
+
+            try:
+                return default_input_size(Path(self.data_path).expanduser())
+            except UserError:
+                return None  # loading the data says what is wrong with the folder
+        return 224 if self.data_set == "imagenet" else None
+
+    def resolved_arch(self, input_size: int | None = None) -> Arch:
+        """The architecture the search sketches (``family``, else the family rule at the
+        data's input size)."""
+        return resolve_arch(self.cfg, self.data_set, family=self.family,
+                            input_size=input_size or self.data_input_size())
+
+    @model_validator(mode="after")
+    def _known_cfg(self) -> ModelConfig:
+        if not self.cfg:
+            raise _config_error("required (e.g. resnet56)", "cfg")
+        try:
+            resolve_arch(self.cfg, self.data_set, family=self.family,
+                                 input_size=self.data_input_size())
+        except UserError as exc:
+            fam = self.family or family_of(self.data_set, input_size=self.data_input_size())
+            raise _config_error(f"{exc}{_did_you_mean(self.cfg, list_cfgs(fam))}",
+                                "cfg") from None
+        if self.normalize is not None:
+            try:
+                check_channels(parse_normalize(self.normalize), 1 if self.data_set == "digits"
+                               else int((self.synthetic or {}).get("channels", 3)),
+                               f"data set {self.data_set}")
+            except UserError as exc:
+                raise _config_error(str(exc), "normalize") from None
+        if self.force_normalize and self.normalize is None:
+            raise _config_error("overrides the checkpoint's normalisation with model.normalize: "
+                                "set model.normalize too", "force_normalize")
+        return self
+
+
+class SketchConfig(_Section):
+    """The original's sketch options, plus the mode trials use."""
+
+    mode: Mode = "select_lsq"  # what the real-data benchmark supports: README, Sketch modes
+    select_by: SelectBy = "filters"
+    weight_norm_method: WeightNorm | None = None
+    filter_norm: Bool = False
+    sketch_bn: Bool = False
+    sketch_lastconv: Bool = True
+    start_conv: Int | None = None
+    random_rule: RandomRule = "default"
+
+
+class SpaceConfig(_Section):
+    """The rate grid, how rates are grouped, and the vectors evaluated first."""
+
+    low: Fraction = 0.2
+    high: Fraction = 1.0
+    step: Annotated[float, Field(gt=0, le=1)] | None = 0.05
+    grouping: Grouping = "per_unit"
+    round_to: PositiveInt = 1
+    paper_rates: StrList = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpaceConfig:
+        if self.low > self.high:
+            raise _config_error(f"low {self.low} is above high {self.high}", "low", "high")
+        if (self.step is not None and self.high > self.low
+                and self.step > self.high - self.low + 1e-9):
+            raise _config_error(f"{self.step} is larger than the range [{self.low}, {self.high}]",
+                                "step")
+        return self
+
+
+class SamplerConfig(_Section):
+    """The Optuna sampler that proposes rate vectors."""
+
+    name: Sampler = "nsga2"
+    seed: Int = 0
+    population_size: Annotated[Int, Field(ge=2)] | None = None  # None: sized to the trial budget
+    anchors: NonNegativeInt = 4  # uniform vectors [r]*n spread over the space, evaluated first
+
+
+class BudgetConfig(_Section):
+    """When the search ends, and the FLOPs a vector may keep."""
+
+    time: str | None = None
+    num_samples: PositiveInt | None = 32
+    flops_budget: Fraction | None = None
+    flops_policy: FlopsPolicy = "reject"  # over any budget (FLOPs or latency): reject or repair
+    latency: float | str | None = None  # a fraction of the unpruned latency, or "3ms"
+
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _latency(cls, value: Any) -> Any:
+        if value is None or isinstance(value, bool):
+            if isinstance(value, bool):
+                raise _config_error(f"expected a fraction of the unpruned latency in (0, 1] "
+                                    f"or milliseconds like '3ms', got {value!r}")
+            return value
+        if isinstance(value, (int, float)):
+            if not 0 < float(value) <= 1:
+                raise _config_error(f"{value} is outside (0, 1]; a latency budget is a fraction "
+                                    f"of the unpruned network's, or milliseconds like '3ms'")
+            return float(value)
+        if isinstance(value, str):
+            m = _MS_RE.match(value)
+            if m and float(m.group(1)) > 0:
+                return f"{float(m.group(1)):g}ms"
+            try:
+                return cls._latency(float(value))
+            except ValueError:
+                pass
+        raise _config_error(f"cannot read {value!r}; expected a fraction of the unpruned "
+                            f"latency in (0, 1] (e.g. 0.5) or milliseconds (e.g. '3ms')")
+
+    def latency_ms(self) -> float | None:
+        """The latency budget in milliseconds when given so (``'3ms'``), else None."""
+        if isinstance(self.latency, str):
+            return float(_MS_RE.match(self.latency).group(1))
+        return None
+
+    @field_validator("time")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_duration(value, "budget.time")
+            except UserError as exc:
+                raise _verbatim(exc) from None
+        return value
+
+    @model_validator(mode="after")
+    def _ends(self) -> BudgetConfig:
+        if self.time is None and self.num_samples is None:
+            raise _config_error("give one or both; without either the search would never end",
+                                "num_samples", "time")
+        return self
+
+
+class TrialConfig(_Section):
+    """One trial's recipe: BN recalibration and a short fine-tune."""
+
+    epochs: NonNegativeInt = 3
+    lr: PositiveFloat = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_decay_step: IntList = Field(default_factory=list)
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 256
+    bn_batches: NonNegativeInt = 8
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    seed: Int = 0
+    label_smoothing: float = 0.0
+    threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
+    step: Literal["eager", "graph"] = "eager"  # graph: the step as one CUDA graph (on CUDA)
+    train_images: PositiveInt | None = None  # per trial epoch, drawn anew; None: all
+    val_images: PositiveInt | None = None  # a fixed subset of the validation split; None: all
+    # which images choose (trials, the retrain's best epoch): see search/scores.py
+    val_source: Literal["auto", "train_holdout", "test_holdout"] = "auto"
+    test_holdout: PositiveInt | None = None  # test images that choose; None: min(2000, half)
+
+    @model_validator(mode="after")
+    def _holdout_needs_test_source(self) -> TrialConfig:
+        if self.test_holdout is not None and self.val_source == "train_holdout":
+            raise _config_error("sizes the test images that choose, but val_source is "
+                                "train_holdout (the validation split chooses); set val_source "
+                                "to test_holdout or auto, or drop test_holdout",
+                                "test_holdout")
+        return self
+
+
+class SchedulerConfig(_Section):
+    """The trial scheduler that stops weak trials early.
+
+    ``asha``: successive halving on ``val_acc`` alone; ``cost_asha``: successive halving
+    on ``val_acc`` above the rung's accuracy-vs-``cost`` trend; ``moasha``: successive
+    halving promoting by (``val_acc``, ``cost``) fronts (both :mod:`search.run.schedulers`);
+    ``none``: every trial runs its full recipe.
+    """
+
+    name: Scheduler = "cost_asha"
+    grace_period: PositiveInt = 1
+    reduction_factor: Annotated[Int, Field(ge=2)] = 2
+    cost: CostName | None = None  # the cost axis of cost_asha/moasha; None: the search's
+
+    @model_validator(mode="after")
+    def _cost_is_a_cost_scheduler_s(self) -> SchedulerConfig:
+        if self.cost is not None and self.name not in COST_SCHEDULERS:
+            raise _config_error(f"is the cost axis cost_asha or moasha ranks by, but "
+                                f"scheduler.name is {self.name}; set scheduler.name to "
+                                f"cost_asha or moasha, or drop scheduler.cost", "cost")
+        return self
+
+
+class LatencyConfig(_Section):
+    """Where latencies come from when an objective or a budget names latency.
+
+    ``table``: a latency table measured on the deployment target (``launch.py info
+    --latency --save_table FILE``); without it the table is measured here (on
+    ``device`` with ``runtime``, ``batch``, ``threads``; ``points`` grid widths per
+    axis) and cached. A table measured for another target is refused.
+    """
+
+    table: str | None = None
+    device: Literal[LATENCY_DEVICES] = "cpu"
+    runtime: Literal[LATENCY_RUNTIMES] = "torch"
+    batch: PositiveInt = 1
+    threads: PositiveInt | None = 1  # CPU threads it is measured with; null: torch's default (all cores)
+    points: Annotated[Int, Field(ge=2)] = 4
+    cache_dir: str | None = None  # measured tables; default ~/.cache/sketchtune/latency
+
+
+class ResourcesConfig(_Section):
+    """What one trial asks of the cluster, and how many may run."""
+
+    cpu: NonNegativeFloat = 1.0
+    gpu: NonNegativeFloat = 0.0
+    max_concurrent_trials: PositiveInt | None = None
+    max_failures: NonNegativeInt = 2
+    reuse_actors: Bool = True
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_or_shared(cls, value: float) -> float:
+        if value > 1 and value != int(value):
+            raise _config_error(f"{value} GPUs; fractions are for sharing one GPU (e.g. 0.25), "
+                                f"more than one must be a whole number")
+        return value
+
+    @model_validator(mode="after")
+    def _asks_something(self) -> ResourcesConfig:
+        if self.cpu == 0 and self.gpu == 0:
+            raise _config_error("a trial must ask for some CPU or GPU", "cpu", "gpu")
+        return self
+
+
+class StorageConfig(_Section):
+    """Where the experiment folder and the Optuna study live."""
+
+    storage_path: str = "experiments"
+    name: str | None = None
+    study_storage: str | None = None
+
+    @field_validator("storage_path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value:
+            raise _config_error("must not be empty")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value in (".", "..")):
+            raise _config_error(f"{value!r} is not a folder name")
+        return value
+
+
+class RetrainConfig(_Section):
+    """The final full retrain of the picked vector."""
+
+    enabled: Bool = True
+    pick: str = "knee"
+    epochs: PositiveInt = 150
+    lr: PositiveFloat = 0.01
+    lr_decay_step: IntList = Field(default_factory=lambda: [50, 100])
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: PositiveInt = 128
+    workers: PositiveInt = 1
+    gpus_per_worker: NonNegativeFloat = 0.0
+
+    @field_validator("pick")
+    @classmethod
+    def _pick(cls, value: str) -> str:
+        try:
+            parse_pick(value)
+        except UserError as exc:
+            raise _verbatim(exc) from None
+        return value
+
+
+class SearchConfig(_Section):
+    """A whole search: one attribute per section (``config.trial.epochs``)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sketch: SketchConfig = Field(default_factory=SketchConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    trial: TrialConfig = Field(default_factory=TrialConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    objectives: Annotated[list[Objective], BeforeValidator(_tuple_as_list)] = Field(
+        default_factory=lambda: ["val_acc", "flops"])
+    _source: str | None = PrivateAttr(default=None)
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[str]) -> list[str]:
+        if (len(value) < 2 or value[0] != "val_acc" or len(set(value)) != len(value)):
+            raise _config_error(f"{value!r}: expected val_acc followed by flops, latency or "
+                                f"both: [val_acc, flops] (default), [val_acc, latency] or "
+                                f"[val_acc, flops, latency]")
+        return value
+
+    @property
+    def uses_latency(self) -> bool:
+        """Whether the search prices vectors by latency (an objective, a budget, the
+        scheduler's cost)."""
+        return ("latency" in self.objectives or self.budget.latency is not None
+                or self.scheduler.cost == "latency")
+
+    @property
+    def cost_axis(self) -> str:
+        """The cost the front, the knee and the scheduler use: the second objective, or with
+        three the budgeted one (latency when ``budget.latency`` is set)."""
+        if len(self.objectives) > 2:
+            return "latency" if self.budget.latency is not None else "flops"
+        return self.objectives[1]
+
+    @property
+    def source(self) -> str | None:
+        """Where the config came from (a path); not a YAML key, not in :func:`config_to_dict`."""
+        return self._source
+
+    @source.setter
+    def source(self, value: str | None) -> None:
+        self._source = value
+
+    @property
+    def early_stopping_note(self) -> str | None:
+        """The line said when the scheduler can stop no trial (a grace period not below
+        ``trial.epochs``): the search then runs every trial's full recipe. None otherwise."""
+        sc, epochs = self.scheduler, self.trial.epochs
+        if sc.name == "none" or sc.grace_period < epochs:
+            return None
+        return (f"scheduler {sc.name}: grace period {sc.grace_period} is not below trial.epochs "
+                f"{epochs}, so no trial can be stopped early; every trial runs its full recipe "
+                f"(lower scheduler.grace_period or raise trial.epochs to stop early)")
+
+    @property
+    def time_budget_s(self) -> float | None:
+        return None if self.budget.time is None else parse_duration(self.budget.time, "budget.time")
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | int | float, what: str = "--budget") -> float:
+    """Seconds in ``90s``, ``30m``, ``4h``, ``1h30m`` or a plain number of seconds."""
+    if isinstance(text, bool):
+        raise UserError(f"{what}: expected a duration like 90s, 30m or 4h; got {text!r}")
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        s = str(text).strip().lower()
+        try:
+            seconds = float(s)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for m in _DURATION_RE.finditer(s):
+                if s[pos:m.start()].strip():
+                    break
+                seconds += float(m.group(1)) * _UNIT_S[m.group(2)]
+                pos = m.end()
+            if pos == 0 or s[pos:].strip():
+                raise UserError(f"{what}: cannot parse {text!r}; expected a duration like "
+                                f"90s, 30m, 4h or 1h30m") from None
+    if not seconds > 0:
+        raise UserError(f"{what}: the duration must be positive; got {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """``1h05m``, ``4m10s`` or ``9s``: a duration for the terminal."""
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m"
+    if m:
+        return f"{m}m{s:02d}s"
+    return f"{s}s"
+
+
+# --------------------------------------------------------------------------- error messages
+
+_NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
+          bool: ("a boolean (true/false)", "booleans"), str: ("a string", "strings"),
+          dict: ("a mapping", "mappings")}
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _closest(name: str, choices: list[str]) -> str:
+    return _did_you_mean(name, choices) or f"; valid keys: {', '.join(choices)}"
+
+
+def _peel(tp: Any) -> tuple[Any, list, bool]:
+    """(type, metadata, nullable) of an annotation, ``Optional`` and ``Annotated`` peeled off."""
+    meta: list = []
+    nullable = False
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is Annotated:
+            tp, *extra = typing.get_args(tp)
+            for m in extra:
+                meta.extend(m.metadata if isinstance(m, FieldInfo) else [m])
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            nullable = nullable or len(args) < len(typing.get_args(tp))
+            if len(args) != 1:
+                return tp, meta, nullable
+            tp = args[0]
+        else:
+            return tp, meta, nullable
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _schema_at(loc: tuple) -> tuple[Any, list, bool] | None:
+    """What the schema says about the key at ``loc``: (type, metadata, nullable)."""
+    tp, meta, nullable = SearchConfig, [], False
+    for part in loc:
+        if isinstance(part, int):
+            if typing.get_origin(tp) is not list:
+                return None
+            tp, meta, nullable = _peel(typing.get_args(tp)[0])
+        elif _is_section(tp) and part in tp.model_fields:
+            info = tp.model_fields[part]
+            tp, meta, nullable = _peel(info.annotation)
+            meta = list(info.metadata) + meta
+        else:
+            return None
+    return tp, meta, nullable
+
+
+def _describe(tp: Any, nullable: bool = False) -> str:
+    """``an integer``, ``a list of strings``, ``one of a, b`` (``(or null)`` when it may be)."""
+    tp = _peel(tp)[0]
+    if typing.get_origin(tp) is list:
+        inner = _peel(typing.get_args(tp)[0])[0]
+        text = f"a list of {_NOUNS.get(inner, ('', getattr(inner, '__name__', str(inner))))[1]}"
+    elif typing.get_origin(tp) is Literal:
+        text = "one of " + ", ".join(map(str, typing.get_args(tp)))
+    elif _is_section(tp):
+        text = "a mapping"
+    else:
+        text = _NOUNS.get(tp, (getattr(tp, "__name__", str(tp)),))[0]
+    return text + (" (or null)" if nullable else "")
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _range_text(value: Any, tp: Any, meta: list) -> str:
+    """``0.0 is outside (0, 1]`` or ``expected a positive value, got 0``."""
+    shown = float(value) if tp is float and isinstance(value, (int, float)) else value
+    bounds = {name: getattr(m, name) for m in meta
+              for name in ("gt", "ge", "lt", "le") if getattr(m, name, None) is not None}
+    low = "(" if "gt" in bounds else "[" if "ge" in bounds else None
+    high = ")" if "lt" in bounds else "]" if "le" in bounds else None
+    lo = bounds.get("gt", bounds.get("ge"))
+    hi = bounds.get("lt", bounds.get("le"))
+    if low and high:
+        text = f"{shown} is outside {low}{lo:g}, {hi:g}{high}"
+        notes = [m.text for m in meta if isinstance(m, _Note)]
+        return text + "".join(f"; {n}" for n in notes)
+    if low:
+        wanted = ("a positive value" if low == "(" and lo == 0 else
+                  "a non-negative value" if lo == 0 else
+                  f"at least {lo}" if low == "[" else f"more than {lo}")
+    else:
+        wanted = f"at most {hi}" if high == "]" else f"less than {hi}"
+    return f"expected {wanted}, got {shown}"
+
+
+def _message(err: dict) -> str:
+    """One line for one pydantic error: the dotted key, what is expected, what was given."""
+    kind, loc, value = err["type"], tuple(err["loc"]), err.get("input")
+    ctx = err.get("ctx") or {}
+    key = _dotted(loc)
+    got = f"got {value!r} ({type(value).__name__})"
+    if kind in ("extra_forbidden", "invalid_key"):
+        prefix, name = _dotted(loc[:-1]), str(loc[-1])
+        schema = _schema_at(loc[:-1])
+        names = list(schema[0].model_fields) if schema and _is_section(schema[0]) else []
+        match = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+        full = f"{prefix}.{name}" if prefix else name
+        hint = (f"; did you mean {(prefix + '.' if prefix else '') + match[0]!r}?" if match
+                else f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
+        return f"unknown config key {full!r}{hint}"
+    if kind == "user_error":
+        return str(ctx["message"])
+    if kind == "config":
+        keys = tuple(ctx.get("keys") or ())
+        names = [f"{key}.{k}" if key else k for k in keys] or [key]
+        head = "config key " if len(names) == 1 else "config keys "
+        return f"{head}{'/'.join(names)}: {ctx['message']}"
+    schema = _schema_at(loc)
+    tp, meta, nullable = schema if schema else (None, [], False)
+    if _is_section(tp) or not loc:
+        return f"config section {key or 'the top level'}: expected a mapping, {got}"
+    if kind == "literal_error" and typing.get_origin(tp) is Literal:
+        choices = [str(c) for c in typing.get_args(tp)]
+        return (f"config key {key}: {value!r} is not one of {', '.join(choices)}"
+                f"{_did_you_mean(value, choices)}")
+    if kind in _RANGE_ERRORS:
+        return f"config key {key}: {_range_text(value, tp, meta)}"
+    if tp is not None:
+        return f"config key {key}: expected {_describe(tp, nullable)}, {got}"
+    return f"config key {key}: {err['msg'].lower()}, {got}"
+
+
+def _user_error(exc: ValidationError) -> UserError:
+    """The first of pydantic's errors as one line (the search stops at the first)."""
+    return UserError(_message(exc.errors(include_url=False)[0]))
+
+
+# --------------------------------------------------------------------------- public API
+
+def config_from_dict(data: dict, source: str | None = None) -> SearchConfig:
+    """Build and validate a :class:`SearchConfig` from a (YAML-shaped) mapping."""
+    try:
+        config = SearchConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _user_error(exc) from None
+    config.source = source
+    return config
+
+
+def config_to_dict(config: SearchConfig) -> dict:
+    """The config as plain data (for config.yaml and manifest.json)."""
+    return config.model_dump()
+
+
+_TOP_LEVEL_KEYS = ("objectives",)  # keys that are not sections
+
+
+def _set_path(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    valid_sections = list(SearchConfig.model_fields)
+    if len(parts) == 1 and dotted in _TOP_LEVEL_KEYS:
+        data[dotted] = value
+        return
+    if len(parts) < 2 or not all(parts):
+        raise UserError(f"--set {dotted}=...: expected section.key=value, e.g. "
+                        f"trial.epochs=5 (sections: {', '.join(valid_sections)})")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a config mapping."""
+    data = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected section.key=value, e.g. trial.epochs=5")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_path(data, key.strip(), value)
+    return data
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs that ship with the package (``quickstart``, ...)."""
+    root = resources.files("search") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A config file path from a path or the name of a shipped config."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    stem = Path(stem).name
+    candidate = resources.files("search") / "configs" / f"{stem}.yaml"
+    if candidate.is_file():
+        return Path(str(candidate))
+    names = shipped_configs()
+    hint = _closest(stem, names).replace("valid keys", "shipped configs")
+    raise UserError(f"--config {name_or_path!r}: no such file, nor a shipped config{hint}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> SearchConfig:
+    """Read, override and validate a config file (a path or a shipped config's name)."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise UserError(f"--config {path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of sections, got "
+                        f"{type(data).__name__}")
+    return config_from_dict(apply_overrides(data, overrides), source=str(path))
+
+
+def recipe_hash(config: SearchConfig) -> str:
+    """A short hash of everything that decides a pretrained baseline (for the cache)."""
+    m = config.model
+    recipe = {"cfg": m.cfg, "data_set": m.data_set, "data_path": m.data_path,
+              "num_classes": m.num_classes, "input_size": m.input_size, "synthetic": m.synthetic,
+              "val_fraction": config.trial.val_fraction, "split_seed": config.trial.seed,
+              "pretrain": m.pretrain.model_dump(exclude={"cache_dir"})}
+    for key in ("family", "normalize"):  # only when set: earlier recipes keep their hash
+        if getattr(m, key) is not None:
+            recipe[key] = getattr(m, key)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]

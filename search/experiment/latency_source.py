@@ -1,0 +1,166 @@
+"""Where a search's latency predictions come from, and its budgets as fractions.
+
+When a search prices vectors by latency (``objectives`` names it, ``budget.latency``
+is set, or the scheduler's cost is latency) it needs one latency table
+(:mod:`sketch_core.cost.latency_table`) for its architecture on the deployment target:
+``latency.table`` (measured there with ``launch.py info --latency --save_table``,
+checked against the config's target and this torch) or, without one, a table measured
+here and cached. A new experiment keeps a copy as ``latency_table.json`` beside its
+manifest, so a resumed search, the analysis and the retrain price vectors exactly as
+the trials were priced. No Ray here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from search.experiment.config import SearchConfig
+from search.results.pareto import COST_COLUMNS
+from search.experiment.priced_space import LATENCY_FILE, rate_space, saved_table
+from sketch_core.errors import UserError
+
+__all__ = ["LATENCY_FILE", "target_key", "search_table", "saved_table", "budgets",
+           "latency_summary", "cost_key", "budget_words", "measure_pick",
+           "check_given_table"]
+
+
+def target_key(config: SearchConfig, space: Any) -> dict:
+    """The key a table for this search must have (:func:`sketch_core.cost.latency_table.table_key`)."""
+    from sketch_core.cost.latency_table import table_key
+
+    lc = config.latency
+    return table_key(space.arch, device=lc.device, runtime=lc.runtime, batch=lc.batch,
+                     threads=lc.threads, num_classes=space.num_classes,
+                     in_channels=space.in_channels)
+
+
+def search_table(config: SearchConfig, space: Any, exp_dir: Path,
+                 say: Any = print) -> Any | None:
+    """The table of a new experiment (None when nothing in the config needs latency):
+    ``latency.table`` checked against the target, else measured here (cached); a copy
+    is written to ``exp_dir/latency_table.json``."""
+    if not config.uses_latency:
+        return None
+    from sketch_core.cost.latency_table import cached_table, load_table
+
+    lc = config.latency
+    want = target_key(config, space)
+    if lc.table:
+        table = load_table(Path(lc.table).expanduser(), want)
+        say(f"[latency] table {lc.table}: {table.key['device']}/{table.key['runtime']}, "
+            f"batch {table.key['batch']}, unpruned {table.full_ms:.3f} ms")
+    else:
+        from sketch_core.cost.latency import check_latency_args
+
+        check_latency_args(lc.device, lc.runtime, lc.batch, lc.threads)
+        say(f"[latency] latency table of {space.arch.cfg} on {lc.device}/{lc.runtime} "
+            f"(batch {lc.batch}, {lc.threads or 'all'} thread(s)): measured here once per "
+            f"target, then cached; on a busy machine give latency.table instead")
+        table = cached_table(space.arch, lc.cache_dir, device=lc.device, runtime=lc.runtime,
+                             batch=lc.batch, threads=lc.threads, num_classes=space.num_classes,
+                             in_channels=space.in_channels, points=lc.points)
+        say(f"[latency] unpruned {table.full_ms:.3f} ms")
+    table.save(exp_dir / LATENCY_FILE)
+    return table
+
+
+def check_given_table(config: SearchConfig) -> None:
+    """Before anything starts (no data, no Ray): a ``latency.table`` that is missing,
+    not a table, measured for another target (device, runtime, batch, threads, torch,
+    model) or too slow for ``budget.latency`` at every rate of the space is a UserError.
+    The model fields the data decides (classes, channels) are checked again later."""
+    lc = config.latency
+    if not config.uses_latency or not lc.table:
+        return
+    from sketch_core.cost.latency_table import load_table
+
+    table = load_table(Path(lc.table).expanduser())
+    key = table.key
+    shape = key.get("input_shape") or [None]
+    space = rate_space(config, {"num_classes": key.get("num_classes"),
+                                "in_channels": key.get("in_channels"), "input_size": shape[-1]})
+    want = target_key(config, space)
+    want = {k: want[k] for k in ("device", "runtime", "batch", "threads", "torch", "family",
+                                 "cfg", "start_conv")}
+    table.check(want, f"latency table {lc.table}")
+    space.use_latency(table)
+    space.check_budget(budgets(config, space))
+
+
+def budgets(config: SearchConfig, space: Any) -> dict[str, float] | None:
+    """The budgets as ``{cost key: fraction of the unpruned}`` (None: no budget).
+
+    A latency budget in milliseconds is divided by the table's prediction for the
+    unpruned network."""
+    b = config.budget
+    out: dict[str, float] = {}
+    if b.flops_budget is not None:
+        out["flops_ratio"] = float(b.flops_budget)
+    if b.latency is not None:
+        if space.latency is None:
+            raise UserError("budget.latency needs a latency table; none was measured or given")
+        ms = b.latency_ms()
+        out["latency_ratio"] = float(b.latency) if ms is None else ms / space.full_latency_ms
+    return out or None
+
+
+def budget_words(config: SearchConfig) -> str:
+    """``, FLOPs <= 0.5, latency <= 3ms, objectives val_acc/latency`` (what differs from
+    the defaults), for the line that starts a search."""
+    b, out = config.budget, ""
+    if b.flops_budget is not None:
+        out += f", FLOPs <= {b.flops_budget:g}"
+    if b.latency is not None:
+        out += f", latency <= {b.latency if isinstance(b.latency, str) else format(b.latency, 'g')}"
+    if config.objectives != ["val_acc", "flops"]:
+        out += f", objectives {'/'.join(config.objectives)}"
+    return out
+
+
+def cost_key(config: SearchConfig) -> str:
+    """The cost axis of the front as a ratio column: ``flops_ratio`` or ``latency_ratio``."""
+    return COST_COLUMNS[config.cost_axis][0]
+
+
+def latency_summary(space: Any, config: SearchConfig) -> dict | None:
+    """What the manifest records of the latency table and budget."""
+    if space.latency is None:
+        return None
+    key = space.latency.key
+    return {"file": LATENCY_FILE, "source": config.latency.table or "measured here",
+            "device": key.get("device"), "runtime": key.get("runtime"),
+            "batch": key.get("batch"), "threads": key.get("threads"),
+            "torch": key.get("torch"), "full_ms": space.full_latency_ms,
+            "measured_full_ms": space.latency.full_ms, "budget": config.budget.latency}
+
+
+def measure_pick(exp_dir: Path, config: SearchConfig, baseline: dict, widths: list[int],
+                 predicted_ms: float | None, repeats: int = 30) -> dict | None:
+    """The retrained pick's latency measured here on the table's target (device, runtime,
+    batch, threads) beside its prediction; None when the search had no latency table.
+    A network of the pick's widths is timed (latency does not depend on the weights)."""
+    table = saved_table(exp_dir) if config.uses_latency else None
+    if table is None or not widths:
+        return None
+    import torch
+
+    from sketch_core.cost.latency import measure_latency
+
+    key = table.key
+    out = {"predicted_ms": predicted_ms, "measured_ms": None, "device": key["device"],
+           "runtime": key["runtime"], "batch": key["batch"], "threads": key["threads"]}
+    if key["device"] == "cuda" and not torch.cuda.is_available():
+        out["note"] = "the table is of a CUDA device and this machine has none: not measured"
+        return out
+
+    space = rate_space(config, baseline)
+    model = space.arch.build(list(widths), key["num_classes"], key["in_channels"])
+    stats = measure_latency(model, tuple(key["input_shape"]), device=key["device"],
+                            runtime=key["runtime"], batch=key["batch"], threads=key["threads"],
+                            repeats=repeats)
+    stat = table.settings.get("stat", "median")  # the statistic the table predicts
+    out.update(measured_ms=getattr(stats, f"{stat}_ms"), statistic=stat,
+               measured_median_ms=stats.median_ms, measured_p10_ms=stats.p10_ms,
+               measured_p90_ms=stats.p90_ms, repeats=repeats)
+    return out

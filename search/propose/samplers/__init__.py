@@ -1,0 +1,1 @@
+"""The samplers that propose rate vectors, one a module."""

@@ -1,0 +1,1 @@
+"""Reading results: the trial record, trials.jsonl, the Pareto front, budgets, picks, the DataFrame, plots."""

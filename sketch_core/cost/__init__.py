@@ -1,0 +1,1 @@
+"""What a network costs: MACs and parameters, measured latency and latency tables."""

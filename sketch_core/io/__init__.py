@@ -1,0 +1,1 @@
+"""Files: checkpoints of every layout, export to ONNX and torch.export, atomic writes."""

@@ -1,0 +1,1 @@
+"""The fine-tune loop: fit and evaluate, its hooks, the CUDA-graph step."""
