@@ -1,9 +1,9 @@
-"""Shared pieces of the pruning benchmarks: a pretrained baseline, hypervolume, statistics.
+"""Shared pieces of the benchmarks: a pretrained baseline, point columns, statistics.
 
 The baseline is trained by the project's own ``launch.py pretrain`` (kept in a work
-folder so a second run reuses it); the hypervolume is the 2-D area a set of
-(accuracy, MACs ratio) points dominates, accuracy maximised, MACs minimised,
-reference (0, 1); Spearman correlation and bootstrap intervals are plain NumPy/SciPy.
+folder so a second run reuses it); every hypervolume is
+:func:`search.results.pareto.hypervolume` of (accuracy, MACs ratio) columns, reference
+(0, 1); Spearman correlation and bootstrap intervals are plain NumPy/SciPy.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["pretrained", "hypervolume", "spearman", "bootstrap_interval", "mean_sd", "Clock",
+__all__ = ["pretrained", "columns", "spearman", "bootstrap_interval", "mean_sd", "Clock",
            "ROOT", "require_real_data"]
 
 
@@ -66,21 +66,10 @@ def pretrained(work: Path, argv: Sequence[str], quiet: bool = True) -> Path:
     return ckpt
 
 
-def hypervolume(points: Sequence[tuple[float, float]], ref: tuple[float, float] = (0.0, 1.0)
-                ) -> float:
-    """Area dominated by ``(acc, macs_ratio)`` points (acc max, MACs min) above ``ref``.
-
-    The area of the union of the rectangles [macs, ref_macs] x [ref_acc, acc]; in [0, 1]
-    for accuracies and ratios in [0, 1].
-    """
-    ref_acc, ref_macs = ref
-    pts = sorted((m, a) for a, m in points if a > ref_acc and m < ref_macs)
-    area, best = 0.0, ref_acc
-    for i, (m, a) in enumerate(pts):
-        best = max(best, a)
-        right = pts[i + 1][0] if i + 1 < len(pts) else ref_macs
-        area += (right - m) * (best - ref_acc)
-    return area
+def columns(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[float]]:
+    """``(acc, cost)`` points as two lists, the arguments of
+    :func:`search.results.pareto.hypervolume`."""
+    return [float(p[0]) for p in points], [float(p[1]) for p in points]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

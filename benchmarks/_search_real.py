@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, Clock, bootstrap_interval, hypervolume, require_real_data
+from _common import ROOT, Clock, bootstrap_interval, require_real_data
+
+from search.results.pareto import front_indices, hypervolume
 
 CFG = "resnet20"
 CKPT = "pretrained/resnet20-12fca82f.th"
@@ -103,11 +105,8 @@ def _front_hv(points: list[tuple[float, float, float]]) -> float:
     """Hypervolume, with the reporting accuracies, of the front chosen on the choosing ones.
 
     ``points``: (choose acc, report acc, flops ratio)."""
-    front = []
-    for c, r, fr in points:
-        if not any((c2 >= c and f2 <= fr) and (c2 > c or f2 < fr) for c2, _, f2 in points):
-            front.append((r, fr))
-    return hypervolume(front)
+    chosen = front_indices([p[0] for p in points], [p[2] for p in points])
+    return hypervolume([points[i][1] for i in chosen], [points[i][2] for i in chosen])
 
 
 def _best_at_half(points: list[tuple[float, float, float]]) -> float:

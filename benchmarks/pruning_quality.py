@@ -52,7 +52,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, Clock, hypervolume, mean_sd, pretrained, require_real_data, seeded
+from _common import ROOT, Clock, columns, mean_sd, pretrained, require_real_data, seeded
+
+from search.results.pareto import hypervolume
 
 # method -> (sketch mode, select_by)
 MODES = {"sketch": ("sketch", "filters"), "select": ("select", "filters"),
@@ -191,7 +193,7 @@ def run_digits(args: argparse.Namespace) -> int:
         print(f"{rate:>5} {macs_ratio[methods[0]][rate]:6.3f} | " + " | ".join(cells))
 
     def hv(m: str, seed: int, e: int) -> float:
-        return hypervolume([(acc[m][r][seed][e], macs_ratio[m][r]) for r in rates])
+        return hypervolume(*columns([(acc[m][r][seed][e], macs_ratio[m][r]) for r in rates]))
 
     print()
     print("hypervolume of (accuracy, MACs ratio), reference (0, 1), after e fine-tune epochs "
@@ -468,12 +470,12 @@ def run_real(args: argparse.Namespace) -> int:
     zs_rows = [("", [], "", "prune time here")]
     hv_zero = {}
     for m in methods:
-        hv_zero[m] = hypervolume([(zero[m][r], macs[r]) for r in rates])
+        hv_zero[m] = hypervolume(*columns([(zero[m][r], macs[r]) for r in rates]))
         zs_rows.append((LABELS[m], [pct(zero[m][r]) for r in rates], f"{hv_zero[m]:.3f}",
                         span(prune_s[m])))
     hv_table(zs_rows, rates, f"zero-shot (BN recalibrated on {bn_batches} training batches of 128, "
                              f"no fine-tune), test accuracy:")
-    hv_seed = {m: [hypervolume([(tuned[m][r][s], macs[r]) for r in ft_rates]) for s in range(seeds)]
+    hv_seed = {m: [hypervolume(*columns([(tuned[m][r][s], macs[r]) for r in ft_rates])) for s in range(seeds)]
                for m in methods} if ft_rates else {}
     if ft_rates:
         ft_rows = [("", [], "", "hypervolume over seeds (min-max)")]

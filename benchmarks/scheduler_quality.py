@@ -39,7 +39,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import bootstrap_interval, hypervolume  # noqa: E402
+from _common import bootstrap_interval, columns  # noqa: E402
+
+from search.results.pareto import hypervolume  # noqa: E402
 
 
 def _trial_curve(rates, setup, state, data, entry):
@@ -158,7 +160,7 @@ def main() -> None:
         return out
 
     def hv(trials: list[dict]) -> float:
-        return hypervolume([(r["test"], r["fr"]) for r in trials if r["done"]])
+        return hypervolume(*columns([(r["test"], r["fr"]) for r in trials if r["done"]]))
 
     def finished_share(trials: list[dict]) -> tuple[float, float]:
         order = sorted(trials, key=lambda r: r["fr"])

@@ -42,17 +42,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import columns  # noqa: E402
 
-def hypervolume(points: list[tuple[float, float]]) -> float:
-    """Area dominated by (acc, flops_ratio) points, acc max / flops min, ref (0, 1)."""
-    best = 0.0
-    area = 0.0
-    for fr, acc in sorted((min(max(fr, 0.0), 1.0), max(acc, 0.0)) for acc, fr in points):
-        if acc > best:
-            area += (1.0 - fr) * (acc - best)
-            best = acc
-    return area
+from search.results.pareto import hypervolume  # noqa: E402
 
 
 def main() -> None:
@@ -141,15 +135,15 @@ def main() -> None:
     for seed in range(args.seeds):
         default = make_sampler(config.sampler.name, seed, args.trials,
                                config.sampler.population_size)
-        results["default"].append(hypervolume(optuna_run(default, seed,
-                                                         config.sampler.anchors)))
+        results["default"].append(hypervolume(*columns(optuna_run(default, seed,
+                                                         config.sampler.anchors))))
         surrogate = make_sampler("surrogate", seed, args.trials, space=space)
-        results["surrogate"].append(hypervolume(optuna_run(surrogate, seed,
-                                                           config.sampler.anchors)))
-        results["random"].append(hypervolume(optuna_run(optuna.samplers.RandomSampler(seed),
-                                                        seed)))
-        results["uniform"].append(hypervolume([score([r] * space.num_units, seed)
-                                               for r in sweep]))
+        results["surrogate"].append(hypervolume(*columns(optuna_run(surrogate, seed,
+                                                           config.sampler.anchors))))
+        results["random"].append(hypervolume(*columns(optuna_run(optuna.samplers.RandomSampler(seed),
+                                                        seed))))
+        results["uniform"].append(hypervolume(*columns([score([r] * space.num_units, seed)
+                                               for r in sweep])))
         print(f"seed {seed}: " + "  ".join(f"{m} {v[-1]:.4f}" for m, v in results.items()),
               flush=True)
 

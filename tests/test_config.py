@@ -186,7 +186,7 @@ def test_config_literals_are_built_from_the_cores_lists():
     (["resources.cpu=0", "resources.gpu=0"], "resources.cpu/resources.gpu: a trial must ask"),
     (["storage.name=a/b"], "storage.name: 'a/b' is not a folder name"),
     (["storage.storage_path=''"], "storage.storage_path: must not be empty"),
-    (["retrain.pick='flops<=2'"], "the FLOPs bound is a fraction of the unpruned network"),
+    (["retrain.pick='flops<=150%'"], "--pick flops<=150%: '150%' is above 100%"),
     (["source.x=1"], "unknown config key 'source'"),
 ])
 def test_more_config_errors_name_the_key_the_expectation_and_the_value(override, message):
@@ -346,7 +346,9 @@ def test_pareto_and_knee():
 @pytest.mark.parametrize("pick, message", [
     ("flops<=0.05", "no completed trial is that small"),
     ("trial=zzz", "no such trial"),
-    ("flops<=2", "in (0, 1]"),
+    ("flops<=150%", "is above 100%"),
+    ("flops<=3ms", "milliseconds, which bound a latency"),
+    ("flops<=2", "carry no flops"),
     ("middle", "expected knee, best"),
 ])
 def test_bad_picks(pick, message):
@@ -373,7 +375,8 @@ def test_trial_log_appends_once_and_readers_skip_a_cut_line(tmp_path):
     records = read_records(path)
     assert [r["trial_id"] for r in records] == ["a", "b"]
     assert records[0]["val_acc"] is None  # NaN is not JSON
-    assert set(records[0]) >= {"trial_id", "status", "rates", "widths", "flops", "node", "ended"}
+    written = json.loads(path.read_text().splitlines()[0])
+    assert set(written) >= {"trial_id", "status", "rates", "widths", "flops", "node", "ended"}
     assert read_records(tmp_path / "missing.jsonl") == []
 
 

@@ -115,9 +115,9 @@ def test_bad_latency_config_is_one_line(sets, needle):
 
 def test_config_reads_latency_budgets_and_the_cost_axis():
     c = load_config("quickstart", ["objectives=[val_acc,latency]", "budget.latency=3ms"])
-    assert c.budget.latency_ms() == 3.0 and c.cost_axis == "latency" and c.uses_latency
+    assert c.budget.latency_bound().value == 3.0 and c.budget.latency_bound().kind == "absolute" and c.cost_axis == "latency" and c.uses_latency
     c = load_config("quickstart", ["objectives=[val_acc,flops,latency]", "budget.latency=0.5"])
-    assert c.cost_axis == "latency" and c.budget.latency_ms() is None
+    assert c.cost_axis == "latency" and c.budget.latency_bound().kind == "ratio"
     c = load_config("quickstart", ["objectives=[val_acc,flops,latency]"])
     assert c.cost_axis == "flops"
     assert not load_config("quickstart").uses_latency
@@ -257,11 +257,12 @@ def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, b
 
 
 def test_the_progress_line_counts_the_latency_front_and_budget():
+    from search.results.record import TrialRecord
     from search.run.progress import rung_summary, status_line
 
     def rec(tid, acc, fr, lr, epochs=3):
-        return {"trial_id": tid, "status": "completed", "val_acc": acc, "flops_ratio": fr,
-                "flops": fr * 1e6, "latency_ratio": lr, "epochs": epochs}
+        return TrialRecord(trial_id=tid, status="completed", val_acc=acc, flops_ratio=fr,
+                           flops=fr * 1e6, latency_ratio=lr, epochs=epochs)
 
     records = [rec("a", 0.9, 0.4, 0.9), rec("b", 0.8, 0.5, 0.5), rec("c", 0.7, 0.3, 0.4)]
     by_flops = status_line(records, 0, {"flops_ratio": 0.45}, None, None)
@@ -271,7 +272,7 @@ def test_the_progress_line_counts_the_latency_front_and_budget():
     assert "best at latency<=0.3: -" in status_line(records, 0, {"latency_ratio": 0.3}, None,
                                                      None, "latency_ratio")
     # cost bands by latency: the cheapest third is c (FLOPs 0.3) by either, the dearest differs
-    records[0]["epochs"] = 1
+    records[0] = records[0].replace(epochs=1)
     by_latency = rung_summary(records, [1], cost="latency_ratio")[0]
     assert "dear 0/1" in by_latency and "dear 0/1" not in rung_summary(records, [1])[0]
 

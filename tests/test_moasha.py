@@ -21,7 +21,8 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from search.experiment.config import SCHEDULERS as SCHEDULER_NAMES, config_from_dict
-from search.run.schedulers import (CostASHAScheduler, MOASHAScheduler, pareto_fronts, promotes,
+from search.results.pareto import fronts
+from search.run.schedulers import (CostASHAScheduler, MOASHAScheduler, promotes,
                            promotion_order, rung_milestones, spread_order, trend_promotes,
                            trend_residuals)
 from search.run.progress import SearchCallback, rung_summary
@@ -55,14 +56,14 @@ def _asha() -> ASHAScheduler:
 
 def test_fronts_crowding_and_order():
     pts = [(0.9, 1.0), (0.5, 0.2), (0.7, 0.5), (0.6, 0.6), (0.4, 0.9)]
-    assert pareto_fronts(pts) == [[0, 1, 2], [3], [4]]
+    assert fronts(*zip(*pts)) == [[0, 1, 2], [3], [4]]
     # the front in epsilon-net order: median cost (0.7, 0.5), then the farthest end
     assert spread_order(pts, [0, 1, 2]) == [2, 0, 1]
     assert promotion_order(pts) == [2, 0, 1, 3, 4]
     line = [(0.1 * i, 0.1 * i) for i in range(9)]  # a front: every prefix spreads out
     assert spread_order(line, range(9))[:3] == [4, 8, 0]
     # equal cost: the more accurate dominates; equal points share a front
-    assert pareto_fronts([(0.5, 1.0), (0.6, 1.0), (0.6, 1.0)]) == [[1, 2], [0]]
+    assert fronts(*zip(*[(0.5, 1.0), (0.6, 1.0), (0.6, 1.0)])) == [[1, 2], [0]]
 
 
 def test_promotes_the_cheap_end_of_the_front():

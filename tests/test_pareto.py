@@ -118,11 +118,11 @@ def test_picks_and_analysis_share_one_front():
     assert knee_record(recs)["trial_id"] == "b" == select_record(recs, "knee")["trial_id"]
 
 
-def test_best_under_budget_and_the_flops_pick_agree():
+def test_best_within_a_budget_and_the_flops_pick_agree():
     recs = _records()
     df = pd.DataFrame(recs)
     for bound in (0.45, 0.5, 0.2, 1.0):
-        assert A.best_under_budget(df, bound)["trial_id"] == select_record(recs, f"flops<={bound}")["trial_id"]
+        assert A.best_within(df, bound)["trial_id"] == select_record(recs, f"flops<={bound}")["trial_id"]
     assert select_record(recs, "flops<=0.5")["trial_id"] == "b"  # b, b2, f: 0.9; b is cheapest and first
     assert select_record(recs, "best")["trial_id"] == "d"
 
@@ -145,7 +145,7 @@ TEXT = "\n".join([
 def test_parse_records_keeps_the_first_complete_record_of_each_id():
     skipped: list[tuple[int, str]] = []
     recs = parse_records(TEXT, lambda n, why: skipped.append((n, why)))
-    assert [r["trial_id"] for r in recs] == ["a", 7] and recs[0]["status"] == "completed"
+    assert [r.trial_id for r in recs] == ["a", "7"] and recs[0]["status"] == "completed"
     assert skipped == [(3, NO_TRIAL_ID), (4, NO_TRIAL_ID), (5, NOT_AN_OBJECT), (8, NOT_AN_OBJECT)]
     assert parse_records(TEXT) == recs
     assert len(json_lines(TEXT)) == 5  # every JSON object, with or without an id
@@ -157,7 +157,7 @@ def test_local_and_analysis_readers_agree(tmp_path, caplog):
     (folder / "trials.jsonl").write_bytes(TEXT.encode() + "é".encode()[:1])  # torn inside a character
     with caplog.at_level(logging.WARNING, logger="sketchtune.search"):
         local = read_records(folder / "trials.jsonl")
-    assert [r["trial_id"] for r in local] == ["a", 7]
+    assert [r.trial_id for r in local] == ["a", "7"]
     assert [m for m in caplog.messages if "is not a complete record" in m] == [
         f"{folder / 'trials.jsonl'}: line {n} is not a complete record; skipped" for n in (3, 4, 5, 8)]
     with pytest.warns(A.ResultsWarning) as caught:
@@ -167,3 +167,53 @@ def test_local_and_analysis_readers_agree(tmp_path, caplog):
     assert sum("a record without trial_id was skipped" in t for t in texts) == 2
     assert any("trials.jsonl line 8 is not a complete JSON object (half-written?)" in t for t in texts)
     assert any("trials.jsonl line 5 is not a complete JSON object" in t for t in texts)
+
+
+# ---------------------------------------------------------------- fronts and hypervolume
+
+
+def _grid_volume(loss: np.ndarray, ref: np.ndarray, cells: int = 40) -> float:
+    """Volume dominated by ``loss`` on a grid of points of the box [0, ref] (brute force,
+    exact for points on the grid's own coordinates)."""
+    axes = [np.arange(cells) / cells * r + r / (2 * cells) for r in ref]
+    mesh = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, len(ref))
+    covered = np.zeros(len(mesh), dtype=bool)
+    for p in loss:
+        covered |= np.all(mesh >= p, axis=1)
+    return float(covered.mean() * np.prod(ref))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_hypervolume_matches_a_grid_count_and_optuna(k):
+    from optuna._hypervolume import compute_hypervolume
+
+    from search.results.pareto import hypervolume_of_loss
+
+    rng = np.random.default_rng(k)
+    for _ in range(20):
+        loss = rng.integers(0, 40, size=(rng.integers(1, 12), k)) / 40  # on the grid
+        ref = np.ones(k)
+        got = hypervolume_of_loss(loss, ref)
+        assert got == pytest.approx(_grid_volume(loss, ref), abs=1e-12)
+        inside = loss[(loss < ref).all(axis=1)]
+        assert got == pytest.approx(compute_hypervolume(inside, ref) if len(inside) else 0.0)
+
+
+def test_hypervolume_of_accuracy_and_cost_by_hand():
+    from search.results.pareto import hypervolume
+
+    # (0.9, 0.5) covers 0.9 x 0.5; (0.5, 0.2) adds 0.5 x 0.3 below it
+    assert hypervolume([0.9, 0.5], [0.5, 0.2]) == pytest.approx(0.45 + 0.15)
+    assert hypervolume([0.9, 0.9, 0.3], [0.5, 0.5, 0.9]) == pytest.approx(0.45)  # copies, dominated
+    assert hypervolume([0.9, float("nan")], [1.0, 0.1]) == 0.0  # at the reference cost: nothing
+    assert hypervolume([0.6], [0.5], ref=(0.5, 0.7)) == pytest.approx(0.1 * 0.2)
+    assert hypervolume([], []) == 0.0
+
+
+def test_fronts_peel_the_front_then_the_rest():
+    from search.results.pareto import fronts
+
+    acc = [0.9, 0.8, 0.7, 0.95, 0.6, float("nan")]
+    cost = [0.5, 0.3, 0.6, 0.9, 0.2, 0.1]
+    assert fronts(acc, cost) == [[0, 1, 3, 4], [2]]
+    assert fronts([], []) == []

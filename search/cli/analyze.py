@@ -22,12 +22,13 @@ import pandas as pd
 
 from sketch_core.errors import UserError
 
-from search.results.dataframe import (ENDED_STATUSES, EXPORT_FORMATS, Experiment, ResultsWarning, combine, export,
-                       format_rate_vector, hypervolume, hypervolume_history, layer_sensitivity,
-                       load_experiments, pareto_front, experiment_fronts, parse_flops_budget, rates_of, best_under_budget,
-                       best_under_latency, top_trials)
-from search.results.picks import parse_latency_bound
 from search.experiment.scoring_split import describe
+from search.results.budgets import Budget, parse_budget
+from search.results.dataframe import (EXPORT_FORMATS, Experiment, ResultsWarning, best_within,
+                                      combine, experiment_fronts, export, format_rate_vector,
+                                      hypervolume, hypervolume_history, layer_sensitivity,
+                                      load_experiments, pareto_front, rates_of, top_trials)
+from search.results.record import ENDED_STATUSES
 
 __all__ = ["add_arguments", "run"]
 
@@ -144,8 +145,11 @@ def _sensitivity_line(sens: pd.DataFrame, k: int = 3, at: str = "FLOPs") -> str 
             f"trials): keep wide: {fmt(ok.head(k))}; can be sketched hard: {fmt(ok.tail(k).iloc[::-1])}")
 
 
-def _budget_text(kind: str, value: float) -> str:
-    return f"{value * 100:g}% of the unpruned MACs" if kind == "ratio" else f"{_si(value)} MACs"
+def _budget_text(budget: Budget) -> str:
+    if budget.axis == "latency":
+        return budget.text if budget.kind == "absolute" else f"{budget.value * 100:g}% of the unpruned latency"
+    return (f"{budget.value * 100:g}% of the unpruned MACs" if budget.kind == "ratio"
+            else f"{_si(budget.value)} MACs")
 
 
 # ---------------------------------------------------------------- output folder
@@ -179,12 +183,117 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"warning: {message}", file=sys.stderr)
 
 
+def _print_within(df: pd.DataFrame, budget: Budget) -> pd.Series | None:
+    """The best trial within ``budget``, printed with its rate vector; None when none fits."""
+    best = best_within(df, budget)
+    what = f"the {'latency' if budget.axis == 'latency' else 'FLOPs'} budget {_budget_text(budget)}"
+    if best is None:
+        print(f"\nno completed trial within {what}")
+        return None
+    if budget.axis == "latency":
+        cost = (f"{best['latency_ms']:.3f} ms predicted ({_pct(best['latency_ratio'], 1)} of the "
+                f"unpruned), {_pct(best['flops_ratio'], 1)} of the FLOPs")
+    else:
+        cost = (f"{_si(best['flops'])} MACs ({_pct(best['flops_ratio'], 1)} of the unpruned), "
+                f"{_si(best['params'])} params")
+    print(f"\nbest trial within {what}: {best['trial_id']}: val. accuracy "
+          f"{_pct(best['val_acc'])}, {cost}")
+    print(f"  --sketch_rate '{format_rate_vector(rates_of(best))}'")
+    return best
+
+
+def _print_header(exp: Experiment) -> None:
+    df = exp.trials
+    print(f"== experiment {exp.name}  ({exp.path})")
+    print(f"{_counts(df)}")
+    base = _baseline_line(exp)
+    if base:
+        print(base)
+    if exp.manifest:
+        print(f"scores: {describe(exp.manifest.get('scores'))}")
+    failed = df.loc[df["status"] == "failed", "error"].fillna("(no message)")
+    if len(failed):
+        last_lines = [str(e).strip().splitlines()[-1] if str(e).strip() else "(no message)"
+                      for e in failed]
+        common = pd.Series(last_lines).value_counts().head(3)
+        print("failures: " + "; ".join(f"{msg} (x{n})" for msg, n in common.items()))
+
+
+def _print_front(df: pd.DataFrame, axis: str, fmt: str) -> pd.DataFrame:
+    front = pareto_front(df, cost=axis)
+    if front.empty:
+        print("\nno completed trial: no Pareto front yet")
+        return front
+    shown = front.head(_MAX_FRONT_ROWS)
+    more = f", the first {len(shown)} shown (all in front.{fmt})" if len(front) > len(shown) else ""
+    print(f"\nPareto front (max validation accuracy, min "
+          f"{'predicted latency' if axis == 'latency' else 'FLOPs'}): {len(front)} trials{more}")
+    print(_table(shown))
+    print("rate vectors (--sketch_rate):")
+    print(_rate_lines(shown))
+    return front
+
+
+def _report(exp: Experiment, args: argparse.Namespace, budgets: list[Budget]) -> dict:
+    """Everything printed about one experiment; its row of the comparison table."""
+    _print_header(exp)
+    df, axis = exp.trials, exp.cost_axis
+    top = top_trials(df, args.top)
+    if args.top and len(top):
+        print(f"\ntop {len(top)} completed trials by validation accuracy:")
+        print(_table(top))
+        print("rate vectors (--sketch_rate):")
+        print(_rate_lines(top))
+    front = _print_front(df, axis, args.format)
+    hv = hypervolume(df)
+    print(f"\nhypervolume: {hv:.4f}  (area dominated in validation accuracy x FLOPs ratio; "
+          f"reference point: accuracy 0, FLOPs ratio 1)")
+    sens_line = _sensitivity_line(layer_sensitivity(df, exp.unit_names, cost=axis),
+                                  at="predicted latency" if axis == "latency" else "FLOPs")
+    if sens_line:
+        print(sens_line)
+    row = {"experiment": exp.name, "trials": len(df),
+           "completed": int((df["status"] == "completed").sum()),
+           "best val_acc": _pct(top["val_acc"].max()) if len(top) else "-",
+           "front": len(front), "hypervolume": f"{hv:.4f}"}
+    for budget in budgets:
+        best = _print_within(df, budget)
+        if budget.axis == "flops":
+            row["best in budget"] = ("-" if best is None else
+                                     f"{_pct(best['val_acc'])} @ {_pct(best['flops_ratio'], 1)}")
+    print()
+    return row
+
+
+def _write_outputs(exps: Sequence[Experiment], out: Path, args: argparse.Namespace) -> list[Path]:
+    combined = combine(exps)
+    written = [export(combined, out, args.format, "trials"),
+               export(experiment_fronts(exps), out, args.format, "front")]
+    tag = (lambda f, e: f.assign(experiment=e.name)) if len(exps) > 1 else (lambda f, e: f)
+    sens = [tag(layer_sensitivity(e.trials, e.unit_names, cost=e.cost_axis), e) for e in exps]
+    written.append(export(pd.concat(sens, ignore_index=True), out, args.format, "sensitivity"))
+    hist = [tag(hypervolume_history(e.trials), e) for e in exps]
+    written.append(export(pd.concat(hist, ignore_index=True), out, args.format, "history"))
+    if not args.no_plots:
+        from search.results.plots import write_plots  # matplotlib: heavy, only when plotting
+
+        written += write_plots(exps, out)
+    return written
+
+
+def _budgets(args: argparse.Namespace) -> list[Budget]:
+    out = []
+    if args.flops_budget is not None:
+        out.append(parse_budget(args.flops_budget, "flops", "--flops_budget"))
+    if args.latency_budget is not None:
+        out.append(parse_budget(args.latency_budget, "latency", "--latency_budget"))
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     if args.top < 0:
         raise UserError(f"--top must be 0 or more, got {args.top}")
-    budget = parse_flops_budget(args.flops_budget) if args.flops_budget is not None else None
-    if args.latency_budget is not None:
-        parse_latency_bound(args.latency_budget, "--latency_budget")
+    budgets = _budgets(args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", ResultsWarning)
         warnings.showwarning = _print_warning
@@ -195,94 +304,12 @@ def run(args: argparse.Namespace) -> int:
                             f"{_running_summary(exp.trials)}")
     out = _out_dir(args, exps)
     _check_writable(out)
-
-    summary = []
-    for exp in exps:
-        df = exp.trials
-        print(f"== experiment {exp.name}  ({exp.path})")
-        print(f"{_counts(df)}")
-        base = _baseline_line(exp)
-        if base:
-            print(base)
-        if exp.manifest:
-            print(f"scores: {describe(exp.manifest.get('scores'))}")
-        failed = df.loc[df["status"] == "failed", "error"].fillna("(no message)")
-        if len(failed):
-            last_lines = [str(e).strip().splitlines()[-1] if str(e).strip() else "(no message)" for e in failed]
-            common = pd.Series(last_lines).value_counts().head(3)
-            print("failures: " + "; ".join(f"{msg} (x{n})" for msg, n in common.items()))
-        top = top_trials(df, args.top)
-        axis = exp.cost_axis
-        front = pareto_front(df, cost=axis)
-        hv = hypervolume(df)
-        if args.top and len(top):
-            print(f"\ntop {len(top)} completed trials by validation accuracy:")
-            print(_table(top))
-            print("rate vectors (--sketch_rate):")
-            print(_rate_lines(top))
-        if front.empty:
-            print("\nno completed trial: no Pareto front yet")
-        else:
-            shown = front.head(_MAX_FRONT_ROWS)
-            more = f", the first {len(shown)} shown (all in front.{args.format})" if len(front) > len(shown) else ""
-            print(f"\nPareto front (max validation accuracy, min "
-                  f"{'predicted latency' if axis == 'latency' else 'FLOPs'}): {len(front)} trials{more}")
-            print(_table(shown))
-            print("rate vectors (--sketch_rate):")
-            print(_rate_lines(shown))
-        print(f"\nhypervolume: {hv:.4f}  (area dominated in validation accuracy x FLOPs ratio; "
-              f"reference point: accuracy 0, FLOPs ratio 1)")
-        sens_line = _sensitivity_line(layer_sensitivity(df, exp.unit_names, cost=axis),
-                                      at="predicted latency" if axis == "latency" else "FLOPs")
-        if sens_line:
-            print(sens_line)
-        best = None
-        if budget is not None:
-            best = best_under_budget(df, budget)
-            if best is None:
-                print(f"\nno completed trial within the FLOPs budget {_budget_text(*budget)}")
-            else:
-                print(f"\nbest trial within the FLOPs budget {_budget_text(*budget)}: {best['trial_id']}: "
-                      f"val. accuracy {_pct(best['val_acc'])}, {_si(best['flops'])} MACs "
-                      f"({_pct(best['flops_ratio'], 1)} of the unpruned), {_si(best['params'])} params")
-                print(f"  --sketch_rate '{format_rate_vector(rates_of(best))}'")
-        best_lat = None
-        if args.latency_budget is not None:
-            best_lat = best_under_latency(df, args.latency_budget)
-            if best_lat is None:
-                print(f"\nno completed trial within the latency budget {args.latency_budget}")
-            else:
-                print(f"\nbest trial within the latency budget {args.latency_budget}: "
-                      f"{best_lat['trial_id']}: val. accuracy {_pct(best_lat['val_acc'])}, "
-                      f"{best_lat['latency_ms']:.3f} ms predicted "
-                      f"({_pct(best_lat['latency_ratio'], 1)} of the unpruned), "
-                      f"{_pct(best_lat['flops_ratio'], 1)} of the FLOPs")
-                print(f"  --sketch_rate '{format_rate_vector(rates_of(best_lat))}'")
-        print()
-        summary.append({"experiment": exp.name, "trials": len(df),
-                        "completed": int((df["status"] == "completed").sum()),
-                        "best val_acc": _pct(top["val_acc"].max()) if len(top) else "-",
-                        "front": len(front), "hypervolume": f"{hv:.4f}",
-                        **({"best in budget": "-" if best is None else
-                            f"{_pct(best['val_acc'])} @ {_pct(best['flops_ratio'], 1)}"} if budget else {})})
-
+    summary = [_report(exp, args, budgets) for exp in exps]
     if len(exps) > 1:
         print("comparison:")
         print("\n".join("  " + line for line in pd.DataFrame(summary).to_string(index=False).splitlines()))
         print()
-
-    combined = combine(exps)
-    written = [export(combined, out, args.format, "trials"),
-               export(experiment_fronts(exps), out, args.format, "front")]
-    tag = (lambda f, e: f.assign(experiment=e.name)) if len(exps) > 1 else (lambda f, e: f)
-    written.append(export(pd.concat([tag(layer_sensitivity(e.trials, e.unit_names, cost=e.cost_axis), e) for e in exps],
-                                    ignore_index=True), out, args.format, "sensitivity"))
-    written.append(export(pd.concat([tag(hypervolume_history(e.trials), e) for e in exps], ignore_index=True),
-                          out, args.format, "history"))
-    if not args.no_plots:
-        from search.results.plots import write_plots
-
-        written += write_plots(exps, out)
+    written = _write_outputs(exps, out, args)
     print(f"wrote {len(written)} files to {out}:")
     print("  " + ", ".join(p.name for p in written))
     return 0

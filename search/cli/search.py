@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "search") -> N
            "not needed with --resume (the experiment keeps its config)")
     a("--budget", default=None, help="wall-clock budget of the search phase: 90s, 30m, 4h")
     a("--num_samples", type=int, default=None, help="number of trials")
-    a("--flops_budget", type=float, default=None,
-      help="keep at most this fraction of the unpruned FLOPs (0-1]; nothing above is trained")
+    a("--flops_budget", default=None,
+      help="keep at most this much of the unpruned FLOPs: a fraction (0-1], a percentage "
+           "('50%%') or MACs ('60M'); nothing above is trained")
     a("--address", default=None,
       help="Ray cluster to use: auto, host:port or ray://host:port; default: start a local "
            "instance on 127.0.0.1")
@@ -91,8 +92,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
                       ("data_path", "model.data_path"), ("pretrained", "model.pretrained"),
                       ("family", "model.family"), ("normalize", "model.normalize")):
         value = getattr(args, flag, None)
-        if value is not None:
-            out.append(f"{key}={_yaml_str(value)}")
+        if value is not None:  # a budget is read as YAML: 0.5 is a number, 60M a string
+            out.append(f"{key}={value if flag == 'flops_budget' else _yaml_str(value)}")
     return out
 
 

@@ -32,6 +32,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from search.results.budgets import Budget, parse_budget
 from search.results.picks import parse_pick
 from sketch_core.data.sets import DATA_SETS
 from sketch_core.errors import UserError
@@ -58,7 +59,6 @@ OBJECTIVES = ("val_acc", "flops", "latency")  # val_acc first; then flops and/or
 COSTS = ("flops", "latency")
 LATENCY_DEVICES = ("cpu", "cuda")
 LATENCY_RUNTIMES = ("torch", "onnxruntime")
-_MS_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e-?\d+)?)\s*ms\s*$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- value types
@@ -251,44 +251,55 @@ class SamplerConfig(_Section):
     anchors: NonNegativeInt = 4  # uniform vectors [r]*n spread over the space, evaluated first
 
 
+_BUDGET_UNIT = {"flops": "'60M' for MACs", "latency": "'3ms' for milliseconds"}
+
+
+def _budget_value(value: Any, axis: str, key: str) -> Any:
+    """A budget key's value in the grammar of :mod:`search.results.budgets`, kept as a
+    fraction (a YAML number must be one) or as its text (``'60M'``, ``'3ms'``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise _config_error(f"expected a budget (a fraction in (0, 1], '50%' or "
+                            f"{_BUDGET_UNIT[axis]}), got {value!r}")
+    if isinstance(value, (int, float)):
+        if not 0 < float(value) <= 1:
+            raise _config_error(f"{float(value)} is outside (0, 1]; a number is a fraction of "
+                                f"the unpruned network (write {_BUDGET_UNIT[axis]})")
+        return float(value)
+    try:
+        budget = parse_budget(str(value), axis, f"config key budget.{key}")
+    except UserError as exc:
+        raise _verbatim(exc) from None
+    return budget.value if budget.kind == "ratio" else budget.text
+
+
 class BudgetConfig(_Section):
-    """When the search ends, and the FLOPs a vector may keep."""
+    """When the search ends, and the FLOPs or latency a vector may keep."""
 
     time: str | None = None
     num_samples: PositiveInt | None = 32
-    flops_budget: Fraction | None = None
+    flops_budget: float | str | None = None  # a fraction, '50%' or MACs like '60M'
     flops_policy: FlopsPolicy = "reject"  # over any budget (FLOPs or latency): reject or repair
-    latency: float | str | None = None  # a fraction of the unpruned latency, or "3ms"
+    latency: float | str | None = None  # a fraction of the unpruned latency, '50%' or '3ms'
+
+    @field_validator("flops_budget", mode="before")
+    @classmethod
+    def _flops(cls, value: Any) -> Any:
+        return _budget_value(value, "flops", "flops_budget")
 
     @field_validator("latency", mode="before")
     @classmethod
     def _latency(cls, value: Any) -> Any:
-        if value is None or isinstance(value, bool):
-            if isinstance(value, bool):
-                raise _config_error(f"expected a fraction of the unpruned latency in (0, 1] "
-                                    f"or milliseconds like '3ms', got {value!r}")
-            return value
-        if isinstance(value, (int, float)):
-            if not 0 < float(value) <= 1:
-                raise _config_error(f"{value} is outside (0, 1]; a latency budget is a fraction "
-                                    f"of the unpruned network's, or milliseconds like '3ms'")
-            return float(value)
-        if isinstance(value, str):
-            m = _MS_RE.match(value)
-            if m and float(m.group(1)) > 0:
-                return f"{float(m.group(1)):g}ms"
-            try:
-                return cls._latency(float(value))
-            except ValueError:
-                pass
-        raise _config_error(f"cannot read {value!r}; expected a fraction of the unpruned "
-                            f"latency in (0, 1] (e.g. 0.5) or milliseconds (e.g. '3ms')")
+        return _budget_value(value, "latency", "latency")
 
-    def latency_ms(self) -> float | None:
-        """The latency budget in milliseconds when given so (``'3ms'``), else None."""
-        if isinstance(self.latency, str):
-            return float(_MS_RE.match(self.latency).group(1))
-        return None
+    def flops_bound(self) -> Budget | None:
+        """``flops_budget`` as a :class:`~search.results.budgets.Budget` (None: no budget)."""
+        return None if self.flops_budget is None else parse_budget(self.flops_budget, "flops")
+
+    def latency_bound(self) -> Budget | None:
+        """``latency`` as a :class:`~search.results.budgets.Budget` (None: no budget)."""
+        return None if self.latency is None else parse_budget(self.latency, "latency")
 
     @field_validator("time")
     @classmethod

@@ -91,17 +91,16 @@ def check_given_table(config: SearchConfig) -> None:
 def budgets(config: SearchConfig, space: Any) -> dict[str, float] | None:
     """The budgets as ``{cost key: fraction of the unpruned}`` (None: no budget).
 
-    A latency budget in milliseconds is divided by the table's prediction for the
-    unpruned network."""
-    b = config.budget
+    A budget in MACs is divided by the unpruned network's MACs, one in milliseconds by
+    the latency table's prediction for the unpruned network."""
+    flops, latency = config.budget.flops_bound(), config.budget.latency_bound()
     out: dict[str, float] = {}
-    if b.flops_budget is not None:
-        out["flops_ratio"] = float(b.flops_budget)
-    if b.latency is not None:
+    if flops is not None:
+        out["flops_ratio"] = flops.ratio(space.cost_model.full_flops)
+    if latency is not None:
         if space.latency is None:
             raise UserError("budget.latency needs a latency table; none was measured or given")
-        ms = b.latency_ms()
-        out["latency_ratio"] = float(b.latency) if ms is None else ms / space.full_latency_ms
+        out["latency_ratio"] = latency.ratio(space.full_latency_ms)
     return out or None
 
 
@@ -110,9 +109,9 @@ def budget_words(config: SearchConfig) -> str:
     the defaults), for the line that starts a search."""
     b, out = config.budget, ""
     if b.flops_budget is not None:
-        out += f", FLOPs <= {b.flops_budget:g}"
+        out += f", FLOPs <= {b.flops_bound().text}"
     if b.latency is not None:
-        out += f", latency <= {b.latency if isinstance(b.latency, str) else format(b.latency, 'g')}"
+        out += f", latency <= {b.latency_bound().text}"
     if config.objectives != ["val_acc", "flops"]:
         out += f", objectives {'/'.join(config.objectives)}"
     return out

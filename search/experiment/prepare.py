@@ -87,23 +87,10 @@ def make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> A
     return setup
 
 
-def ended_reports(records: list[dict]) -> dict[str, dict]:
+def ended_reports(records: list) -> dict[str, dict]:
     """Final reports of trials that ended (for a resumed Tune that restarts them)."""
-    out = {}
-    for r in records:
-        if r.get("status") not in ("completed", "stopped", "failed"):
-            continue
-        failed = r["status"] == "failed"
-        out[str(r["trial_id"])] = {
-            "val_acc": 0.0 if failed or r.get("val_acc") is None else r["val_acc"],
-            "flops": r.get("flops"), "flops_ratio": r.get("flops_ratio"),
-            "params": r.get("params"), "params_ratio": r.get("params_ratio"),
-            "epoch": int(r.get("epochs") or 0), "rates": r.get("rates"),
-            "widths": r.get("widths"), "failed": failed, "error": r.get("error"),
-            "val_acc_sketched": r.get("val_acc_sketched"),
-            **({"latency_ms": r["latency_ms"], "latency_ratio": r.get("latency_ratio")}
-               if r.get("latency_ms") is not None else {})}
-    return out
+    return {r.trial_id: r.final_report() for r in records
+            if r.status in ("completed", "stopped", "failed")}
 
 
 def baseline_dict(b: Any) -> dict:

@@ -38,11 +38,11 @@ import optuna
 from optuna.trial import TrialState
 
 from search.propose.optuna_compat import close_running, trial_handle
+from search.results.record import TrialRecord, trial_status
 from search.results.trials_file import TrialLog
 from search.propose.study import constrain, open_study
 from search.propose.space import RateSpace
 from search.propose.samplers.surrogate import rung_key
-from search.results.record import trial_status
 
 __all__ = ["RateProposer", "outcome", "objective_values", "OBJECTIVE_COLUMNS", "close_unstarted", "MAX_REJECTIONS"]
 
@@ -193,13 +193,12 @@ class RateProposer:
         if self.trial_log is None:
             return
         now = time.time()
-        self.trial_log.append({
-            "trial_id": f"rejected_{trial.number:05d}", "status": "rejected",
-            "rates": rates, "widths": list(cost.widths), "val_acc": None, "flops": cost.flops,
-            "flops_ratio": cost.flops_ratio, "params": cost.params,
-            "params_ratio": cost.params_ratio, "latency_ms": cost.latency_ms,
-            "latency_ratio": cost.latency_ratio, "epochs": 0, "time_s": 0.0, "node": None,
-            "error": why, "started": now, "ended": now, "optuna_number": trial.number})
+        self.trial_log.append(TrialRecord(
+            trial_id=f"rejected_{trial.number:05d}", status="rejected", rates=rates,
+            widths=list(cost.widths), flops=cost.flops, flops_ratio=cost.flops_ratio,
+            params=cost.params, params_ratio=cost.params_ratio, latency_ms=cost.latency_ms,
+            latency_ratio=cost.latency_ratio, time_s=0.0, error=why, started=now, ended=now,
+            optuna_number=trial.number))
 
     def _handed_out(self) -> set[tuple[int, ...]]:
         """Widths of every trial handed out to run (the study's, read once, then kept)."""

@@ -34,8 +34,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from search.results.pareto import COST_COLUMNS, best_index, front_indices, front_mask
-from search.results.picks import parse_latency_bound
+from search.results.pareto import (COST_COLUMNS, best_index, front_indices, front_mask,
+                                   hypervolume_of_loss)
+from search.results.budgets import Budget, parse_budget
+from search.results.record import ENDED_STATUSES, STATUSES, TrialRecord, scored_mask
 from search.results.trials_file import NO_TRIAL_ID, json_lines, parse_records
 from sketch_core.io.atomic import atomic_write as _atomic_write
 from sketch_core.errors import UserError
@@ -43,13 +45,10 @@ from sketch_core.errors import UserError
 __all__ = [
     "STATUSES", "ENDED_STATUSES", "ResultsWarning", "Experiment", "load_experiment", "load_experiments",
     "load_results", "load_retrains", "combine", "rate_columns", "rates_of", "format_rate_vector", "pareto_front",
-    "hypervolume", "hypervolume_history", "layer_sensitivity", "top_trials", "parse_flops_budget",
-    "best_under_budget", "best_under_latency", "export", "read_export", "EXPORT_FORMATS",
+    "hypervolume", "hypervolume_history", "layer_sensitivity", "top_trials", "best_within", "export", "read_export", "EXPORT_FORMATS",
     "cost_axis_of", "experiment_fronts",
 ]
 
-STATUSES = ("completed", "stopped", "failed", "rejected", "running")
-ENDED_STATUSES = ("completed", "stopped", "failed", "rejected")
 EXPORT_FORMATS = ("csv", "parquet", "json")
 RATE_PREFIX = "rate_"
 
@@ -228,9 +227,9 @@ def _rates_from(value: Any) -> list[float] | None:
     return None
 
 
-def _ray_trial_rows(folder: _Folder) -> list[dict]:
+def _ray_trial_rows(folder: _Folder) -> list[TrialRecord]:
     """Latest report of each Ray Tune trial folder (depth 1 or 2); anything unexpected is skipped."""
-    rows: list[dict] = []
+    rows: list[TrialRecord] = []
 
     def visit(rel: str) -> bool:
         text = folder.read_text(posixpath.join(rel, "result.json"))
@@ -249,7 +248,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
             keyed = sorted(((int(m.group(1)), v) for k, v in config.items()
                             if isinstance(k, str) and (m := re.match(r"^(?:rate|r)_?(\d+)$", k))))
             rates = _rates_from([v for _, v in keyed])
-        rows.append({
+        rows.append(TrialRecord.from_dict({
             "trial_id": str(trial_id), "status": "running", "rates": rates,
             "val_acc": last.get("val_acc"), "flops": last.get("flops"),
             "flops_ratio": last.get("flops_ratio"), "params": last.get("params"),
@@ -259,7 +258,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
             "error": None, "started": reports[0].get("timestamp"), "ended": None,
             "val_acc_sketched": last.get("val_acc_sketched"), "paper_rates": config.get("paper_rates"),
             "latency_ms": config.get("latency_ms"), "latency_ratio": config.get("latency_ratio"),
-        })
+        }))
         return True
 
     for name in folder.subdirs():
@@ -272,7 +271,7 @@ def _ray_trial_rows(folder: _Folder) -> list[dict]:
     return rows
 
 
-def _trial_records(folder: _Folder) -> list[dict]:
+def _trial_records(folder: _Folder) -> list[TrialRecord]:
     """trials.jsonl through :func:`search.results.trials_file.parse_records`; each skipped line warns."""
     text = folder.read_text("trials.jsonl")
     if text is None:
@@ -286,16 +285,10 @@ def _trial_records(folder: _Folder) -> list[dict]:
             _warn(f"{where} line {number} is not a complete JSON object (half-written?); skipped, "
                   f"the other lines are kept")
 
-    records = []
-    for rec in parse_records(text, skipped):  # a trial id recorded twice: the first line counts
-        rec = dict(rec)
-        rec["trial_id"] = str(rec["trial_id"])
-        rec["rates"] = _rates_from(rec.get("rates"))
-        records.append(rec)
-    return records
+    return parse_records(text, skipped)  # a trial id recorded twice: the first line counts
 
 
-def _frame(records: list[dict], manifest: dict) -> pd.DataFrame:
+def _frame(records: list[TrialRecord], manifest: dict) -> pd.DataFrame:
     """Rows -> typed frame: fixed columns, rate_XX columns, ratios filled from the baseline."""
     n_units = max([len(r["rates"]) for r in records if r.get("rates")] +
                   [int(manifest.get("num_units") or 0)])
@@ -561,9 +554,11 @@ def experiment_fronts(experiments: Sequence[Experiment]) -> pd.DataFrame:
 
 
 def _completed(df: pd.DataFrame, cost: str | None = None) -> pd.DataFrame:
+    """The rows :func:`search.results.record.scored_mask` keeps (``cost``: the cost
+    column; by default MACs, or their ratio where MACs are missing)."""
     done = df[df["status"] == "completed"]
     cost = cost or ("flops" if done["flops"].notna().all() else "flops_ratio")
-    return done[done["val_acc"].notna() & done[cost].notna()]
+    return df[scored_mask(df["status"].tolist(), _floats(df["val_acc"]), _floats(df[cost]))]
 
 
 def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True,
@@ -592,26 +587,8 @@ def pareto_front(df: pd.DataFrame, *, per_experiment: bool = True,
     return done.iloc[front_indices(done["val_acc"].to_numpy(float), _floats(done[col]))]
 
 
-def _hv_2d(loss: np.ndarray, ref: np.ndarray) -> float:
-    """Exact 2-D hypervolume (minimisation) of points that dominate ``ref``."""
-    pts = np.unique(loss[front_mask(loss)], axis=0)
-    pts = pts[np.argsort(pts[:, 0])]
-    total, prev1 = 0.0, float(ref[1])
-    for x0, x1 in pts:
-        total += (ref[0] - x0) * (prev1 - x1)
-        prev1 = x1
-    return float(total)
-
-
 def _hv(loss: np.ndarray, ref: np.ndarray) -> float:
-    loss = loss[np.all(loss <= ref, axis=1)]
-    if len(loss) == 0:
-        return 0.0
-    try:
-        from optuna._hypervolume import compute_hypervolume
-    except ImportError:
-        return _hv_2d(loss, ref)
-    return float(compute_hypervolume(loss, ref))
+    return hypervolume_of_loss(loss, ref)
 
 
 def _hv_loss(df: pd.DataFrame, ref: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
@@ -625,8 +602,8 @@ def hypervolume(df: pd.DataFrame, ref: tuple[float, float] = (0.0, 1.0)) -> floa
 
     ``ref`` is (accuracy, FLOPs ratio): by default accuracy 0 and the unpruned FLOPs,
     so the value lies in [0, 1] (1 = 100 % accuracy at no FLOPs). Trials worse than the
-    reference point in either objective add nothing. Computed by Optuna's exact
-    hypervolume (``optuna._hypervolume.compute_hypervolume``) on (-val_acc, flops_ratio).
+    reference point in either objective add nothing. Computed by the exact
+    hypervolume (:func:`search.results.pareto.hypervolume_of_loss`) on (-val_acc, flops_ratio).
     """
     loss, ref_loss = _hv_loss(df, ref)
     return _hv(loss, ref_loss)
@@ -643,7 +620,7 @@ def hypervolume_history(df: pd.DataFrame, ref: tuple[float, float] = (0.0, 1.0))
         ended = ended.sort_values("ended", kind="stable", na_position="last")
     acc = ended["val_acc"].to_numpy(float)
     ratio = ended["flops_ratio"].to_numpy(float)
-    ok = (ended["status"] == "completed").to_numpy() & ~np.isnan(acc) & ~np.isnan(ratio)
+    ok = scored_mask(ended["status"].tolist(), acc, ratio)
     ref_loss = np.array([-float(ref[0]), float(ref[1])])
     hv = np.zeros(len(ended))
     best = np.full(len(ended), np.nan)
@@ -736,61 +713,27 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None,
 
 def top_trials(df: pd.DataFrame, k: int = 10) -> pd.DataFrame:
     """The ``k`` completed trials with the highest validation accuracy (ties: fewer FLOPs first)."""
-    done = df[(df["status"] == "completed") & df["val_acc"].notna()]
+    done = _completed(df, "flops_ratio")
     return done.sort_values(["val_acc", "flops_ratio"], ascending=[False, True], kind="stable").head(k)
 
 
-_SUFFIX = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-
-
-def parse_flops_budget(text: str | float) -> tuple[str, float]:
-    """``'0.5'`` or ``'50%'`` -> ('ratio', 0.5); ``'60M'``, ``'1.2G'``, ``'73360000'`` -> ('flops', MACs).
-
-    A plain number up to 1 is a fraction of the baseline's FLOPs; a larger one, or one
-    with a K/M/G suffix, is an absolute count of MACs.
-    """
-    s = str(text).strip().lower().replace("_", "")
-    try:
-        if s.endswith("%"):
-            kind, value = "ratio", float(s[:-1]) / 100.0
-        elif s and s[-1] in _SUFFIX:
-            kind, value = "flops", float(s[:-1]) * _SUFFIX[s[-1]]
-        else:
-            value = float(s)
-            kind = "ratio" if value <= 1.0 else "flops"
-    except ValueError:
-        raise UserError(f"cannot read FLOPs budget {text!r}; expected a fraction of the baseline "
-                        f"('0.5'), a percentage ('50%') or MACs ('60M', '1.2G')") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UserError(f"FLOPs budget {text!r} must be positive")
-    return kind, value
-
-
-def best_under_budget(df: pd.DataFrame, budget: str | float | tuple[str, float]) -> pd.Series | None:
-    """The completed trial with the highest ``val_acc`` within the FLOPs budget, or None.
-
-    Ties: fewer FLOPs, then the earlier row (the rule of :mod:`search.results.pareto`).
-
-    ``budget``: see :func:`parse_flops_budget`, or a (kind, value) pair it returns.
-    """
-    kind, value = budget if isinstance(budget, tuple) else parse_flops_budget(budget)
-    col = "flops_ratio" if kind == "ratio" else "flops"
-    done = df[(df["status"] == "completed") & df["val_acc"].notna()]
-    i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]), max_cost=value * (1 + 1e-12))
-    return None if i is None else done.iloc[i]
-
-
-def best_under_latency(df: pd.DataFrame, budget: str | float) -> pd.Series | None:
-    """The completed trial with the highest ``val_acc`` within a latency budget (a
-    fraction of the unpruned network's predicted latency, or ``'3ms'``), or None.
-    Ties: lower latency, then the earlier row."""
-    kind, value = parse_latency_bound(budget, "--latency_budget")
-    col = "latency_ratio" if kind == "ratio" else "latency_ms"
-    done = df[(df["status"] == "completed") & df["val_acc"].notna()]
-    if col not in done.columns or done[col].isna().all():
-        raise UserError("--latency_budget: these trials carry no latency; search with "
-                        "objectives [val_acc, latency] or a budget.latency")
-    i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]), max_cost=value * (1 + 1e-12))
+def best_within(df: pd.DataFrame, budget: Budget | str | float, axis: str = "flops"
+                ) -> pd.Series | None:
+    """The completed trial with the highest ``val_acc`` within ``budget`` (a
+    :class:`~search.results.budgets.Budget`, or its text on ``axis``: ``0.5``, ``50%``,
+    ``60M`` for FLOPs, ``3ms`` for latency), or None. Ties: lower cost, then the earlier
+    row (the rule of :mod:`search.results.pareto`)."""
+    if not isinstance(budget, Budget):
+        budget = parse_budget(budget, axis, f"--{axis}_budget")
+    col = budget.column
+    if col not in df.columns or df[col].isna().all():
+        if budget.axis == "latency":
+            raise UserError("--latency_budget: these trials carry no latency; search with "
+                            "objectives [val_acc, latency] or a budget.latency")
+        return None
+    done = _completed(df, col)
+    i = best_index(done["val_acc"].to_numpy(float), _floats(done[col]),
+                   max_cost=budget.value * (1 + 1e-12))
     return None if i is None else done.iloc[i]
 
 

@@ -18,10 +18,16 @@ number of objectives, every column minimised.
   front of one or two distinct points the knee is the most accurate point.
 - **Best.** :func:`best_index` is the most accurate point (optionally among those with
   cost at most a bound); ties go to the lower cost, then to the earliest.
+- **Fronts.** :func:`fronts` sorts points into successive fronts (the front, then the
+  front of what is left, ...), the non-dominated sorting of NSGA-II.
+- **Hypervolume.** :func:`hypervolume` is the area dominated by (accuracy, cost) points
+  and bounded by a reference point (by default accuracy 0 and cost ratio 1, so it lies in
+  [0, 1] for fractions); :func:`hypervolume_of_loss` is the same for any number of
+  minimised objectives. Only points on the front count, each once.
 
-Optuna has no public routine for the front of plain arrays (``Study.best_trials``
-works on a study's trials), so the front is computed here; the tests check it against
-Optuna's own non-domination routine.
+Optuna has no public routine for the front or the hypervolume of plain arrays
+(``Study.best_trials`` works on a study's trials), so both are computed here; the tests
+check them against Optuna's own routines and against brute force.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["front_mask", "front_indices", "knee_index", "best_index", "COST_COLUMNS"]
+__all__ = ["front_mask", "front_indices", "fronts", "knee_index", "best_index", "hypervolume",
+           "hypervolume_of_loss", "COST_COLUMNS"]
 
 # the cost axes a front is drawn on -> (the fraction of the unpruned, the absolute column)
 COST_COLUMNS = {"flops": ("flops_ratio", "flops"), "latency": ("latency_ratio", "latency_ms")}
@@ -136,3 +143,60 @@ def best_index(acc: Values, cost: Values, max_cost: float | None = None) -> int 
     if len(idx) == 0:
         return None
     return int(idx[np.lexsort((idx, c[idx], -a[idx]))[0]])
+
+
+def fronts(acc: Values, cost: Values) -> list[list[int]]:
+    """Indices of the points by successive front (max ``acc``, min ``cost``): the front,
+    then the front of the rest, and so on; each front in input order. Points with a
+    missing value come in no front."""
+    a, c = _pair(acc, cost)
+    loss = np.column_stack([-a, c])
+    left = np.flatnonzero(np.isfinite(loss).all(axis=1))
+    out: list[list[int]] = []
+    while len(left):
+        on = front_mask(loss[left])
+        out.append([int(i) for i in left[on]])
+        left = left[~on]
+    return out
+
+
+def _volume(rows: np.ndarray, ref: np.ndarray) -> float:
+    """Dominated volume of ``rows`` (each <= ``ref`` in every column, minimised), by
+    slicing along the last objective (exact; fine for the few objectives a search has)."""
+    if len(rows) == 0:
+        return 0.0
+    if rows.shape[1] == 1:
+        return float(ref[0] - rows[:, 0].min())
+    rows = rows[front_mask(rows)]
+    rows = np.unique(rows, axis=0)
+    if rows.shape[1] == 2:
+        order = np.argsort(rows[:, 0], kind="stable")
+        xs, ys = rows[order, 0], rows[order, 1]  # on a 2-D front y falls as x rises
+        widths = np.append(xs[1:], ref[0]) - xs
+        return float(np.sum(widths * (ref[1] - ys)))
+    last = np.unique(rows[:, -1])
+    bounds = np.append(last[1:], ref[-1])
+    total = 0.0
+    for level, upper in zip(last, bounds):
+        slab = rows[rows[:, -1] <= level][:, :-1]
+        total += (upper - level) * _volume(slab, ref[:-1])
+    return float(total)
+
+
+def hypervolume_of_loss(loss: np.ndarray | Sequence[Sequence[float]],
+                        ref: Sequence[float]) -> float:
+    """Volume dominated by the rows of ``loss`` (every column minimised) and bounded by
+    ``ref``; rows that are not below ``ref`` in every column, or not finite, add nothing."""
+    rows = np.asarray(loss, dtype=float)
+    ref_arr = np.asarray(ref, dtype=float)
+    if rows.ndim != 2 or rows.shape[1] != len(ref_arr):
+        raise ValueError(f"expected points x {len(ref_arr)} objectives, got shape {rows.shape}")
+    keep = np.isfinite(rows).all(axis=1) & (rows < ref_arr).all(axis=1)
+    return _volume(rows[keep], ref_arr)
+
+
+def hypervolume(acc: Values, cost: Values, ref: tuple[float, float] = (0.0, 1.0)) -> float:
+    """Area dominated by (``acc`` max, ``cost`` min) points and bounded by ``ref`` =
+    (accuracy, cost); points not better than ``ref`` in both add nothing."""
+    a, c = _pair(acc, cost)
+    return hypervolume_of_loss(np.column_stack([-a, c]), (-float(ref[0]), float(ref[1])))

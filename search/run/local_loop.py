@@ -38,7 +38,7 @@ from search.propose.proposer import RateProposer, close_unstarted
 from search.results.trials_file import TrialLog, read_records
 from search.propose.study import make_sampler
 from search.run.trial import TrialSetup, train_trial
-from search.results.record import trial_record, trial_status
+from search.results.record import TrialRecord, trial_status
 from sketch_core.errors import UserError
 
 __all__ = ["run_local", "run_one", "main"]
@@ -192,8 +192,8 @@ class _Loop:
     def _end(self, key: str, config: dict, started: float, last: dict | None,
              budget_ended: bool, error: str | None = None) -> None:
         status, message = trial_status(last, error is not None, self.setup.trial.epochs)
-        record = trial_record(key, last or {}, config, status, error or message, started,
-                              "budget" if budget_ended else None)
+        record = TrialRecord.from_report(key, last or {}, config, status, error or message,
+                                         started, "budget" if budget_ended else None)
         self.log.append(record)
         self.proposer.tell(key, last, error is not None)
         self.ended += 1

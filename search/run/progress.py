@@ -23,7 +23,7 @@ from ray.tune import Callback
 from search.experiment.config import COST_SCHEDULERS, format_duration
 from search.results.picks import pareto_records
 from search.results.trials_file import TrialLog, read_records
-from search.results.record import trial_record, trial_status
+from search.results.record import ENDED_STATUSES, TrialRecord, scored, trial_status
 
 __all__ = ["SearchCallback", "record_from_trial", "status_line", "rung_summary", "BANDS"]
 
@@ -43,7 +43,7 @@ def _last_error_line(trial: Any) -> str:
 
 
 def record_from_trial(trial: Any, full_epochs: int, errored: bool, stop_reason: str,
-                      started: float | None) -> dict:
+                      started: float | None) -> TrialRecord:
     """The trials.jsonl record of an ended Tune trial."""
     res = dict(trial.last_result or {})
     now = time.time()
@@ -51,27 +51,27 @@ def record_from_trial(trial: Any, full_epochs: int, errored: bool, stop_reason: 
     status, error = trial_status(res, errored, full_epochs)
     if errored:
         error = _last_error_line(trial)
-    return trial_record(trial.trial_id, res, dict(trial.config or {}), status, error, started,
-                        stop_reason, ended=now)
+    return TrialRecord.from_report(trial.trial_id, res, dict(trial.config or {}), status, error,
+                                   started, stop_reason, ended=now)
 
 
 _WORDS = {"flops_ratio": "FLOPs", "latency_ratio": "latency"}
 
 
-def status_line(records: list[dict], running: int, budgets: dict[str, float] | None,
+def status_line(records: list[TrialRecord], running: int, budgets: dict[str, float] | None,
                 time_left: float | None, num_samples: int | None,
                 cost: str = "flops_ratio") -> str:
     """One progress line. ``budgets``: ``{cost ratio column: fraction}``; ``cost``: the
     front's cost axis (``flops_ratio`` or ``latency_ratio``)."""
     budgets = budgets or {}
-    counts = {"completed": 0, "stopped": 0, "failed": 0, "rejected": 0}
+    counts = {s: 0 for s in ENDED_STATUSES}
     for r in records:
-        counts[r.get("status", "failed")] = counts.get(r.get("status", "failed"), 0) + 1
+        counts[r.status] = counts.get(r.status, 0) + 1
     done = counts["completed"] + counts["stopped"] + counts["failed"]
     front = pareto_records(records, cost)
-    fit = [r for r in records if r.get("status") == "completed" and r.get("val_acc") is not None
-           and all((r.get(k) if r.get(k) is not None else 2) <= b for k, b in budgets.items())]
-    best = max(fit, key=lambda r: r["val_acc"]) if fit else None
+    fit = [r for r in scored(records, cost) if all(
+        (r.get(k) if r.get(k) is not None else 2) <= b for k, b in budgets.items())]
+    best = max(fit, key=lambda r: r.val_acc) if fit else None
     where = (", ".join(f"{_WORDS.get(k, k)}<={b:g}" for k, b in budgets.items())
              if budgets else "any cost")
     shown = [k for k in dict.fromkeys([cost, *budgets]) if best and best.get(k) is not None]
@@ -80,7 +80,7 @@ def status_line(records: list[dict], running: int, budgets: dict[str, float] | N
              f"({counts['completed']} completed, {counts['stopped']} stopped, "
              f"{counts['failed']} failed, {counts['rejected']} rejected), {running} running",
              f"Pareto front {len(front)}",
-             (f"best val acc at {where}: {100 * best['val_acc']:.2f}% ({at})") if best
+             (f"best val acc at {where}: {100 * best.val_acc:.2f}% ({at})") if best
              else f"best at {where}: -"]
     if time_left is not None:
         parts.append(f"{format_duration(time_left)} left")
@@ -90,7 +90,7 @@ def status_line(records: list[dict], running: int, budgets: dict[str, float] | N
 BANDS = ("cheap", "middle", "dear")
 
 
-def rung_summary(records: list[dict], rungs: list[int], bands: tuple[str, ...] = BANDS,
+def rung_summary(records: list[TrialRecord], rungs: list[int], bands: tuple[str, ...] = BANDS,
                  cost: str = "flops_ratio") -> list[str]:
     """Per rung (epochs, ascending), how many trials of each cost band it promoted.
 

@@ -58,43 +58,14 @@ from typing import Any, Sequence
 import numpy as np
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from search.results.pareto import fronts
 from sketch_core.io.atomic import atomic_write_text
 
-__all__ = ["MOASHAScheduler", "CostASHAScheduler", "pareto_fronts", "spread_order",
+__all__ = ["MOASHAScheduler", "CostASHAScheduler", "spread_order",
            "promotion_order", "promotes", "trend_residuals", "trend_promotes",
            "rung_milestones"]
 
 Point = tuple[float, float]  # (accuracy: higher is better, cost: lower is better)
-
-
-def _dominates(a: Point, b: Point) -> bool:
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
-def pareto_fronts(points: Sequence[Point]) -> list[list[int]]:
-    """Indices of ``points`` by non-dominated front: the first front, then the next..."""
-    n = len(points)
-    beaten_by = [0] * n
-    beats: list[list[int]] = [[] for _ in range(n)]
-    for i in range(n):
-        for j in range(i + 1, n):
-            if _dominates(points[i], points[j]):
-                beats[i].append(j)
-                beaten_by[j] += 1
-            elif _dominates(points[j], points[i]):
-                beats[j].append(i)
-                beaten_by[i] += 1
-    fronts, current = [], [i for i in range(n) if beaten_by[i] == 0]
-    while current:
-        fronts.append(current)
-        following = []
-        for i in current:
-            for j in beats[i]:
-                beaten_by[j] -= 1
-                if beaten_by[j] == 0:
-                    following.append(j)
-        current = sorted(following)
-    return fronts
 
 
 def spread_order(points: Sequence[Point], members: Sequence[int],
@@ -135,7 +106,7 @@ def promotion_order(points: Sequence[Point]) -> list[int]:
     accs, costs = [p[0] for p in points], [p[1] for p in points]
     scale = (max(accs) - min(accs), max(costs) - min(costs))
     order: list[int] = []
-    for front in pareto_fronts(points):
+    for front in fronts([p[0] for p in points], [p[1] for p in points]):
         order.extend(spread_order(points, front, scale))
     return order
 

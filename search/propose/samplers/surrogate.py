@@ -45,6 +45,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from search.propose.space import RateSpace
+from search.results.pareto import front_indices, hypervolume
 
 __all__ = ["SurrogateSampler", "Observation", "observations", "rung_key", "RUNG_PREFIX",
            "STOPPED_WEIGHT", "STARTUP", "KAPPA"]
@@ -154,32 +155,6 @@ class _Model:
         mean = self.mu_y + x @ self.coef
         var = self.noise * (1.0 + np.einsum("ij,jk,ik->i", x, self.a_inv, x))
         return mean, np.sqrt(var)
-
-
-def _front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Non-dominated (flops_ratio min, acc max) points, by increasing cost."""
-    front: list[tuple[float, float]] = []
-    for fr, acc in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not front or acc > front[-1][1]:
-            front.append((fr, acc))
-    return front
-
-
-def _gain(front: list[tuple[float, float]], fr: float, acc: float) -> float:
-    """Hypervolume (reference: flops ratio 1, accuracy 0) that (fr, acc) adds to ``front``."""
-    if fr >= 1.0 or acc <= 0.0:
-        return 0.0
-    pts = front + [(fr, acc)]
-    return _area(_front(pts)) - _area(front)
-
-
-def _area(front: list[tuple[float, float]]) -> float:
-    area, prev_acc = 0.0, 0.0
-    for fr, acc in front:  # increasing cost and accuracy
-        if acc > prev_acc:
-            area += (1.0 - min(fr, 1.0)) * (acc - prev_acc)
-            prev_acc = acc
-    return area
 
 
 class SurrogateSampler(optuna.samplers.BaseSampler):
@@ -364,10 +339,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         w = np.array([o.weight for o in obs])
         model = _Model(self._features(vals, fr), y, w)
         cost = self._cost(vals, fr)
-        front = _front(list(zip(cost.tolist(), y.tolist())))
-        on_front = {(round(f, 9), round(a, 9)) for f, a in front}
-        front_values = [vals[i].tolist() for i in range(len(obs))
-                        if (round(float(cost[i]), 9), round(float(y[i]), 9)) in on_front]
+        on_front = front_indices(y, cost)
+        front_acc, front_cost = y[on_front], cost[on_front]
+        front_values = [vals[i].tolist() for i in on_front]
         cand = self._shrink(self._candidates(obs, front_values))
         cand_fr = self._price(cand)
         seen = seen | {tuple(np.round(v, 9)) for v in vals}
@@ -380,7 +354,9 @@ class SurrogateSampler(optuna.samplers.BaseSampler):
         cand_cost = self._cost(cand, cand_fr)
         mean, sd = model.predict(self._features(cand, cand_fr))
         optimistic = np.clip(mean + self.kappa * sd, 0.0, 1.0)
-        gains = np.array([_gain(front, float(f), float(a)) for f, a in zip(cand_cost, optimistic)])
+        base = hypervolume(front_acc, front_cost)
+        gains = np.array([hypervolume(np.append(front_acc, a), np.append(front_cost, f)) - base
+                          for f, a in zip(cand_cost, optimistic)])
         if gains.max() <= 0.0:  # nothing beats the front even optimistically: most uncertain
             best = int(np.argmax(sd))
         else:
