@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+from sketch_core.errors import UserError
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -39,8 +40,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sketch_core.errors import UserError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
     if command is None:

@@ -3,35 +3,75 @@
 The baseline is trained by the project's own ``launch.py pretrain`` (kept in a work
 folder so a second run reuses it); every hypervolume is
 :func:`search.results.pareto.hypervolume` of (accuracy, MACs ratio) columns, reference
-(0, 1); Spearman correlation and bootstrap intervals are plain NumPy/SciPy.
+(0, 1); Spearman correlation and bootstrap intervals are plain NumPy/SciPy. The search
+benchmarks get their baseline, plan and trial setup as a search does
+(:func:`search_trials`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import random
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import launch  # noqa: E402
+from search.experiment.baseline import Baseline, baseline_dict, prepare_baseline  # noqa: E402
+from search.experiment.config import SearchConfig  # noqa: E402
+from search.experiment.resolve import SearchPlan, plan_search  # noqa: E402
+from search.run.trial import TrialSetup, trial_setup  # noqa: E402
+from sketch_core.errors import UserError  # noqa: E402
+
 __all__ = ["pretrained", "columns", "spearman", "bootstrap_interval", "mean_sd", "Clock",
-           "ROOT", "require_real_data"]
+           "ROOT", "require_real_data", "seeded", "SearchTrials", "search_trials", "with_seed"]
+
+
+@dataclass(frozen=True)
+class SearchTrials:
+    """What a search benchmark runs its trials on, resolved as ``launch.py search`` does:
+    the baseline (``baseline.state`` its weights), its manifest summary, the search plan
+    (``plan.space`` the priced rate space) and the trials' setup."""
+
+    baseline: Baseline
+    summary: dict[str, Any]
+    plan: SearchPlan
+    setup: TrialSetup
+
+
+def search_trials(config: SearchConfig, name: str = "benchmark") -> SearchTrials:
+    """The baseline (loaded, or pretrained and cached), the plan and the trial setup of
+    ``config``'s search; nothing is written (the plan's folder is a temporary one)."""
+    b = prepare_baseline(config, None)
+    summary = baseline_dict(b)
+    with tempfile.TemporaryDirectory(prefix="sketchtune-bench-") as tmp:
+        plan = plan_search(config, summary, Path(tmp), name, tmp)
+    return SearchTrials(b, summary, plan, trial_setup(plan))
+
+
+def with_seed(setup: TrialSetup, seed: int) -> TrialSetup:
+    """``setup`` with the trial recipe's seed (shuffling, initial weights, pruning) changed."""
+    return dataclasses.replace(setup, recipe=dataclasses.replace(setup.recipe, seed=seed))
 
 
 def require_real_data(root: Path, jpeg: str, checkpoint: str, network: str) -> None:
     """One-line error (``UserError``) unless ``root`` holds the JPEG CIFAR-10 and the
     public ``checkpoint`` that ``--data real`` reads."""
-    from sketch_core.errors import UserError
-
     need = [root / jpeg / "train", root / jpeg / "test", root / checkpoint]
     missing = [str(p) for p in need if not p.exists()]
     if missing:
@@ -46,8 +86,6 @@ def pretrained(work: Path, argv: Sequence[str], quiet: bool = True) -> Path:
 
     An earlier run's checkpoint in the same folder, made with the same arguments, is reused.
     """
-    import launch
-
     job = work / "pretrain"
     ckpt = job / "checkpoint" / "model_best.pt"
     stamp = job / "benchmark_args.txt"
@@ -74,9 +112,7 @@ def columns(points: Sequence[tuple[float, float]]) -> tuple[list[float], list[fl
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman rank correlation (average ranks for ties)."""
-    import warnings
-
-    from scipy.stats import spearmanr
+    from scipy.stats import spearmanr  # optional: the bench extra
 
     with warnings.catch_warnings():  # a constant resample has no correlation: nan, skipped
         warnings.simplefilter("ignore")
@@ -112,8 +148,6 @@ class Clock:
 
 
 def seeded(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

@@ -21,9 +21,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+
+import launch  # noqa: E402
+from analysis_synthetic import write_experiment  # noqa: E402
+from search.results import dataframe as analysis  # noqa: E402
 
 TARGET_S = 10.0
 
@@ -34,12 +40,6 @@ def main() -> int:
     parser.add_argument("--units", type=int, default=27)
     parser.add_argument("--no_plots", action="store_true")
     args = parser.parse_args()
-
-    import pandas as pd
-
-    import launch
-    from analysis_synthetic import write_experiment
-    from search.results import dataframe as analysis
 
     with tempfile.TemporaryDirectory() as tmp:
         exp = Path(tmp) / "synthetic"

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, load_data  # noqa: E402
 from sketch_core.data.folder_cache import load_folder_images  # noqa: E402
-from sketch_core.registry import get_arch  # noqa: E402
+from sketch_core.registry import resolve_arch  # noqa: E402
 from sketch_core.training.loop import resolve_device  # noqa: E402
 
 TOTAL_IMAGES = 60_000
@@ -65,7 +65,7 @@ def subset(src: Path, dst: Path, n_train: int, n_test: int) -> Path:
 
 
 def per_image_loader(root: Path, batch_size: int, workers: int, device: torch.device):
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # heavy: only the per-image path needs it
 
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -96,7 +96,7 @@ def epoch(loader, model: nn.Module | None, opt, device: torch.device) -> float:
     return seen / (time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> float:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data_path", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg"),
                    help="CIFAR-10 JPEG class folders (train/ and test/)")
@@ -110,69 +110,86 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     src = Path(args.data_path).expanduser()
     if not (src / "train").is_dir() or not (src / "test").is_dir():
         p.error(f"{src} does not hold train/ and test/ class folders")
-    device = resolve_device(args.device)
+    return args
 
+
+def decode_and_load(src: Path, root: Path, cache: Path, args: argparse.Namespace,
+                    device: torch.device):
+    """The one-time decode into a fresh cache, then the cached load; prints both."""
+    t0 = time.perf_counter()
+    import torchvision.io  # noqa: F401 - heavy, timed apart: a fixed cost, not a per-image one
+
+    t_import = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    decoded = [load_folder_images(root / s, cache) for s in ("train", "test")]
+    t_decode, c_decode = time.perf_counter() - t0, time.process_time() - c0
+    n_all = sum(len(d.y) for d in decoded)
+    t0 = time.perf_counter()
+    data = load_data("folder", root, batch_size=args.batch_size, val_fraction=0.0,
+                     device=device, cache_dir=cache)
+    t_cached = time.perf_counter() - t0
+    n_train = len(data.train.index)
+    print(f"{n_train} training + {n_all - n_train} test images from {src}, batch "
+          f"{args.batch_size}, device {device}, {torch.get_num_threads()} torch threads, "
+          f"{os.cpu_count()} cores")
+    scale = TOTAL_IMAGES / n_all
+    print(f"decode {n_all} images: {t_decode:.2f} s, {c_decode:.2f} s of CPU time "
+          f"({n_all / t_decode:.0f} img/s; {t_decode * scale:.1f} s for {TOTAL_IMAGES}, goal "
+          f"<= 30 s), after importing torchvision.io once: {t_import:.2f} s")
+    print(f"cached load of {n_all} images: {t_cached:.2f} s ({t_cached * scale:.2f} s for "
+          f"{TOTAL_IMAGES}, goal <= 2 s)")
+    return data
+
+
+def model_and_opt(name: str, device: torch.device):
+    """The model stepped per batch (the same initial weights each call) and its SGD."""
+    if name == "none":
+        return None, None
+    torch.manual_seed(0)
+    m = resolve_arch(name, "cifar10").build().to(device).train()
+    return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+
+
+def compare(label: str, with_model: bool, slow, fast, args: argparse.Namespace,
+            device: torch.device) -> float:
+    """Alternating epochs of the per-image and the resident path; resident / per-image."""
+    ms, mf = ((model_and_opt(args.model, device), model_and_opt(args.model, device))
+              if with_model else ((None, None),) * 2)
+    speeds: dict[str, list[float]] = {"per-image": [], "resident": []}
+    for e in range(args.epochs):
+        speeds["per-image"].append(epoch(slow, *ms, device))
+        speeds["resident"].append(epoch(fast, *mf, device))
+        tag = " (warm-up)" if e == 0 and args.epochs > 1 else ""
+        print(f"  {label}, epoch {e + 1}: per-image {speeds['per-image'][-1]:.0f} img/s, "
+              f"resident {speeds['resident'][-1]:.0f} img/s{tag}", flush=True)
+    skip = 1 if args.epochs > 1 else 0
+    slow_s = statistics.median(speeds["per-image"][skip:])
+    fast_s = statistics.median(speeds["resident"][skip:])
+    print(f"{label}: per-image {slow_s:.0f} img/s, resident {fast_s:.0f} img/s, "
+          f"{fast_s / slow_s:.2f}x")
+    return fast_s / slow_s
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    src = Path(args.data_path).expanduser()
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = src if args.images is None else subset(src, tmp / "set", args.images,
                                                       max(10, args.images // 5))
-        cache = tmp / "cache"
-        t0 = time.perf_counter()
-        import torchvision.io  # noqa: F401 - a fixed cost, not a per-image one
-
-        t_import = time.perf_counter() - t0
-        t0, c0 = time.perf_counter(), time.process_time()
-        decoded = [load_folder_images(root / s, cache) for s in ("train", "test")]
-        t_decode, c_decode = time.perf_counter() - t0, time.process_time() - c0
-        n_all = sum(len(d.y) for d in decoded)
-        t0 = time.perf_counter()
-        data = load_data("folder", root, batch_size=args.batch_size, val_fraction=0.0,
-                         device=device, cache_dir=cache)
-        t_cached = time.perf_counter() - t0
-        n_train = len(data.train.index)
-        print(f"{n_train} training + {n_all - n_train} test images from {src}, batch "
-              f"{args.batch_size}, device {device}, {torch.get_num_threads()} torch threads, "
-              f"{os.cpu_count()} cores")
-        scale = TOTAL_IMAGES / n_all
-        print(f"decode {n_all} images: {t_decode:.2f} s, {c_decode:.2f} s of CPU time "
-              f"({n_all / t_decode:.0f} img/s; {t_decode * scale:.1f} s for {TOTAL_IMAGES}, goal "
-              f"<= 30 s), after importing torchvision.io once: {t_import:.2f} s")
-        print(f"cached load of {n_all} images: {t_cached:.2f} s ({t_cached * scale:.2f} s for "
-              f"{TOTAL_IMAGES}, goal <= 2 s)")
+        data = decode_and_load(src, root, tmp / "cache", args, device)
         slow = per_image_loader(root, args.batch_size, args.workers, device)
-        fast = data.train
-
-        def model_and_opt():
-            if args.model == "none":
-                return None, None
-            torch.manual_seed(0)
-            m = get_arch(args.model, "cifar10").build().to(device).train()
-            return m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
-
         runs = [("loader only", False)]
         if args.model != "none":
             runs.append((f"epoch with {args.model} steps", True))
         for label, with_model in runs:
-            # the same initial weights for both paths
-            ms, mf = (model_and_opt(), model_and_opt()) if with_model else ((None, None),) * 2
-            speeds: dict[str, list[float]] = {"per-image": [], "resident": []}
-            for e in range(args.epochs):
-                speeds["per-image"].append(epoch(slow, *ms, device))
-                speeds["resident"].append(epoch(fast, *mf, device))
-                tag = " (warm-up)" if e == 0 and args.epochs > 1 else ""
-                print(f"  {label}, epoch {e + 1}: per-image {speeds['per-image'][-1]:.0f} img/s, "
-                      f"resident {speeds['resident'][-1]:.0f} img/s{tag}", flush=True)
-            skip = 1 if args.epochs > 1 else 0
-            slow_s = statistics.median(speeds["per-image"][skip:])
-            fast_s = statistics.median(speeds["resident"][skip:])
-            ratio = fast_s / slow_s
-            print(f"{label}: per-image {slow_s:.0f} img/s, resident {fast_s:.0f} img/s, "
-                  f"{ratio:.2f}x")
+            ratio = compare(label, with_model, slow, data.train, args, device)
     print(f"ratio={ratio:.3f}")
     return ratio
 

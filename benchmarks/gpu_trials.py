@@ -40,32 +40,40 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search.experiment.config import TrialConfig  # noqa: E402
+from search.experiment.config import ModelConfig, SketchConfig, TrialConfig  # noqa: E402
+from search.experiment.scoring_split import data_request  # noqa: E402
+from search.run import trial as trainable  # noqa: E402
 from search.run.gpu_share import mps_status  # noqa: E402
 from search.run.trial import TrialSetup, train_trial  # noqa: E402
-from sketch_core.registry import get_arch  # noqa: E402
+from sketch_core.registry import resolve_arch  # noqa: E402
 from train_throughput import machine, write_cifar_format  # noqa: E402
 
 
 def rate_vectors(cfg: str, n: int, seed: int = 0) -> list[list[float]]:
     """``n`` rate vectors on the search's grid (0.3 .. 1.0 in steps of 0.05), seeded."""
-    units = get_arch(cfg, "cifar10").num_units
+    units = resolve_arch(cfg, "cifar10").num_units
     rng = random.Random(seed)
     grid = [round(0.3 + 0.05 * i, 2) for i in range(15)]
     return [[rng.choice(grid) for _ in range(units)] for _ in range(n)]
 
 
 def make_setup(args: argparse.Namespace, data_path: str, step: str) -> TrialSetup:
+    """The trials' setup as a search on this data would resolve it (the trial and sketch
+    sections' defaults, BN recalibrated on 4 batches, ``step`` the training step)."""
     trial = TrialConfig(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=512,
-                        val_fraction=args.val_fraction, bn_batches=4, step=step, lr=0.01)
-    return TrialSetup(cfg=args.cfg, data_set="cifar10", num_classes=10, in_channels=3,
-                      data_path=data_path, trial=trial, threads=args.threads,
-                      use_gpu=args.device == "cuda", baseline_key=f"gpu-trials-{args.cfg}")
+                        val_fraction=args.val_fraction, step=step, lr=0.01)
+    model = ModelConfig(cfg=args.cfg, data_set="cifar10", data_path=data_path)
+    return TrialSetup(arch=resolve_arch(args.cfg, "cifar10"),
+                      data=data_request(model, trial, {"val_source": "train_holdout"}),
+                      options=SketchConfig(calibration_batches=4).options(),
+                      recipe=trial.recipe(), num_classes=10, in_channels=3,
+                      threads=args.threads, use_gpu=args.device == "cuda",
+                      baseline_key=f"gpu-trials-{args.cfg}")
 
 
 def baseline_state(cfg: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return get_arch(cfg, "cifar10").build(None, 10, 3).state_dict()
+    return resolve_arch(cfg, "cifar10").build(None, 10, 3).state_dict()
 
 
 def one_trial(rates: list[float], setup: TrialSetup, baseline: dict) -> dict:
@@ -89,8 +97,6 @@ def run_mode(name: str, vectors: list[list[float]], setup: TrialSetup, baseline:
              processes: int, train_images: int) -> dict:
     """Run ``vectors`` as trials, ``processes`` at a time (1: in this process)."""
     if processes == 1:  # each mode loads its data and builds its baseline itself
-        from search.run import trial as trainable
-
         trainable._CACHE.clear()
     t0 = time.perf_counter()
     if processes == 1:
@@ -103,7 +109,7 @@ def run_mode(name: str, vectors: list[list[float]], setup: TrialSetup, baseline:
                                     [baseline] * len(vectors)))
     wall = time.perf_counter() - t0
     failed = [r for r in results if r["failed"]]
-    images = train_images * setup.trial.epochs * (len(vectors) - len(failed))
+    images = train_images * setup.recipe.epochs * (len(vectors) - len(failed))
     row = {"mode": name, "trials": len(vectors), "failed": len(failed), "wall_s": wall,
            "img_s": images / wall, "trials_h": 3600 * (len(vectors) - len(failed)) / wall,
            "per_trial_s": float(np.median([r["time_s"] for r in results]))}

@@ -48,8 +48,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+import torch
 
 from _common import spearman  # noqa: E402
+
+from search.propose.space import CostModel  # noqa: E402
+from sketch_core.cost.latency import measure_latency, paired_ratios  # noqa: E402
+from sketch_core.cost.latency_table import build_table  # noqa: E402
+from sketch_core.plans import widths_for  # noqa: E402
+from sketch_core.registry import resolve_arch  # noqa: E402
 
 
 def random_rates(rng: random.Random, units: int) -> list[float]:
@@ -71,8 +78,6 @@ def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repe
     result is the median over the pairs of (its time / the unpruned time) x
     ``unpruned_ms`` (default: the unpruned network's ``stat`` over the whole run): a
     spell of other work on the machine slows both calls of a pair alike and cancels."""
-    from sketch_core.cost.latency import measure_latency, paired_ratios
-
     f = {"median": statistics.median, "min": min}[stat]
     nets = [arch.build(w).eval() for w in widths]
     ref_net = arch.build(None).eval()
@@ -97,11 +102,6 @@ def measure_all(arch, widths: list[list[int]], *, threads: int, batch: int, repe
 def compare(cfg: str, *, vectors: int, fit_vectors: int, threads: int, batch: int, repeats: int,
             points: int, seed: int, drift: bool = True, stat: str = "min") -> dict:
     """The latency model and the fitted FLOPs model on ``vectors`` test vectors of ``cfg``."""
-    from search.propose.space import CostModel
-    from sketch_core.cost.latency_table import build_table
-    from sketch_core.rates import widths_for
-    from sketch_core.registry import resolve_arch
-
     arch = resolve_arch(cfg, "cifar10")
     cost = CostModel(arch, "cifar10")
     t0 = time.perf_counter()
@@ -127,8 +127,6 @@ def compare(cfg: str, *, vectors: int, fit_vectors: int, threads: int, batch: in
 def _closest_uniform(arch, cost, target: float, round_to: int) -> tuple[list[int], float]:
     """Widths of the uniform rate whose MACs (rounded to ``round_to``) are closest to
     ``target`` x the unpruned MACs, and that MACs ratio."""
-    from sketch_core.rates import widths_for
-
     full = cost.cost(arch.plan().full_widths())[0]
 
     def at(k: int) -> tuple[list[int], float]:  # rate k / 100; MACs grow with k
@@ -187,8 +185,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.vectors, args.fit_vectors, args.repeats = "resnet20", 12, 6, 10
-    import torch
-
     torch.manual_seed(args.seed)
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, grid "
           f"{args.points} points per axis, table: {args.stat} of calls; networks: "

@@ -37,7 +37,10 @@ modes default to the search config's default ``sketch.mode``.
 
     pip install -e ".[bench]"
     python benchmarks/proxy_fidelity.py [--vectors 20] [--modes select,select_lsq]
-        [--retrain_epochs 8] [--work DIR]
+        [--retrain_epochs 8] [--work DIR] [--smoke]
+
+``--smoke`` shrinks everything (4 vectors, 1,024 training images, 2 pretrain epochs, one
+retrain epoch) to a check of a minute; its figures mean nothing.
 
 The defaults take about 25 minutes per mode on a 2-core CPU (one torch thread). A full
 retrain in a real search is 150 epochs; here it is 8 (on a GPU, raise
@@ -50,11 +53,28 @@ import argparse
 import hashlib
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
 
 from _common import Clock, bootstrap_interval, mean_sd, seeded, spearman
+
+import search.run.trial as trainable
+from search.experiment.config import SearchConfig, SketchConfig
+from sketch_core.cost.flops import count_flops
+from sketch_core.data.request import DataRequest
+from sketch_core.data.sets import Data, TensorLoader
+from sketch_core.options import SketchOptions
+from sketch_core.plans import widths_for
+from sketch_core.pruning.bn import recalibrate_bn
+from sketch_core.pruning.prune import sketch
+from sketch_core.registry import resolve_arch
+from sketch_core.training.loop import evaluate, fit
 
 CFG = "resnet20"
 DATA_SET = "synthetic"  # the family (cifar) and name the generated set goes by
@@ -63,7 +83,7 @@ RETRAIN_BN_BATCHES = 8
 
 def partial_spearman(a, b, given) -> float:
     """Spearman correlation of ``a`` and ``b`` with the ranks of ``given`` regressed out."""
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # optional: the bench extra
 
     z = np.c_[np.ones(len(given)), rankdata(given)]
 
@@ -80,10 +100,6 @@ def teacher_task(n: int, size: int, channels: int, classes: int, seed: int, dept
                  hidden: int = 64):
     """(x, y): ``n`` smooth random images labelled by a fixed random conv network: ``depth``
     3x3 conv + ReLU layers of ``hidden`` channels, global average pool, linear."""
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(n, channels, max(1, size // 2), max(1, size // 2), generator=g)
     x = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
@@ -106,10 +122,6 @@ def teacher_data(args, seed: int = 0):
     """The generated set as a ``sketch_core.data.sets.Data``: training, validation (generated
     apart from the training images, so its size is free) and test splits; no augmentation,
     which would change the teacher's labels."""
-    import torch
-
-    from sketch_core.data.sets import Data, TensorLoader
-
     n_tr, n_va = args.n_train, args.n_val
     x, y = teacher_task(n_tr + n_va + args.n_test, args.size, args.channels, args.classes,
                         args.task_seed, args.teacher_depth, args.teacher_hidden)
@@ -137,18 +149,13 @@ def random_vectors(k: int, low: float, high: float, jitter: float, seed: int,
 
 def pretrain(args, data, work: Path, clock: Clock):
     """The baseline's state dict, trained once per task and kept in ``work``."""
-    import torch
-
-    from sketch_core import get_arch
-    from sketch_core.training.loop import evaluate, fit
-
     key = hashlib.sha1(json.dumps([args.n_train, args.n_val, args.size, args.channels,
                                    args.classes, args.task_seed, args.teacher_depth,
                                    args.teacher_hidden, args.pretrain_epochs]
                                   ).encode()).hexdigest()[:12]
     path = work / f"baseline-{key}.pt"
     seeded(0)  # the initial weights: torch's own generator starts at a random seed
-    model = get_arch(CFG, DATA_SET).build(None, args.classes, args.channels)
+    model = arch_of(args).build(None, args.classes, args.channels)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -169,21 +176,23 @@ def pretrain(args, data, work: Path, clock: Clock):
     return model, key
 
 
+def arch_of(args):
+    """The CIFAR ResNet-20 at the generated images' size and channels."""
+    return resolve_arch(CFG, DATA_SET, input_size=args.size, in_channels=args.channels)
+
+
 def split_mode(name: str) -> tuple[str, str]:
     """``select`` -> (select, filters); ``select:channels`` -> (select, channels)."""
     mode, _, select_by = name.partition(":")
     return mode, select_by or "filters"
 
 
-def retrain(full, rates, mode, data, epochs: int, seed: int, bn_batches: int) -> float:
+def retrain(full, arch, rates, mode, data, epochs: int, seed: int, bn_batches: int) -> float:
     """The retrain recipe: sketch, recalibrate BN, fine-tune, best on val; test accuracy."""
-    from sketch_core import recalibrate_bn, sketch
-    from sketch_core.training.loop import evaluate, fit
-
     calib = data.calibration_batches(bn_batches)
     mode, select_by = split_mode(mode)
-    net = sketch(full, CFG, rates, DATA_SET, mode=mode, select_by=select_by, batches=calib,
-                 seed=0)
+    net = sketch(full, arch, widths_for(arch.plan(), rates),
+                 SketchOptions(mode=mode, select_by=select_by), batches=calib, seed=0)
     recalibrate_bn(net, calib)
     data.train.seed = seed
     seeded(seed)
@@ -214,10 +223,6 @@ class RetrainCache:
 
 def trial_config(overrides: list[str]):
     """The search config's trial defaults with ``KEY=VALUE`` overrides (YAML values)."""
-    import yaml
-
-    from search.experiment.config import SearchConfig
-
     t = SearchConfig().trial
     names = set(type(t).model_fields)
     for item in overrides:
@@ -229,7 +234,11 @@ def trial_config(overrides: list[str]):
     return t
 
 
-def main() -> int:
+SMOKE = dict(vectors=4, n_train=1024, n_val=512, n_test=512, pretrain_epochs=2,
+             retrain_epochs=1, boot=200)
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vectors", type=int, default=20)
     ap.add_argument("--modes", default=None,
@@ -257,63 +266,89 @@ def main() -> int:
                     help="torch threads; default 1 (small 8x8 convolutions: more threads gain "
                          "little, and on a busy machine they wait on each other)")
     ap.add_argument("--work", default=None, help="folder to keep the baseline in (reused)")
+    ap.add_argument("--smoke", action="store_true", help="a check in about a minute: "
+                    + ", ".join(f"{k} {v}" for k, v in SMOKE.items()))
     args = ap.parse_args()
+    if args.smoke:
+        for k, v in SMOKE.items():
+            setattr(args, k, v)
+    return args
 
-    import tempfile
 
-    import torch
+def trial_setup(args, mode: str, t, key: str, full) -> trainable.TrialSetup:
+    """A search trial's setup on the generated set: the config's sketch section in
+    ``mode`` (BN recalibrated as it says), the trial recipe ``t``."""
+    mode_name, select_by = split_mode(mode)
+    macs, params = count_flops(full, (args.channels, args.size, args.size))
+    return trainable.TrialSetup(
+        arch=arch_of(args), data=DataRequest(data_set=DATA_SET),  # trial_data is replaced
+        options=SketchConfig(mode=mode_name, select_by=select_by).options(),
+        recipe=t.recipe(), num_classes=args.classes, in_channels=args.channels,
+        threads=args.threads, baseline_key=key, baseline_flops=macs, baseline_params=params)
 
-    import search.run.trial as trainable
-    from search.experiment.config import SearchConfig, SketchConfig
-    from sketch_core import count_flops
 
-    t = trial_config(args.trial)
-    threads = args.threads
-    torch.set_num_threads(threads)
-    defaults = SearchConfig()
-    modes = args.modes.split(",") if args.modes else [defaults.sketch.mode]
-    clock = Clock()
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="proxy_fidelity-"))
-    work.mkdir(parents=True, exist_ok=True)
-    data = teacher_data(args)
-    counts = torch.bincount(data.test.y, minlength=args.classes).tolist()
-    print(f"[{clock()}] teacher task: {args.n_train} training, {args.n_val} validation, "
-          f"{args.n_test} test images, {args.channels}x{args.size}x{args.size}, test class "
-          f"counts {counts}", flush=True)
-    full, key = pretrain(args, data, work, clock)
-    base_macs, base_params = count_flops(full, data.shape)
-
-    # the trial recipe, exactly as a search trial runs it, on the generated set
-    trainable.trial_data = lambda setup, device: data
-    vectors = random_vectors(args.vectors, args.low, args.high, args.jitter, seed=1)
+def score_mode(args, mode: str, t, vectors, data, full, key: str, work: Path,
+               clock: Clock) -> np.ndarray:
+    """Per vector: MACs ratio, trial score after the sketch, trial score, two retrains."""
+    cache = RetrainCache(work / f"retrains-{key}-{mode.replace(':', '-')}.json")
+    setup = trial_setup(args, mode, t, key, full)
     baseline_state = {k: v.clone() for k, v in full.state_dict().items()}
-    results = {}
-    for mode in modes:
-        cache = RetrainCache(work / f"retrains-{key}-{mode.replace(':', '-')}.json")
-        rows = []
-        mode_name, select_by = split_mode(mode)
-        setup = trainable.TrialSetup(
-            cfg=CFG, data_set=DATA_SET, num_classes=args.classes, in_channels=args.channels,
-            sketch=SketchConfig(mode=mode_name, select_by=select_by), trial=t,
-            threads=threads, baseline_key=key, baseline_flops=base_macs,
-            baseline_params=base_params)
-        for i, rates in enumerate(vectors):
-            reports: list[dict] = []
-            trainable.train_trial(rates, setup, baseline_state, lambda m, _s: reports.append(m))
-            last = reports[-1]
-            if last.get("failed"):
-                raise SystemExit(f"trial failed: {last.get('error')}")
-            r1, r2 = (cache.get(lambda s=s: retrain(full, rates, mode, data, args.retrain_epochs,
-                                                    s, RETRAIN_BN_BATCHES),
-                                mode, rates, args.retrain_epochs, s) for s in (1, 2))
-            rows.append((last["flops_ratio"], last["val_acc_sketched"], last["val_acc"], r1, r2))
-            print(f"[{clock()}] {mode} {i + 1:>2}/{len(vectors)} rates {rates}  MACs "
-                  f"{last['flops_ratio']:.3f}  trial: sketched {100 * last['val_acc_sketched']:5.1f}%"
-                  f" -> {100 * last['val_acc']:5.1f}%  retrains {100 * r1:5.2f}% {100 * r2:5.2f}%",
-                  flush=True)
-        results[mode] = np.array(rows)
-        torch.set_num_threads(threads)
+    rows = []
+    for i, rates in enumerate(vectors):
+        reports: list[dict] = []
+        trainable.train_trial(rates, setup, baseline_state, lambda m, _s: reports.append(m))
+        last = reports[-1]
+        if last.get("failed"):
+            raise SystemExit(f"trial failed: {last.get('error')}")
+        r1, r2 = (cache.get(lambda s=s: retrain(full, setup.arch, rates, mode, data,
+                                                args.retrain_epochs, s, RETRAIN_BN_BATCHES),
+                            mode, rates, args.retrain_epochs, s) for s in (1, 2))
+        rows.append((last["flops_ratio"], last["val_acc_sketched"], last["val_acc"], r1, r2))
+        print(f"[{clock()}] {mode} {i + 1:>2}/{len(vectors)} rates {rates}  MACs "
+              f"{last['flops_ratio']:.3f}  trial: sketched {100 * last['val_acc_sketched']:5.1f}%"
+              f" -> {100 * last['val_acc']:5.1f}%  retrains {100 * r1:5.2f}% {100 * r2:5.2f}%",
+              flush=True)
+        torch.set_num_threads(args.threads)  # a trial sets its own thread count
+    return np.array(rows)
 
+
+def correlation(arr: np.ndarray, idx, col, partial: bool) -> float:
+    """Spearman (``partial``: given the MACs ratio) of column ``col`` with the retrains
+    (mean over the two), or of the two retrains (``col`` ``"ceiling"``)."""
+    f = partial_spearman if partial else (lambda a, b, _z: spearman(a, b))
+    if col == "ceiling":
+        return f(arr[idx, 3], arr[idx, 4], arr[idx, 0])
+    return 0.5 * (f(arr[idx, col], arr[idx, 3], arr[idx, 0])
+                  + f(arr[idx, col], arr[idx, 4], arr[idx, 0]))
+
+
+def mode_table(mode: str, arr: np.ndarray, t, boot: int) -> float:
+    """One mode's rows of the table; its trial / ceiling ratio."""
+    n = len(arr)
+    everything = np.arange(n)
+    scores = ((2, f"trial ({t.epochs} epochs)"), (1, "sketched + BN (0 epochs)"),
+              (0, "MACs ratio alone"), ("ceiling", "ceiling: retrain vs retrain"))
+    for col, label in scores:
+        c = correlation(arr, everything, col, False)
+        iv = bootstrap_interval(lambda idx: correlation(arr, idx, col, False), n, boot=boot)
+        if col == 0:  # MACs given MACs: nothing left
+            tail = f"{'':>10} {'':>16}"
+        else:
+            pc = correlation(arr, everything, col, True)
+            piv = bootstrap_interval(lambda idx: correlation(arr, idx, col, True), n, boot=boot)
+            tail = f"{pc:10.3f} {piv[0]:7.3f} .. {piv[1]:5.3f}"
+        print(f"{mode:<11} {label:<28} {c:8.3f} {iv[0]:7.3f} .. {iv[1]:5.3f}  {tail}")
+    ratio = correlation(arr, everything, 2, False) / correlation(arr, everything, "ceiling", False)
+    partial_ratio = (correlation(arr, everything, 2, True)
+                     / correlation(arr, everything, "ceiling", True))
+    print(f"{mode:<11} trial / ceiling: {ratio:.3f} (given MACs: {partial_ratio:.3f}); retrain "
+          f"test acc {100 * arr[:, 3].min():.1f}..{100 * arr[:, 3].max():.1f}% (sd "
+          f"{100 * mean_sd(arr[:, 3])[1]:.2f}), |retrain 1 - retrain 2| mean "
+          f"{100 * np.abs(arr[:, 3] - arr[:, 4]).mean():.2f} points")
+    return ratio
+
+
+def report(args, t, results: dict[str, np.ndarray], modes: list[str], clock: Clock) -> None:
     print()
     print(f"teacher task ({args.n_train} train, {args.n_test} test, {args.channels}x{args.size}"
           f"x{args.size}), {CFG}; {args.vectors} vectors, trial = {t.epochs}-epoch fine-tune at "
@@ -324,40 +359,31 @@ def main() -> int:
           "bootstrap 90% intervals over vectors")
     print(f"{'mode':<11} {'score':<28} {'Spearman':>8} {'90% interval':>16}  "
           f"{'given MACs':>10} {'90% interval':>16}")
-    first_ratio = math.nan
-    for mode, arr in results.items():
-        n = len(arr)
-        everything = np.arange(n)
-
-        def corr(idx, col, partial):
-            f = partial_spearman if partial else (lambda a, b, _z: spearman(a, b))
-            if col == "ceiling":
-                return f(arr[idx, 3], arr[idx, 4], arr[idx, 0])
-            return 0.5 * (f(arr[idx, col], arr[idx, 3], arr[idx, 0])
-                          + f(arr[idx, col], arr[idx, 4], arr[idx, 0]))
-
-        scores = ((2, f"trial ({t.epochs} epochs)"), (1, "sketched + BN (0 epochs)"),
-                  (0, "MACs ratio alone"), ("ceiling", "ceiling: retrain vs retrain"))
-        for col, label in scores:
-            c = corr(everything, col, False)
-            iv = bootstrap_interval(lambda idx: corr(idx, col, False), n, boot=args.boot)
-            if col == 0:  # MACs given MACs: nothing left
-                tail = f"{'':>10} {'':>16}"
-            else:
-                pc = corr(everything, col, True)
-                piv = bootstrap_interval(lambda idx: corr(idx, col, True), n, boot=args.boot)
-                tail = f"{pc:10.3f} {piv[0]:7.3f} .. {piv[1]:5.3f}"
-            print(f"{mode:<11} {label:<28} {c:8.3f} {iv[0]:7.3f} .. {iv[1]:5.3f}  {tail}")
-        ratio = corr(everything, 2, False) / corr(everything, "ceiling", False)
-        partial_ratio = corr(everything, 2, True) / corr(everything, "ceiling", True)
-        print(f"{mode:<11} trial / ceiling: {ratio:.3f} (given MACs: {partial_ratio:.3f}); retrain "
-              f"test acc {100 * arr[:, 3].min():.1f}..{100 * arr[:, 3].max():.1f}% (sd "
-              f"{100 * mean_sd(arr[:, 3])[1]:.2f}), |retrain 1 - retrain 2| mean "
-              f"{100 * np.abs(arr[:, 3] - arr[:, 4]).mean():.2f} points")
-        if mode == modes[0]:
-            first_ratio = ratio
+    ratios = {mode: mode_table(mode, arr, t, args.boot) for mode, arr in results.items()}
     print(f"total time {clock()}")
-    print(f"ratio={first_ratio:.4f}")
+    print(f"ratio={ratios.get(modes[0], math.nan):.4f}")
+
+
+def main() -> int:
+    args = parse_args()
+    t = trial_config(args.trial)
+    torch.set_num_threads(args.threads)
+    modes = args.modes.split(",") if args.modes else [SearchConfig().sketch.mode]
+    clock = Clock()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="proxy_fidelity-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = teacher_data(args)
+    counts = torch.bincount(data.test.y, minlength=args.classes).tolist()
+    print(f"[{clock()}] teacher task: {args.n_train} training, {args.n_val} validation, "
+          f"{args.n_test} test images, {args.channels}x{args.size}x{args.size}, test class "
+          f"counts {counts}", flush=True)
+    full, key = pretrain(args, data, work, clock)
+    # the trial recipe, exactly as a search trial runs it, on the generated set
+    trainable.trial_data = lambda setup, device: data
+    vectors = random_vectors(args.vectors, args.low, args.high, args.jitter, seed=1)
+    results = {mode: score_mode(args, mode, t, vectors, data, full, key, work, clock)
+               for mode in modes}
+    report(args, t, results, modes, clock)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Whole-model sketch time vs one exact thin SVD of every matrix the sketch reads.
 
 For ImageNet ResNet-50 at [0.5]*16 and CIFAR ResNet-56 at [0.5]*27 (random weights: the
-cost does not depend on the values), time ``sketch_core.sketch`` (mode ``sketch``: every
+cost does not depend on the values), time ``sketch_core.pruning.prune.sketch`` (mode ``sketch``: every
 filter sketch and channel sketch, model rebuild included) and, in the same run,
 ``torch.linalg.svd(A, full_matrices=False)`` of every matrix the sketch decomposes.
 Last line: ``ratio=<sketch time / SVD time for ResNet-50>``; goal <= 1.0.
@@ -17,15 +17,17 @@ import time
 import torch
 from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 
-from sketch_core import get_arch, sketch
-from sketch_core.rates import rates_to_widths
+from sketch_core.options import SketchOptions
+from sketch_core.plans import widths_for
+from sketch_core.pruning.prune import sketch
+from sketch_core.registry import resolve_arch
+
+OPTIONS = SketchOptions(mode="sketch")
 
 
-def matrices(model, cfg, data_set, rates):
+def matrices(model, arch, widths):
     """The matrices the sketch decomposes: filter matrices and transposed channel blocks."""
-    entry = get_arch(cfg, data_set)
-    plan = entry.plan()
-    widths = rates_to_widths(cfg, rates, data_set)
+    plan = arch.plan()
     state = model.state_dict()
     pruned = {s for s, w in enumerate(widths) if w < plan.slots[s].n}
     out = []
@@ -68,9 +70,11 @@ def main() -> None:
     torch.manual_seed(0)
     ratios = {}
     for cfg, data_set, rates in (("resnet56", "cifar10", [0.5] * 27), ("resnet50", "imagenet", [0.5] * 16)):
-        model = get_arch(cfg, data_set).build().eval().to(device)
-        mats = matrices(model, cfg, data_set, rates)
-        t_sketch = best_of(lambda: sketch(model, cfg, rates, data_set), args.repeat, device)
+        arch = resolve_arch(cfg, data_set)
+        widths = widths_for(arch.plan(), rates, OPTIONS.sketch_lastconv)
+        model = arch.build().eval().to(device)
+        mats = matrices(model, arch, widths)
+        t_sketch = best_of(lambda: sketch(model, arch, widths, OPTIONS), args.repeat, device)
         t_svd = best_of(lambda: [torch.linalg.svd(m, full_matrices=False) for m in mats],
                         args.repeat, device)
         ratios[cfg] = t_sketch / t_svd

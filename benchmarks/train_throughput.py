@@ -37,7 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sketch_core.data.sets import CIFAR_MEAN, CIFAR_STD, CIFAR10_FILES, load_data  # noqa: E402
-from sketch_core.registry import get_arch  # noqa: E402
+from sketch_core.registry import resolve_arch  # noqa: E402
 from sketch_core.training.loop import fit, resolve_device  # noqa: E402
 
 
@@ -58,7 +58,7 @@ class PlainCifar(torch.utils.data.Dataset):
     """What a plain CIFAR script does: one PIL image and four transforms per sample."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        from torchvision import transforms
+        from torchvision import transforms  # heavy: only the reference loop needs it
 
         self.images, self.labels = images, labels
         self.transform = transforms.Compose([
@@ -69,7 +69,7 @@ class PlainCifar(torch.utils.data.Dataset):
         return len(self.labels)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from PIL import Image  # heavy: only the reference loop needs it
 
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
@@ -105,7 +105,7 @@ def machine(device: torch.device) -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def main(argv: list[str] | None = None) -> float:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cfg", default="resnet56", help="CIFAR architecture (default resnet56)")
     p.add_argument("--images", type=int, default=None,
@@ -120,35 +120,47 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for both loops (default: torch's own)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first one is a warm-up)")
-    device = resolve_device(args.device)
-    n = args.images or (50000 if device.type == "cuda" else 1280)
+    return args
 
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-    entry = get_arch(args.cfg, "cifar10")
-    torch.manual_seed(0)
-    init = entry.build().state_dict()
 
-    ref_model = entry.build().to(device)
-    ref_model.load_state_dict(init)
-    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    ref_loader = torch.utils.data.DataLoader(
+def reference_loop(entry, init: dict, images: np.ndarray, labels: np.ndarray,
+                   args: argparse.Namespace, device: torch.device):
+    """The plain loop's model (``init`` weights), SGD and per-image DataLoader."""
+    model = entry.build().to(device)
+    model.load_state_dict(init)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    loader = torch.utils.data.DataLoader(
         PlainCifar(images, labels), batch_size=args.batch_size, shuffle=True,
         num_workers=args.workers, pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0)
+    return model, opt, loader
 
-    our_model = entry.build()
-    our_model.load_state_dict(init)
+
+def resident_data(images: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device):
+    """The same images through ``load_data("cifar10")`` (written in CIFAR-10's format)."""
     with tempfile.TemporaryDirectory() as tmp:
         write_cifar_format(Path(tmp), images, labels)
-        data = load_data("cifar10", tmp, batch_size=args.batch_size, val_fraction=0.0,
-                         device=device)
+        return load_data("cifar10", tmp, batch_size=batch_size, val_fraction=0.0, device=device)
 
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    n = args.images or (50000 if device.type == "cuda" else 1280)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    entry = resolve_arch(args.cfg, "cifar10")
+    torch.manual_seed(0)
+    init = entry.build().state_dict()
+    ref_model, ref_opt, ref_loader = reference_loop(entry, init, images, labels, args, device)
+    our_model = entry.build()
+    our_model.load_state_dict(init)
+    data = resident_data(images, labels, args.batch_size, device)
     print(f"{args.cfg}, batch {args.batch_size}, {n} images per epoch, {args.epochs} epochs "
           f"each (first = warm-up), reference DataLoader workers {args.workers}")
     print(f"device: {device} ({machine(device)})")

@@ -12,9 +12,14 @@ branches on architecture names.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Seg", "ModSpec", "Slot", "Plan", "PlanBuilder", "require_default_start_conv"]
+from sketch_core.errors import UserError
+
+__all__ = ["Seg", "ModSpec", "Slot", "Plan", "PlanBuilder", "require_default_start_conv",
+           "kept_width", "widths_for"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,28 @@ class PlanBuilder:
 def require_default_start_conv(cfg: str, start_conv: int | None) -> None:
     """Only VGG has a first conv to choose; every other architecture takes the default 1."""
     if start_conv not in (None, 1):
-        from sketch_core.errors import UserError
-
         raise UserError(f"--start_conv only applies to VGG; {cfg} takes the default 1 "
                         f"(got {start_conv})")
+
+
+def kept_width(rate: float, n: int, round_to: int = 1) -> int:
+    kept = max(1, math.floor(rate * n + 1e-6))
+    if round_to > 1:
+        kept = min(n, max(round_to, int(math.ceil(kept / round_to)) * round_to))
+    return kept
+
+
+def widths_for(plan: Plan, rates: Sequence[float], sketch_lastconv: bool = True,
+               round_to: int = 1) -> list[int]:
+    """Per-slot widths for one checked rate per unit: the one place rates become widths.
+
+    With ``sketch_lastconv`` False the last unit keeps its full width.
+    """
+    widths = plan.full_widths()
+    last = plan.num_units - 1
+    for u, (slots, rate) in enumerate(zip(plan.units, rates)):
+        if not sketch_lastconv and u == last:
+            continue
+        for s in slots:
+            widths[s] = kept_width(rate, plan.slots[s].n, round_to)
+    return widths

@@ -4,7 +4,7 @@ Syntax (the original's): terms joined by ``+``, each ``[x]`` or ``[x]*k`` (also
 ``[x, y]*k``), e.g. ``[0.5]*9+[0.6]*9+[0.4]*9``. Plain comma lists (``0.5,0.6``) and JSON
 lists (``[0.5, 0.6]``) parse too. A rate is the fraction of filters kept:
 kept = max(1, floor(rate * n + 1e-6)), optionally rounded up to a multiple;
-:func:`widths_for` is the one place a vector becomes per-slot widths. A vector's
+:func:`sketch_core.plans.widths_for` is the one place a vector becomes per-slot widths. A vector's
 length is read from its syntax and checked before it is expanded.
 """
 
@@ -15,11 +15,11 @@ import re
 from collections.abc import Sequence
 
 from sketch_core.errors import UserError
-from sketch_core.plans import Plan
+from sketch_core.plans import widths_for
 from sketch_core.registry import Arch, CfgLike, resolve_arch
 
-__all__ = ["parse_rates", "format_rates", "validate_rates", "kept_width", "rates_to_widths",
-           "widths_for", "expand_rates", "MAX_RATES"]
+__all__ = ["parse_rates", "format_rates", "validate_rates", "rates_to_widths", "expand_rates",
+           "MAX_RATES"]
 
 _TERM = re.compile(r"^\[([^\[\]]*)\](?:\*(\d+))?$")
 
@@ -122,29 +122,6 @@ def format_rates(rates: Sequence[float]) -> str:
         terms.append(f"[{val}]" + (f"*{k}" if k > 1 else ""))
         i = j + 1
     return "+".join(terms)
-
-
-def kept_width(rate: float, n: int, round_to: int = 1) -> int:
-    kept = max(1, math.floor(rate * n + 1e-6))
-    if round_to > 1:
-        kept = min(n, max(round_to, int(math.ceil(kept / round_to)) * round_to))
-    return kept
-
-
-def widths_for(plan: Plan, rates: Sequence[float], sketch_lastconv: bool = True,
-               round_to: int = 1) -> list[int]:
-    """Per-slot widths for one checked rate per unit: the one place rates become widths.
-
-    With ``sketch_lastconv`` False the last unit keeps its full width.
-    """
-    widths = plan.full_widths()
-    last = plan.num_units - 1
-    for u, (slots, rate) in enumerate(zip(plan.units, rates)):
-        if not sketch_lastconv and u == last:
-            continue
-        for s in slots:
-            widths[s] = kept_width(rate, plan.slots[s].n, round_to)
-    return widths
 
 
 def rates_to_widths(cfg: CfgLike, rates: Sequence[float] | str, data_set: str = "cifar10",

@@ -22,17 +22,18 @@ valid cfgs and arch names come from those registrations.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Union
 
 from torch import nn
 
 from sketch_core.errors import UserError
-from sketch_core.models import FAMILIES, ModelEntry, register, registered, unregister
-from sketch_core.plans import Plan, require_default_start_conv
+from sketch_core.models.registration import FAMILIES, ModelEntry, registered
+from sketch_core.plans import Plan, require_default_start_conv, widths_for
 
-__all__ = ["Arch", "ArchEntry", "CfgLike", "ModelEntry", "resolve_arch", "get_arch", "family_of", "list_cfgs",
-           "list_arches", "register", "unregister", "FAMILIES", "SMALL_INPUT"]
+__all__ = ["Arch", "CfgLike", "resolve_arch", "build_model", "family_of", "list_cfgs",
+           "list_arches", "SMALL_INPUT", "DATA_SETS"]
 
 # the data sets sketchtune reads, and those whose models are the CIFAR family
 DATA_SETS = ("cifar10", "imagenet", "folder", "digits", "synthetic")
@@ -105,7 +106,6 @@ class Arch:
                                in_channels=self.in_channels if in_channels is None else in_channels)
 
 
-ArchEntry = Arch  # the earlier name
 CfgLike = Union[str, Arch]  # what public functions take where they take a cfg
 
 
@@ -218,9 +218,23 @@ def resolve_arch(cfg: str | Arch, data_set: str | None = None, *, family: str | 
     return out
 
 
-def get_arch(cfg: str | Arch, data_set: str | None = "cifar10", arch: str | None = None, *,
-             family: str | None = None, start_conv: int | None = None,
-             input_size: int | None = None) -> Arch:
-    """:func:`resolve_arch` under its earlier name (data set cifar10 by default)."""
-    return resolve_arch(cfg, data_set, family=family, arch=arch, start_conv=start_conv,
-                        input_size=input_size)
+def build_model(cfg: CfgLike, data_set: str = "cifar10", num_classes: int | None = None,
+                rates: Sequence[float] | None = None, *, in_channels: int = 3,
+                widths: list[int] | None = None, start_conv: int | None = None,
+                sketch_lastconv: bool = True, round_to: int = 1) -> nn.Module:
+    """A freshly initialised model; with ``rates`` (one per unit, parsed) or ``widths``
+    (one per plan slot) the narrow version. ``cfg`` is a name (resolved with
+    ``data_set``) or a resolved :class:`Arch`."""
+    entry = resolve_arch(cfg, data_set, start_conv=start_conv)
+    if widths is None and rates is not None:
+        if isinstance(rates, str):
+            raise UserError(f"build_model takes rates as numbers; read {rates!r} with "
+                            f"sketch_core.rates.parse_rates first")
+        rates = [float(r) for r in rates]
+        if len(rates) != entry.num_units:
+            raise UserError(f"{entry.label} takes {entry.num_units} sketch rates, got {len(rates)}")
+        widths = widths_for(entry.plan(), rates, sketch_lastconv, round_to)
+    model = entry.build(widths, num_classes, in_channels)
+    if widths is not None:
+        model.sketch_widths = list(widths)
+    return model

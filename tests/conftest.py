@@ -12,6 +12,26 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+@pytest.fixture(autouse=True)
+def _ray_only_in_the_cluster_tier(request, monkeypatch):
+    """A test outside the ``cluster`` tier that starts Ray fails, saying so: the fast
+    tier (the default ``pytest -q``) never pays for a Ray instance."""
+    if request.node.get_closest_marker("cluster") is not None:
+        yield
+        return
+    try:
+        import ray
+    except ImportError:
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts Ray: mark it pytest.mark.cluster")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+
+
 CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
@@ -138,3 +158,43 @@ def quickstart_experiment(tmp_path_factory, search_cache_dir):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (root / "quickstart_stdout.txt").write_text(proc.stdout)
     return root / "quickstart"
+
+
+def sketch_at(model, cfg, rates=None, data_set: str = "cifar10", *, start_conv=None,
+              round_to: int = 1, batches=None, seed: int = 0, lsq_log=None, widths=None,
+              **options):
+    """``sketch`` called the way a test reads best: a cfg name (or Arch) and a rate vector
+    (syntax or list), the sketch options as keywords. Resolves them as a caller would:
+    :func:`resolve_arch`, :func:`parse_rates`, :func:`widths_for`, :class:`SketchOptions`."""
+    from sketch_core.options import SketchOptions
+    from sketch_core.plans import widths_for
+    from sketch_core.pruning.prune import sketch
+    from sketch_core.rates import parse_rates
+    from sketch_core.registry import resolve_arch
+
+    opts = SketchOptions(**options)
+    arch = resolve_arch(cfg, data_set, start_conv=start_conv)
+    if widths is None:
+        if rates is None:
+            raise ValueError("give rates or widths")
+        widths = widths_for(arch.plan(), parse_rates(rates, arch), opts.sketch_lastconv, round_to)
+    return sketch(model, arch, widths, opts, batches=batches, seed=seed, lsq_log=lsq_log)
+
+
+def trial_setup_for(cfg, data_set, num_classes, in_channels, *, trial=None, sketch=None,
+                    input_size=None, synthetic=None, **fields):
+    """A :class:`~search.run.trial.TrialSetup` resolved from config sections the way a
+    search resolves it (``trial``: a TrialConfig, ``sketch``: a SketchConfig)."""
+    from search.experiment.config import SketchConfig, TrialConfig
+    from search.run.trial import TrialSetup
+    from sketch_core.data.request import DataRequest
+    from sketch_core.registry import resolve_arch
+
+    t, s = trial or TrialConfig(), sketch or SketchConfig()
+    data = DataRequest(data_set, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+                       val_fraction=t.val_fraction, seed=t.seed, input_size=input_size,
+                       synthetic=synthetic)
+    arch = resolve_arch(cfg, data_set, start_conv=s.start_conv, input_size=input_size)
+    return TrialSetup(arch=arch, data=data, options=s.options(), recipe=t.recipe(),
+                      num_classes=num_classes, in_channels=in_channels,
+                      train_images=t.train_images, val_images=t.val_images, **fields)

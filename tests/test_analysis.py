@@ -405,7 +405,7 @@ def _experiment_path(value) -> Path:
     raise AssertionError(f"cannot find the experiment folder in {value!r}")
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_real_quickstart_experiment(request, tmp_path, capsys):
     try:
         folder = _experiment_path(request.getfixturevalue("quickstart_experiment"))

@@ -16,13 +16,19 @@ import pytest
 import torch
 from torch import nn
 
-import sketch_core as sc
-from sketch_core import UserError
+from sketch_core.cost.flops import count_arch, count_flops
+from sketch_core.io.checkpoint import load_checkpoint, save_checkpoint
+from sketch_core.options import MODES
+from conftest import sketch_at
+from sketch_core.rates import parse_rates, rates_to_widths
+from sketch_core.registry import build_model, family_of, resolve_arch
+from sketch_core.errors import UserError
 from sketch_core.cli.info import info
 from sketch_core.plans import PlanBuilder, Seg
-from sketch_core.rates import MAX_RATES, widths_for
-from sketch_core.registry import (Arch, list_arches, list_cfgs, register, resolve_arch,
-                                  unregister)
+from sketch_core.models.registration import register, unregister
+from sketch_core.plans import widths_for
+from sketch_core.rates import MAX_RATES
+from sketch_core.registry import Arch, list_arches, list_cfgs, resolve_arch
 from search.propose.space import RateSpace
 
 
@@ -91,29 +97,29 @@ def test_a_registered_model_goes_through_everything(twoconv, tmp_path):
     assert "twoconv8" in list_cfgs("cifar") and "twoconv" in list_arches()
     arch = resolve_arch("twoconv8", "cifar10")
     assert (arch.family, arch.arch, arch.num_units, arch.input_size) == ("cifar", "twoconv", 2, 16)
-    assert sc.parse_rates("[0.5]*2", "twoconv8") == [0.5, 0.5]
+    assert parse_rates("[0.5]*2", "twoconv8") == [0.5, 0.5]
     with pytest.raises(UserError, match="cifar twoconv8 takes 2 sketch rates, got 3"):
-        sc.parse_rates("[0.5]*3", arch)
+        parse_rates("[0.5]*3", arch)
     with pytest.raises(UserError, match="base width of 2"):
         resolve_arch("twoconv1")
 
-    narrow = sc.build_model("twoconv8", rates=[0.5, 0.25])
+    narrow = build_model("twoconv8", rates=[0.5, 0.25])
     assert narrow.conv1.out_channels == 4 and narrow.conv2.out_channels == 4
-    assert narrow.sketch_widths == [4, 4] == sc.rates_to_widths(arch, [0.5, 0.25])
-    assert sc.count_arch("twoconv8") == _macs_params(8, 16)
-    assert sc.count_arch(arch, widths=[4, 4]) == _macs_params(4, 4)
-    assert sc.count_flops(narrow, (3, 16, 16)) == _macs_params(4, 4)
+    assert narrow.sketch_widths == [4, 4] == rates_to_widths(arch, [0.5, 0.25])
+    assert count_arch("twoconv8") == _macs_params(8, 16)
+    assert count_arch(arch, widths=[4, 4]) == _macs_params(4, 4)
+    assert count_flops(narrow, (3, 16, 16)) == _macs_params(4, 4)
 
     torch.manual_seed(0)
     full = arch.build().eval()
     batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(3)]
-    for mode in sc.MODES:
-        out = sc.sketch(full, arch, [0.5, 0.25], mode=mode, batches=batches)
+    for mode in MODES:
+        out = sketch_at(full, arch, [0.5, 0.25], mode=mode, batches=batches)
         assert out.sketch_widths == [4, 4], mode
         assert out(batches[0][0]).shape == (8, 10)
     path = tmp_path / "twoconv.pt"
-    sc.save_checkpoint(path, out, cfg=arch, rates=[0.5, 0.25])
-    loaded = sc.load_checkpoint(path, arch)
+    save_checkpoint(path, out, cfg=arch, rates=[0.5, 0.25])
+    loaded = load_checkpoint(path, arch)
     assert loaded.meta["widths"] == [4, 4] and loaded.meta["family"] == "cifar"
     res = info("twoconv8", sketch_rate="[0.5]*2")
     assert res["num_rates"] == 2 and res["flops"] == _macs_params(4, 8)[0]
@@ -140,8 +146,8 @@ def test_a_registered_model_goes_through_everything(twoconv, tmp_path):
 def test_the_family_rule(cfg, data_set, kw, family):
     arch = resolve_arch(cfg, data_set, **kw)
     assert arch.family == family
-    assert sc.family_of(data_set, cfg, **kw) == family
-    assert sc.get_arch(cfg, data_set, family=kw.get("family"),
+    assert family_of(data_set, cfg, **kw) == family
+    assert resolve_arch(cfg, data_set, family=kw.get("family"),
                        input_size=kw.get("input_size")).family == family
 
 
@@ -175,9 +181,9 @@ def test_an_arch_passes_through_and_pickles():
     assert arch.num_units == 11 and arch.plan().num_units == 11 and arch.plan(0).num_units == 13
     assert resolve_arch(arch) is arch
     assert resolve_arch(arch, start_conv=0).num_units == 13
-    assert sc.parse_rates("[0.5]*11", arch) == [0.5] * 11
+    assert parse_rates("[0.5]*11", arch) == [0.5] * 11
     with pytest.raises(UserError, match="cifar vgg16 with --start_conv 2 takes 11 sketch rates"):
-        sc.parse_rates("[0.5]*12", arch)
+        parse_rates("[0.5]*12", arch)
     back = pickle.loads(pickle.dumps(arch))
     assert isinstance(back, Arch) and back == arch and back.plan() == arch.plan()
     with pytest.raises(UserError, match="belongs to --arch vgg"):
@@ -197,8 +203,8 @@ def test_one_rates_to_widths_for_every_caller(cfg, data_set, kw):
                       start_conv=kw.get("start_conv"), sketch_lastconv=kw.get("sketch_lastconv", True))
     want = widths_for(arch.plan(), rates, kw.get("sketch_lastconv", True), kw.get("round_to", 1))
     assert space.widths(rates) == want
-    assert sc.rates_to_widths(cfg, rates, data_set, **kw) == want
-    model = sc.build_model(cfg, data_set, rates=rates, **kw)
+    assert rates_to_widths(cfg, rates, data_set, **kw) == want
+    model = build_model(cfg, data_set, rates=rates, **kw)
     assert model.sketch_widths == want
     assert list(space.cost(rates).widths) == want
     assert pickle.loads(pickle.dumps(space)).widths(rates) == want
@@ -209,13 +215,13 @@ def test_one_rates_to_widths_for_every_caller(cfg, data_set, kw):
 def test_a_huge_repeat_is_refused_before_it_is_expanded():
     start = time.perf_counter()
     with pytest.raises(UserError, match="cifar resnet56 takes 27 sketch rates, got 1000000000"):
-        sc.parse_rates("[0.5]*1000000000", "resnet56")
+        parse_rates("[0.5]*1000000000", "resnet56")
     with pytest.raises(UserError, match="cifar densenet40 takes 36 sketch rates, got 2000000006"):
-        sc.parse_rates("[0.5, 0.6]*1000000000+[0.5]*6", "densenet40")
+        parse_rates("[0.5, 0.6]*1000000000+[0.5]*6", "densenet40")
     with pytest.raises(UserError, match=f"1000000000 rates; at most {MAX_RATES}"):
-        sc.parse_rates("[0.5]*1000000000")
+        parse_rates("[0.5]*1000000000")
     with pytest.raises(UserError, match="takes 27 sketch rates, got 10000000000"):
-        sc.rates_to_widths("resnet56", "[0.5]*10000000000")
+        rates_to_widths("resnet56", "[0.5]*10000000000")
     assert time.perf_counter() - start < 5
-    assert len(sc.parse_rates("[0.5]*1000")) == 1000
-    assert sc.parse_rates("[0.5]*3", "densenet40") == [0.5] * 36
+    assert len(parse_rates("[0.5]*1000")) == 1000
+    assert parse_rates("[0.5]*3", "densenet40") == [0.5] * 36

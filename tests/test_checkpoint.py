@@ -11,7 +11,10 @@ import torch
 import torchvision
 
 import launch
-from sketch_core import UserError, build_model, get_arch, load_checkpoint, save_checkpoint, sketch
+from sketch_core.errors import UserError
+from sketch_core.io.checkpoint import load_checkpoint, save_checkpoint
+from conftest import sketch_at
+from sketch_core.registry import build_model, resolve_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +36,7 @@ def test_original_cifar_checkpoint_with_module_prefix(tmp_path):
 
 
 def test_pruned_original_checkpoint_widths_from_shapes(tmp_path):
-    model = build_model("googlenet", rates="[0.25]*9")
+    model = build_model("googlenet", rates=[0.25] * 9)
     path = tmp_path / "googlenet_pruned.pt"
     torch.save({"state_dict": model.state_dict()}, path)
     loaded = load_checkpoint(path, "googlenet")
@@ -176,7 +179,7 @@ def test_info_json_and_table(capsys, tmp_path):
     text = capsys.readouterr().out
     assert "4.09G" in text and "25.56M" in text and "16 sketch rates" in text
     path = tmp_path / "m.pt"
-    model = sketch(get_arch("resnet20").build(), "resnet20", "[0.5]*9", mode="select")
+    model = sketch_at(resolve_arch("resnet20").build(), "resnet20", "[0.5]*9", mode="select")
     save_checkpoint(path, model, cfg="resnet20", rates=[0.5] * 9)
     assert launch.main(["info", "--sketch_model", str(path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

@@ -16,7 +16,10 @@ import pytest
 import torch
 
 import launch
-import sketch_core as sc
+from sketch_core.cost.flops import count_flops
+from sketch_core.io.checkpoint import load_checkpoint
+from sketch_core.rates import rates_to_widths
+from sketch_core.registry import build_model
 
 # every run here on one intra-op thread (subprocesses too: OMP_NUM_THREADS=1), which also
 # keeps the bit-for-bit comparisons on one thread count
@@ -70,7 +73,7 @@ def test_digits_pretrain_reaches_97_percent(digits_pretrain_dir):
     assert len(rows) == 1 + 40
     log = (digits_pretrain_dir / "logger.log").read_text()
     assert "test acc of the best model" in log
-    loaded = sc.load_checkpoint(digits_pretrain_dir / "checkpoint" / "model_best.pt")
+    loaded = load_checkpoint(digits_pretrain_dir / "checkpoint" / "model_best.pt")
     assert (loaded.meta["cfg"], loaded.meta["num_classes"], loaded.meta["in_channels"]) == (
         "resnet20", 10, 1)
 
@@ -86,10 +89,10 @@ def test_digits_sketch_stays_within_two_points_and_test_only_agrees(digits_pretr
     result = json.loads((job / "result.json").read_text())
     assert result["test_acc"] >= base["test_acc"] - 0.02
     # the MACs reduction is printed and is what the narrow model really costs
-    full = sc.build_model("resnet20", "digits", in_channels=1)
-    narrow = sc.load_checkpoint(job / "checkpoint" / "model_best.pt").model
-    macs_full, _ = sc.count_flops(full, (1, 8, 8))
-    macs, _ = sc.count_flops(narrow, (1, 8, 8))
+    full = build_model("resnet20", "digits", in_channels=1)
+    narrow = load_checkpoint(job / "checkpoint" / "model_best.pt").model
+    macs_full, _ = count_flops(full, (1, 8, 8))
+    macs, _ = count_flops(narrow, (1, 8, 8))
     printed = re.findall(r"FLOPs \(MACs\) [^,]*\(reduced ([\d.]+)%\)", out)
     assert printed and float(printed[-1]) == pytest.approx(100 * (1 - macs / macs_full), abs=0.01)
     assert 45 < float(printed[-1]) < 55
@@ -97,7 +100,7 @@ def test_digits_sketch_stays_within_two_points_and_test_only_agrees(digits_pretr
     assert out.count("running on the CPU") == (0 if torch.cuda.is_available() else 1)
     meta = torch.load(job / "checkpoint" / "model_best.pt", weights_only=True)
     assert meta["rates"] == [0.5] * 9
-    widths = sc.rates_to_widths("resnet20", [0.5] * 9, "digits")
+    widths = rates_to_widths("resnet20", [0.5] * 9, "digits")
     assert meta["widths"] == widths == [8] * 3 + [16] * 3 + [32] * 3
     # --test_only --refine on the best checkpoint prints the same test accuracy, writes nothing
     rc, out, err = cli(["sketch", *DIGITS, "--test_only", "--refine",
@@ -161,7 +164,7 @@ def test_cifar10_folder_trains_end_to_end(cifar10_folder, tmp_path, capsys):
                         "--sketch_model", ckpt, "--sketch_rate", "[0.5]*9",
                         "--sketch_mode", "select", "--select_by", "channels"], capsys)
     assert rc == 0, err
-    extra = sc.load_checkpoint(tmp_path / "sk" / "checkpoint" / "model_best.pt").meta["extra"]
+    extra = load_checkpoint(tmp_path / "sk" / "checkpoint" / "model_best.pt").meta["extra"]
     assert (extra["sketch_mode"], extra["select_by"]) == ("select", "channels")
     result = json.loads((tmp_path / "sk" / "result.json").read_text())
     assert result["flops_reduction"] > 0.4 and 0 <= result["test_acc"] <= 1
@@ -174,7 +177,7 @@ def test_image_folder_trains_end_to_end(image_folder, tmp_path, capsys):
     rc, out, err = cli(["pretrain", *common, "--num_epochs", 1, "--job_dir", tmp_path / "pre"], capsys)
     assert rc == 0, err
     ckpt = tmp_path / "pre" / "checkpoint" / "model_best.pt"
-    assert sc.load_checkpoint(ckpt).meta["num_classes"] == 3
+    assert load_checkpoint(ckpt).meta["num_classes"] == 3
     rc, out, err = cli(["sketch", *common, "--num_epochs", 1, "--job_dir", tmp_path / "sk",
                         "--sketch_model", ckpt, "--sketch_rate", "[0.5]*8"], capsys)
     assert rc == 0, err
@@ -225,7 +228,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, digits_resnet20_ckpt
     _bad(capsys, ["pretrain", *DIGITS, *job, "--gpus", missing_gpu], r"--gpus")
     _bad(capsys, ["pretrain", *DIGITS, *job, "--gpus", 0, missing_gpu], r"--gpus")  # Ray Train path
     _bad(capsys, ["pretrain", *DIGITS, *job, "--num_epochs", -1], r"--num_epochs must be >= 0")
-    _bad(capsys, ["pretrain", *DIGITS, *job, "--train_batch_size", 0], r"batch sizes must be")
+    _bad(capsys, ["pretrain", *DIGITS, *job, "--train_batch_size", 0], r"--train_batch_size must be > 0")
     _bad(capsys, ["pretrain", *DIGITS, *job, "--lr_decay_step", 30, 20], r"increasing order")
     assert not (tmp_path / "job" / "checkpoint" / "train_state.pt").exists()
 
@@ -272,7 +275,7 @@ def test_job_folder_is_not_overwritten_and_reset_starts_over(tmp_path, capsys):
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 2
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     """The several-GPU path (Ray Train TorchTrainer + DDP), with two CPU workers over gloo."""
     pytest.importorskip("ray")  # installed with sketchtune; absent on a bare GPU test machine
@@ -290,7 +293,7 @@ def test_data_parallel_run_through_ray_train_on_cpu_workers(tmp_path):
     # each rank trained on its half of the 1293 training images (rank 0 writes the files)
     assert int(rows[0]["train_images"]) == 647
     assert "epoch 1/1" in (job / "logger.log").read_text()
-    model = sc.load_checkpoint(job / "checkpoint" / "model_best.pt").model
+    model = load_checkpoint(job / "checkpoint" / "model_best.pt").model
     assert sum(p.numel() for p in model.parameters()) == result["params"]
 
 
@@ -320,14 +323,14 @@ def test_refine_fine_tunes_a_sketched_checkpoint_at_its_own_widths(digits_resnet
                         "--sketch_mode", "select"], capsys)
     assert rc == 0, err
     sketched = tmp_path / "s0" / "checkpoint" / "model_best.pt"
-    widths = sc.load_checkpoint(sketched).meta["widths"]
-    assert widths == sc.rates_to_widths("resnet20", [0.25] * 9, "digits")
+    widths = load_checkpoint(sketched).meta["widths"]
+    assert widths == rates_to_widths("resnet20", [0.25] * 9, "digits")
     rc, out, err = cli(["sketch", *DIGITS, "--job_dir", tmp_path / "r", "--num_epochs", 1,
                         "--refine", sketched], capsys)
     assert rc == 0, err
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["widths"] == widths and result["rates"] == [0.25] * 9
-    refined = sc.load_checkpoint(tmp_path / "r" / "checkpoint" / "model_last.pt")
+    refined = load_checkpoint(tmp_path / "r" / "checkpoint" / "model_last.pt")
     assert refined.meta["widths"] == widths
     before = state_dict(sketched)
     after = state_dict(tmp_path / "r" / "checkpoint" / "model_last.pt")

@@ -14,7 +14,7 @@ import pytest
 
 from search.results.trials_file import read_records
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -12,7 +12,8 @@ from search.experiment.config import (config_from_dict, config_to_dict, load_con
                            recipe_hash, resolve_config_path, shipped_configs)
 from search.results.picks import knee_record, parse_pick, pareto_records, select_record
 from search.results.trials_file import TrialLog, read_records
-from search.run.tune_searcher import make_sampler, outcome, population_size
+from search.propose.proposer import outcome
+from search.propose.samplers import make_sampler, population_size
 from search.propose.space import RateSpace, stage_groups
 from sketch_core.errors import UserError
 from sketch_core.cost.flops import count_arch
@@ -75,13 +76,12 @@ def test_bad_config_values_are_one_clear_user_error(override, message):
 def test_config_choices_are_the_cores():
     """The config validates without importing torch; its lists must be sketch_core's."""
     import search.experiment.config as cfg
-    import sketch_core
-    from sketch_core.pruning.fd import WEIGHT_NORMS
+    import sketch_core.options as core
 
-    assert cfg.MODES == sketch_core.MODES
-    assert cfg.RANDOM_RULES == sketch_core.RANDOM_RULES
-    assert cfg.SELECT_BY == sketch_core.SELECT_BY
-    assert cfg.NORMS == WEIGHT_NORMS
+    assert cfg.MODES == core.MODES
+    assert cfg.RANDOM_RULES == core.RANDOM_RULES
+    assert cfg.SELECT_BY == core.SELECT_BY
+    assert cfg.NORMS == core.WEIGHT_NORMS
 
 
 def test_config_file_errors(tmp_path):
@@ -139,8 +139,7 @@ def test_config_literals_are_built_from_the_cores_lists():
 
     from search.experiment.config import ModelConfig, SketchConfig
     from sketch_core.data.sets import DATA_SETS
-    from sketch_core.pruning.fd import WEIGHT_NORMS
-    from sketch_core.pruning.prune import MODES, RANDOM_RULES, SELECT_BY
+    from sketch_core.options import MODES, RANDOM_RULES, SELECT_BY, WEIGHT_NORMS
 
     def choices(model, key):
         tp = model.model_fields[key].annotation

@@ -12,7 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sketch_core import get_arch, load_checkpoint, recalibrate_bn, sketch
+from sketch_core.io.checkpoint import load_checkpoint
+from sketch_core.pruning.bn import recalibrate_bn
+from conftest import sketch_at
+from sketch_core.registry import resolve_arch
 from sketch_core.data.sets import load_data
 from sketch_core.pruning.fd import frequent_directions, row_space_energy
 from sketch_core.training.loop import evaluate, fit
@@ -24,7 +27,7 @@ CUDA = torch.device("cuda", 0)
 
 def _model(cfg="resnet56", seed=0):
     torch.manual_seed(seed)
-    model = get_arch(cfg, "cifar10").build().eval()
+    model = resolve_arch(cfg, "cifar10").build().eval()
     for m in model.modules():  # non-trivial BN so that selection and refits see real scales
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data.uniform_(0.5, 1.5)
@@ -50,8 +53,8 @@ def test_frequent_directions_on_cuda_matches_the_cpu():
 def test_sketch_modes_on_cuda_match_the_cpu(mode):
     model = _model()
     rates = [0.5] * 27
-    cpu = sketch(model, "resnet56", rates, mode=mode)
-    gpu = sketch(model.to(CUDA), "resnet56", rates, mode=mode)
+    cpu = sketch_at(model, "resnet56", rates, mode=mode)
+    gpu = sketch_at(model.to(CUDA), "resnet56", rates, mode=mode)
     assert all(p.device.type == "cuda" for p in gpu.parameters())
     assert gpu.sketch_widths == cpu.sketch_widths
     a, b = cpu.state_dict(), gpu.state_dict()
@@ -72,8 +75,8 @@ def test_select_lsq_and_bn_recalibration_on_cuda_match_the_cpu():
     batches = [(torch.randn(64, 3, 32, 32, generator=gen), torch.zeros(64, dtype=torch.long))
                for _ in range(4)]
     rates = [0.4] * 9
-    cpu = sketch(model, "resnet20", rates, mode="select_lsq", batches=batches)
-    gpu = sketch(model.to(CUDA), "resnet20", rates, mode="select_lsq", batches=batches)
+    cpu = sketch_at(model, "resnet20", rates, mode="select_lsq", batches=batches)
+    gpu = sketch_at(model.to(CUDA), "resnet20", rates, mode="select_lsq", batches=batches)
     recalibrate_bn(cpu, batches)
     recalibrate_bn(gpu, batches)
     assert all(t.device.type == "cuda" for t in gpu.state_dict().values())
@@ -87,7 +90,7 @@ def test_select_lsq_and_bn_recalibration_on_cuda_match_the_cpu():
 def test_fit_on_cuda_with_bf16_autocast_learns_digits():
     data = load_data("digits", batch_size=64, device=CUDA)
     torch.manual_seed(0)
-    model = get_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
+    model = resolve_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
     chance = evaluate(model.to(CUDA), data.val)["acc"]
     result = fit(model, data, epochs=4, lr=0.1, lr_decay_step=[3], device=CUDA, progress=False)
     assert next(model.parameters()).device.type == "cuda"
@@ -120,7 +123,8 @@ def test_launch_pretrain_and_sketch_on_gpu0(tmp_path, capsys):
 def _graph_run(model, device, step, amp=False, batch_size=64):
     from types import SimpleNamespace
 
-    from sketch_core.training.loop import Recipe, Run
+    from sketch_core.options import Recipe
+    from sketch_core.training.loop import Run
 
     data = SimpleNamespace(train=SimpleNamespace(batch_size=batch_size))
     return Run(model, data, Recipe(epochs=1, lr=0.05, amp=amp, step=step), torch.device(device))
@@ -171,7 +175,7 @@ def test_fit_with_the_graph_step_on_cuda_learns_digits_as_the_eager_step(caplog)
     results = {}
     for step in ("eager", "graph"):
         torch.manual_seed(0)
-        model = get_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
+        model = resolve_arch("resnet20", "digits").build(num_classes=10, in_channels=1)
         with caplog.at_level(logging.WARNING, logger="sketchtune"):
             results[step] = fit(model, data, epochs=4, lr=0.1, lr_decay_step=[3], device=CUDA,
                                 progress=False, step=step)

@@ -9,10 +9,17 @@ import pytest
 import torch
 
 import launch
-from sketch_core import (DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec,
-                         UserError, execute)
+from sketch_core.errors import UserError
+from sketch_core.job_spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec
+from sketch_core.jobs import execute
+from sketch_core.options import Recipe
 from sketch_core.cli.train_args import spec_from_args
-from sketch_core.jobs import RUN_KEYS, check_spec, preflight, resolve
+from sketch_core.job_checks import check_spec, preflight
+from sketch_core.job_spec import resolve, run_recipe
+from sketch_core.jobs import RUN_KEYS
+
+
+unset = run_recipe  # a recipe that leaves the command's defaults to the job, as the command line does
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +40,7 @@ def test_command_line_becomes_a_spec():
     assert spec.model == ModelSpec(cfg="resnet56", sketch_model="m.pt")
     assert spec.sketch == SketchSpec(rates="[0.6]*27", mode="select", select_by="channels",
                                      filter_norm=True, calibration_batches=3)
-    assert spec.train == TrainSpec(lr=0.02, lr_decay_step=[75, 112])
+    assert spec.train == unset(lr=0.02, lr_decay_step=(75, 112))
     assert spec.output == OutputSpec(job_dir="j", progress=False)
     pre = spec_from_args(parse("pretrain", "--data_set", "digits"))
     assert pre.command == "pretrain" and pre.sketch is None
@@ -42,10 +49,10 @@ def test_command_line_becomes_a_spec():
 def test_defaults_are_the_commands_and_the_spec_is_left_as_given():
     spec = RunSpec(command="pretrain", data=DataSpec(data_set="digits"))
     full = resolve(spec)
-    assert (full.train.epochs, full.train.lr, full.train.lr_decay_step) == (40, 0.1, [20, 30])
+    assert (full.train.epochs, full.train.lr, full.train.lr_decay_step) == (40, 0.1, (20, 30))
     assert spec.train.epochs is None
     sk = resolve(RunSpec())
-    assert (sk.train.epochs, sk.train.lr, sk.train.lr_decay_step) == (150, 0.01, [50, 100])
+    assert (sk.train.epochs, sk.train.lr, sk.train.lr_decay_step) == (150, 0.01, (50, 100))
     assert sk.sketch == SketchSpec()
     # the command line's defaults and the spec's are the same
     assert resolve(spec_from_args(parse("sketch"))) == sk
@@ -58,19 +65,20 @@ def test_a_spec_pickles_as_plain_data():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(train=TrainSpec(epochs=-1)), r"--num_epochs must be >= 0"),
-    (dict(train=TrainSpec(compile="fast")), r"unknown --compile mode 'fast'"),
-    (dict(train=TrainSpec(lr_decay_step=[30, 20])), r"increasing order"),
-    (dict(data=DataSpec(train_batch_size=0)), r"batch sizes must be positive"),
-    (dict(sketch=SketchSpec(mode="bogus")), r"sketch_mode.*valid: sketch, select, select_lsq"),
-    (dict(sketch=SketchSpec(calibration_batches=0)), r"--calibration_batches must be >= 1"),
-    (dict(output=OutputSpec(reset=True), resume="x"), r"--reset would delete"),
-    (dict(command="prune"), r"unknown command 'prune'; valid: sketch, pretrain"),
-    (dict(command="pretrain", sketch=SketchSpec()), r"pretrain .* no sketch options"),
+    (lambda: dict(train=unset(epochs=-1)), r"--num_epochs must be >= 0"),
+    (lambda: dict(train=unset(compile="fast")), r"unknown --compile mode 'fast'"),
+    (lambda: dict(train=unset(lr_decay_step=[30, 20])), r"increasing order"),
+    (lambda: dict(train=unset(batch_size=0)), r"--train_batch_size must be > 0"),
+    (lambda: dict(data=DataSpec(eval_batch_size=0)), r"batch sizes must be positive"),
+    (lambda: dict(sketch=SketchSpec(mode="bogus")), r"sketch_mode.*valid: sketch, select, select_lsq"),
+    (lambda: dict(sketch=SketchSpec(calibration_batches=0)), r"--calibration_batches must be >= 1"),
+    (lambda: dict(output=OutputSpec(reset=True), resume="x"), r"--reset would delete"),
+    (lambda: dict(command="prune"), r"unknown command 'prune'; valid: sketch, pretrain"),
+    (lambda: dict(command="pretrain", sketch=SketchSpec()), r"pretrain .* no sketch options"),
 ])
 def test_bad_specs_are_user_errors(change, match):
     with pytest.raises(UserError, match=match):
-        check_spec(dataclasses.replace(RunSpec(), **change))
+        check_spec(dataclasses.replace(RunSpec(), **change()))
 
 
 def test_preflight_names_the_checkpoint_and_the_rate_count(tmp_path):
@@ -97,7 +105,7 @@ def test_execute_resumes_from_the_stored_run_description(tmp_path):
         return RunSpec(command="pretrain",
                        data=DataSpec(data_set="synthetic", input_size=8, num_classes=3),
                        model=ModelSpec("resnet", "resnet20"),
-                       train=TrainSpec(**{"epochs": 1, **train}),
+                       train=unset(**{"epochs": 1, **train}),
                        output=OutputSpec(str(tmp_path), progress=False))
 
     first = execute(spec(), "cpu")

@@ -167,7 +167,7 @@ def test_retrain_refuses_an_unknown_export_before_training(tmp_path, capsys):
     assert not (tmp_path / "retrain").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @needs_onnx
 def test_retrain_exports_in_the_same_step(quickstart_experiment, tmp_path, capsys):
     import shutil
@@ -191,7 +191,7 @@ def test_retrain_exports_in_the_same_step(quickstart_experiment, tmp_path, capsy
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @needs_onnx
 def test_a_real_network_scores_the_same_in_onnxruntime(tmp_path, one_torch_thread):
     """The public CIFAR ResNet-20, sketched once (select, [0.8]*9), exported to ONNX: on
@@ -202,7 +202,7 @@ def test_a_real_network_scores_the_same_in_onnxruntime(tmp_path, one_torch_threa
 
     from sketch_core.io.checkpoint import load_checkpoint
     from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
-    from sketch_core.pruning.prune import sketch
+    from conftest import sketch_at
 
     weights, jpeg = REAL / "pretrained" / "resnet20-12fca82f.th", REAL / "cifar10-jpg"
     missing = [str(p) for p in (weights, jpeg / "train", jpeg / "test") if not p.exists()]
@@ -217,7 +217,7 @@ def test_a_real_network_scores_the_same_in_onnxruntime(tmp_path, one_torch_threa
     (root / "test").symlink_to(jpeg / "test")
     data = load_data("folder", root, val_fraction=0.0, eval_batch_size=500,
                      cache_dir=tmp_path / "cache", normalize=(IMAGENET_MEAN, IMAGENET_STD))
-    model = sketch(load_checkpoint(weights, "resnet20").model, "resnet20", "[0.8]*9", mode="select")
+    model = sketch_at(load_checkpoint(weights, "resnet20").model, "resnet20", "[0.8]*9", mode="select")
     ckpt = tmp_path / "r20.pt"
     save_checkpoint(ckpt, model, cfg="resnet20", rates=[0.8] * 9)
     res = export_checkpoint(ckpt, to="onnx", dynamic_batch=True)

@@ -10,7 +10,7 @@ import torch
 
 from search.run import local_loop
 from search.run.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
-from search.run.trial import TrialSetup
+from conftest import trial_setup_for
 from sketch_core.errors import UserError
 
 
@@ -43,7 +43,7 @@ def test_mps_status_and_slots(monkeypatch, tmp_path):
 
 
 def _setup():
-    return TrialSetup(cfg="resnet20", data_set="synthetic", num_classes=4, in_channels=3)
+    return trial_setup_for("resnet20", "synthetic", 4, 3)
 
 
 def test_packing_without_cuda_keeps_the_cpu_workers(monkeypatch, capsys):

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from search.experiment.config import TrialConfig, config_from_dict
-from sketch_core.training.cuda_graph import STEPS, GraphStep, graph_unavailable, sgd_update_
+from sketch_core.options import STEPS
+from sketch_core.training.cuda_graph import GraphStep, graph_unavailable, sgd_update_
 from sketch_core.data.sets import load_data
 from sketch_core.errors import UserError
-from sketch_core.training.loop import Recipe, Run, fit
+from sketch_core.options import Recipe
+from sketch_core.training.loop import Run, fit
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SYN = dict(n_train=200, n_test=64, num_classes=4, channels=3, size=8)
@@ -188,15 +190,17 @@ def test_a_capture_that_disagrees_or_fails_falls_back_to_eager(data, caplog, cap
 
 
 def test_a_trial_passes_the_step_option_to_fit(caplog):
-    from search.run.trial import TrialSetup, train_trial
-    from sketch_core.registry import get_arch
+    from conftest import trial_setup_for
+    from search.experiment.config import SketchConfig
+    from search.run.trial import train_trial
+    from sketch_core.registry import resolve_arch
 
     torch.manual_seed(0)
-    baseline = get_arch("resnet20", "synthetic").build(None, 4, 3).state_dict()
-    setup = TrialSetup(cfg="resnet20", data_set="synthetic", num_classes=4, in_channels=3,
-                       synthetic=dict(SYN, n_train=96),
-                       trial=TrialConfig(epochs=1, step="graph", bn_batches=1, batch_size=32),
-                       baseline_key="graph-step-test")
+    baseline = resolve_arch("resnet20", "synthetic").build(None, 4, 3).state_dict()
+    setup = trial_setup_for("resnet20", "synthetic", 4, 3, synthetic=dict(SYN, n_train=96),
+                            trial=TrialConfig(epochs=1, step="graph", batch_size=32),
+                            sketch=SketchConfig(calibration_batches=1),
+                            baseline_key="graph-step-test")
     reports = []
     with caplog.at_level(logging.WARNING, logger="sketchtune"):
         train_trial([0.5] * 9, setup, baseline, lambda m, f: reports.append(m))

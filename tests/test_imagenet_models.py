@@ -15,7 +15,7 @@ from sketch_core.errors import UserError
 from sketch_core.cost.flops import count_flops
 from sketch_core.models import imagenet_densenet, imagenet_googlenet
 from sketch_core.plans import Plan
-from sketch_core.registry import get_arch
+from sketch_core.registry import resolve_arch
 
 UNITS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50,
          "vgg16_bn": 12, "googlenet": 9, "densenet121": 58, "densenet161": 78,
@@ -69,7 +69,7 @@ def perturb(model: nn.Module, seed: int) -> None:
 
 @pytest.mark.parametrize("cfg", ALL)
 def test_state_dict_keys_and_shapes_equal_torchvision(cfg):
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     assert arch.family == "imagenet" and arch.input_size == 224
     for classes in (1000, 7):
         with torch.device("meta"):
@@ -87,7 +87,7 @@ def test_torchvision_weights_load_strict_and_give_same_logits(cfg):
     ref = tv_model(cfg).eval()
     perturb(ref, 1)
     with torch.device("meta"):  # skip the random init; every tensor comes from ref
-        ours = get_arch(cfg, "imagenet").build().eval()
+        ours = resolve_arch(cfg, "imagenet").build().eval()
     ours.load_state_dict(ref.state_dict(), strict=True, assign=True)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -122,7 +122,7 @@ def test_googlenet_rejects_aux_heads_and_transform_without_rgb():
 
 @pytest.mark.parametrize("cfg", ALL)
 def test_plan_slots_are_full_widths_and_units_match_the_counts(cfg):
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     plan = arch.plan()
     assert plan.num_units == UNITS[cfg]
     per_unit = SLOTS_PER_UNIT.get(cfg, 1)
@@ -152,7 +152,7 @@ def _expected_in(spec, widths: list[int]) -> int:
 
 @pytest.mark.parametrize("cfg", ALL)
 def test_narrow_model_matches_plan_layout_and_runs(cfg):
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     plan = arch.plan()
     widths = random_widths(plan, seed=len(cfg))
     with torch.device("meta"):
@@ -187,7 +187,7 @@ def test_narrow_model_matches_plan_layout_and_runs(cfg):
 
 @pytest.mark.parametrize("cfg", FLOAT)
 def test_narrow_model_runs_forward_on_real_tensors(cfg):
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     plan = arch.plan()
     widths = random_widths(plan, seed=7)
     assert widths != plan.full_widths()
@@ -214,7 +214,7 @@ def _index(spec, kept: dict[int, torch.Tensor]) -> torch.Tensor:
 def test_plan_is_exact_for_a_subnetwork(cfg):
     """Silence the dropped filters (BN gamma = beta = 0) in the full model, slice every
     module the plan lists, and the narrow model computes the same logits."""
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     plan = arch.plan()
     torch.manual_seed(0)
     full = arch.build().eval()
@@ -254,7 +254,7 @@ def test_plan_is_exact_for_a_subnetwork(cfg):
 
 
 def test_resnet50_macs_and_params_match_design_numbers():
-    arch = get_arch("resnet50", "imagenet")
+    arch = resolve_arch("resnet50", "imagenet")
     plan = arch.plan()
     with torch.device("meta"):
         full = arch.build()
@@ -278,7 +278,7 @@ def test_resnet50_macs_and_params_match_design_numbers():
 
 
 def test_vgg_start_conv_chooses_the_units():
-    arch = get_arch("vgg16_bn", "imagenet")
+    arch = resolve_arch("vgg16_bn", "imagenet")
     for start in (0, 1, 5, 12):
         plan = arch.plan(start)
         assert len(plan.slots) == 13
@@ -294,7 +294,7 @@ def test_vgg_start_conv_chooses_the_units():
 
 @pytest.mark.parametrize("cfg", ["resnet18", "resnet50", "googlenet", "densenet121"])
 def test_start_conv_other_than_default_is_an_error(cfg):
-    mod = get_arch(cfg, "imagenet").spec
+    mod = resolve_arch(cfg, "imagenet").spec
     assert mod.plan(cfg, start_conv=1).num_units == UNITS[cfg]
     with pytest.raises(UserError, match="start_conv"):
         mod.plan(cfg, start_conv=2)
@@ -302,7 +302,7 @@ def test_start_conv_other_than_default_is_an_error(cfg):
 
 @pytest.mark.parametrize("cfg", ["resnet50", "vgg16_bn", "googlenet", "densenet121"])
 def test_bad_widths_are_user_errors(cfg):
-    arch = get_arch(cfg, "imagenet")
+    arch = resolve_arch(cfg, "imagenet")
     full = arch.plan().full_widths()
     with pytest.raises(UserError, match=f"{len(full)} widths"):
         arch.build(full[:-1])

@@ -279,7 +279,7 @@ def test_the_progress_line_counts_the_latency_front_and_budget():
 
 def test_three_objectives_tell_optuna_accuracy_flops_and_latency(digits_table):
     from search.propose.proposer import RateProposer
-    from search.propose.study import make_sampler
+    from search.propose.samplers import make_sampler
 
     space = _space(latency=load_table(digits_table))
     proposer = RateProposer(space, sampler=make_sampler("random", 0), storage=None,
@@ -301,7 +301,7 @@ def test_three_objectives_tell_optuna_accuracy_flops_and_latency(digits_table):
 
 def test_a_measured_table_is_cached_and_copied_into_the_experiment(tmp_path, monkeypatch):
     import sketch_core.cost.latency_table as lt
-    from search.experiment.latency_source import LATENCY_FILE, saved_table, search_table
+    from search.experiment.pricing import LATENCY_FILE, saved_table, search_table
 
     config = load_config("quickstart", ["objectives=[val_acc,latency]",
                                         f"latency.cache_dir={tmp_path / 'cache'}",

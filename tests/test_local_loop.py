@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from search.results.trials_file import read_records
 from search.propose.space import RateSpace
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = textwrap.dedent("""
@@ -96,16 +96,15 @@ def test_local_loop_rejects_over_budget_and_tells_the_sampler(tmp_path, search_c
 def test_time_budget_ends_a_local_trial_as_stopped(monkeypatch):
     import search.run.local_loop as local_loop
     from search.experiment.config import TrialConfig
-    from search.run.trial import TrialSetup
+    from conftest import trial_setup_for
     from search.results.record import trial_status
 
-    def fake_train(rates, setup, baseline, report):
-        for epoch in range(1, setup.trial.epochs + 1):
+    def fake_train(rates, setup, baseline, report, widths=None):
+        for epoch in range(1, setup.recipe.epochs + 1):
             report({"val_acc": 0.5, "flops": 10, "epoch": epoch}, None)
 
     monkeypatch.setattr(local_loop, "train_trial", fake_train)
-    setup = TrialSetup(cfg="resnet20", data_set="digits", num_classes=10, in_channels=1,
-                       trial=TrialConfig(epochs=3))
+    setup = trial_setup_for("resnet20", "digits", 10, 1, trial=TrialConfig(epochs=3))
     seen = []
     last, ended = local_loop.run_one([1.0] * 9, setup, {}, None, seen.append)
     assert (last["epoch"], ended, len(seen)) == (3, False, 3)

@@ -22,11 +22,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from search.experiment.config import SCHEDULERS as SCHEDULER_NAMES, config_from_dict
 from search.results.pareto import fronts
-from search.run.schedulers import (CostASHAScheduler, MOASHAScheduler, promotes,
+from search.run.schedulers import (make_scheduler, CostASHAScheduler, MOASHAScheduler, promotes,
                            promotion_order, rung_milestones, spread_order, trend_promotes,
                            trend_residuals)
 from search.run.progress import SearchCallback, rung_summary
-from search.run.ray_driver import make_scheduler
 from sketch_core.errors import UserError
 
 EPOCHS, GRACE, ETA = 9, 1, 3
@@ -281,7 +280,7 @@ def test_config_names_and_the_grace_period():
     for name in SCHEDULER_NAMES:
         config = config_from_dict({"scheduler": {"name": name, "grace_period": 3},
                                    "trial": {"epochs": 3}})
-        assert isinstance(make_scheduler(config)[0], FIFOScheduler)
+        assert isinstance(make_scheduler(config.scheduler, config.trial.epochs)[0], FIFOScheduler)
         note = config.early_stopping_note
         assert note is None if name == "none" else (
             note.startswith(f"scheduler {name}: grace period 3 is not below trial.epochs 3")
@@ -294,9 +293,10 @@ def test_config_names_and_the_grace_period():
 
 def test_make_scheduler(tmp_path):
     def build(name: str):
-        return make_scheduler(config_from_dict({"scheduler": {"name": name,
-                                                              "reduction_factor": 3},
-                                                "trial": {"epochs": 9}}), tmp_path)
+        config = config_from_dict({"scheduler": {"name": name, "reduction_factor": 3},
+                                   "trial": {"epochs": 9}})
+        return make_scheduler(config.scheduler, config.trial.epochs, config.cost_axis,
+                              tmp_path / "scheduler_state.json")
     mo, rungs = build("moasha")
     assert type(mo) is MOASHAScheduler and rungs == mo.milestones == [1, 3]
     assert mo.state_file == str(tmp_path / "scheduler_state.json")
@@ -332,7 +332,7 @@ def test_rung_summary_per_cost_band(tmp_path):
 RAY_EPOCHS = 3  # one rung (epoch 1): a short run on a small machine
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 @pytest.mark.parametrize("name", sorted(SCHEDULERS))
 def test_on_ray_promotes_along_the_front(tmp_path, name):
     """A real Tuner on a local Ray instance: the scheduler decides on arrival against

@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 import launch
-from sketch_core import (UserError, frequent_directions, get_arch, load_checkpoint, rates_to_widths,
-                         recalibrate_bn, sketch)
+from sketch_core.errors import UserError
+from sketch_core.io.checkpoint import load_checkpoint
+from sketch_core.pruning.bn import recalibrate_bn
+from sketch_core.pruning.fd import frequent_directions
+from conftest import sketch_at
+from sketch_core.rates import rates_to_widths
+from sketch_core.registry import resolve_arch
 from sketch_core.pruning import lsq
 from sketch_core.data.sets import load_data
 from sketch_core.pruning.fd import row_space_energy
@@ -76,12 +81,12 @@ def _layout(spec, kept: dict[int, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("select_by", ["filters", "channels"])
 @pytest.mark.parametrize("cfg", CIFAR)
 def test_select_is_a_slice_of_the_pretrained_network(cfg, select_by):
-    arch = get_arch(cfg)
+    arch = resolve_arch(cfg)
     plan = arch.plan()
     torch.manual_seed(0)
     full = arch.build().eval()
     src = {k: v.clone() for k, v in _distinct_weights(full, seed=len(cfg)).items()}
-    narrow = sketch(full, cfg, [0.5] * plan.num_units, mode="select", select_by=select_by)
+    narrow = sketch_at(full, cfg, [0.5] * plan.num_units, mode="select", select_by=select_by)
     got = narrow.state_dict()
     assert list(got) == list(src)
     idx = {k: _slice_indices(src[k], v, k) for k, v in got.items() if v.dim() > 0}
@@ -117,8 +122,8 @@ def test_select_is_a_slice_of_the_pretrained_network(cfg, select_by):
 
 def test_select_keeps_the_filters_with_most_energy_in_the_sketch_row_space():
     torch.manual_seed(1)
-    full = get_arch("resnet20").build().eval()
-    narrow = sketch(full, "resnet20", [0.4] * 9, mode="select")
+    full = resolve_arch("resnet20").build().eval()
+    narrow = sketch_at(full, "resnet20", [0.4] * 9, mode="select")
     for path in ("layer1.0.conv1", "layer3.2.conv1"):
         w = full.get_submodule(path).weight.detach().reshape(-1, full.get_submodule(path).weight[0].numel())
         l = narrow.get_submodule(path).out_channels
@@ -139,7 +144,7 @@ def _rescale_filter(model: nn.Module, conv: str, bn: str, j: int, c: float) -> N
 
 def test_select_by_channels_sees_through_a_filter_scale_that_bn_removes():
     torch.manual_seed(3)
-    full = get_arch("resnet20").build().eval()
+    full = resolve_arch("resnet20").build().eval()
     for m in full.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(0.2, 2.0)
@@ -147,7 +152,7 @@ def test_select_by_channels_sees_through_a_filter_scale_that_bn_removes():
     before = full(x)
 
     def kept(select_by):
-        narrow = sketch(full, "resnet20", [0.25] * 9, mode="select", select_by=select_by)
+        narrow = sketch_at(full, "resnet20", [0.25] * 9, mode="select", select_by=select_by)
         w, src = narrow.layer1[0].conv1.weight, full.layer1[0].conv1.weight
         return [int((src == row).all(dim=(1, 2, 3)).nonzero()) for row in w]
 
@@ -163,7 +168,7 @@ def test_select_by_channels_sees_through_a_filter_scale_that_bn_removes():
 def test_select_by_channels_reads_the_bn_in_front_of_pre_activation_consumers():
     """DenseNet: a layer's output is normalised by a BN in front of every later consumer."""
     torch.manual_seed(5)
-    arch = get_arch("densenet40")
+    arch = resolve_arch("densenet40")
     plan = arch.plan()
     full = arch.build().eval()
     for m in full.modules():
@@ -174,7 +179,7 @@ def test_select_by_channels_reads_the_bn_in_front_of_pre_activation_consumers():
     rates = [0.25] * plan.num_units
 
     def kept(select_by):
-        narrow = sketch(full, "densenet40", rates, mode="select", select_by=select_by)
+        narrow = sketch_at(full, "densenet40", rates, mode="select", select_by=select_by)
         src, w = full.dense1[0].conv1.weight, narrow.dense1[0].conv1.weight
         return [int((src == row).all(dim=(1, 2, 3)).nonzero()) for row in w]
 
@@ -200,11 +205,11 @@ def test_select_by_channels_reads_the_bn_in_front_of_pre_activation_consumers():
 
 def test_select_by_channels_ranks_by_each_channels_consumer_weights_times_its_bn_gain():
     torch.manual_seed(4)
-    full = get_arch("resnet20").build().eval()
+    full = resolve_arch("resnet20").build().eval()
     for m in full.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.weight.data.uniform_(-2.0, 2.0)
-    narrow = sketch(full, "resnet20", [0.4] * 9, mode="select", select_by="channels")
+    narrow = sketch_at(full, "resnet20", [0.4] * 9, mode="select", select_by="channels")
     block = full.layer2[1]
     rows = block.conv2.weight.detach().transpose(0, 1).reshape(32, -1) * block.bn1.weight.abs()[:, None]
     l = narrow.layer2[1].conv1.out_channels
@@ -216,7 +221,7 @@ def test_select_by_channels_ranks_by_each_channels_consumer_weights_times_its_bn
 
 def test_unknown_select_by_lists_the_valid_ones():
     with pytest.raises(UserError, match="unknown --select_by 'bias'; valid: filters, channels"):
-        sketch(get_arch("resnet20").build(), "resnet20", [0.5] * 9, mode="select", select_by="bias")
+        sketch_at(resolve_arch("resnet20").build(), "resnet20", [0.5] * 9, mode="select", select_by="bias")
 
 
 # ------------------------------------------------------------------ digits baseline
@@ -239,7 +244,7 @@ def _acc(model, data, calib) -> float:
 def test_rate_one_reproduces_the_pretrained_logits(digits, mode):
     model, data, calib = digits
     log: list[str] = []
-    narrow = sketch(model, "resnet20", [1.0] * 9, "digits", mode=mode, batches=calib, lsq_log=log)
+    narrow = sketch_at(model, "resnet20", [1.0] * 9, "digits", mode=mode, batches=calib, lsq_log=log)
     x = torch.cat([b[0] for b in calib[:2]] + [next(iter(data.test))[0]])
     narrow.eval()
     with torch.no_grad():
@@ -252,8 +257,8 @@ def test_rate_one_reproduces_the_pretrained_logits(digits, mode):
 def test_select_lsq_keeps_digits_accuracy_without_fine_tune(digits):
     model, data, calib = digits
     base = evaluate(model, data.test)["acc"]
-    lsq_net = sketch(model, "resnet20", "[0.5]*9", "digits", mode="select_lsq", batches=calib)
-    sel_net = sketch(model, "resnet20", "[0.5]*9", "digits", mode="select")
+    lsq_net = sketch_at(model, "resnet20", "[0.5]*9", "digits", mode="select_lsq", batches=calib)
+    sel_net = sketch_at(model, "resnet20", "[0.5]*9", "digits", mode="select")
     assert lsq_net.layer2[0].conv1.out_channels == 16
     acc_lsq, acc_sel = _acc(lsq_net, data, calib), _acc(sel_net, data, calib)
     assert base > 0.96
@@ -265,8 +270,8 @@ def test_select_lsq_keeps_digits_accuracy_without_fine_tune(digits):
 
 def test_select_lsq_refit_lowers_each_consumers_error(digits):
     model, data, calib = digits
-    lsq_net = sketch(model, "resnet20", [0.3] * 9, "digits", mode="select_lsq", batches=calib)
-    sel_net = sketch(model, "resnet20", [0.3] * 9, "digits", mode="select")
+    lsq_net = sketch_at(model, "resnet20", [0.3] * 9, "digits", mode="select_lsq", batches=calib)
+    sel_net = sketch_at(model, "resnet20", [0.3] * 9, "digits", mode="select")
     x = calib[0][0]
     outs = {}
     for name, net in (("full", model), ("lsq", lsq_net), ("sel", sel_net)):
@@ -293,9 +298,9 @@ def test_ill_conditioned_solves_fall_back_to_the_plain_subset(digits, monkeypatc
     monkeypatch.setattr(lsq, "MAX_COND", 1.0)   # every solve now counts as ill-conditioned
     log: list[str] = []
     with caplog.at_level("WARNING", logger="sketchtune.lsq"):
-        fell = sketch(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq", batches=calib[:1],
+        fell = sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq", batches=calib[:1],
                       lsq_log=log)
-    plain = sketch(model, "resnet20", [0.5] * 9, "digits", mode="select")
+    plain = sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="select")
     for (k, a), b in zip(fell.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), k
     assert len(log) == 9 and all("ill-conditioned" in line and "keeping the plain subset" in line
@@ -313,11 +318,11 @@ SKETCH_BEFORE_FINE_TUNE_MAX = 0.25
 def test_sketch_mode_is_near_chance_until_fine_tuned(digits):
     model, data, calib = digits
     for rate in (0.9, 0.5):
-        net = sketch(model, "resnet20", [rate] * 9, "digits", mode="sketch")
+        net = sketch_at(model, "resnet20", [rate] * 9, "digits", mode="sketch")
         assert _acc(net, data, calib) < SKETCH_BEFORE_FINE_TUNE_MAX, rate
-    assert _acc(sketch(model, "resnet20", [0.9] * 9, "digits", mode="select"), data, calib) > 0.95
+    assert _acc(sketch_at(model, "resnet20", [0.9] * 9, "digits", mode="select"), data, calib) > 0.95
     # not a broken network: a short fine-tune recovers most of it
-    net = sketch(model, "resnet20", [0.5] * 9, "digits", mode="sketch")
+    net = sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="sketch")
     recalibrate_bn(net, calib)
     fit(net, data, epochs=2, lr=0.01, lr_decay_step=[], progress=False, seed=0)
     assert evaluate(net, data.test)["acc"] > 0.6
@@ -329,7 +334,7 @@ def test_unknown_mode_lists_the_valid_ones(digits, capsys, tmp_path, digits_resn
     model, _, _ = digits
     with pytest.raises(UserError, match=r"unknown --sketch_mode 'prune'; valid: sketch, select, "
                                         r"select_lsq"):
-        sketch(model, "resnet20", [0.5] * 9, "digits", mode="prune")
+        sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="prune")
     rc = launch.main(["sketch", "--data_set", "digits", "--sketch_model", str(digits_resnet20_ckpt),
                       "--sketch_rate", "[0.5]*9", "--sketch_mode", "lsq", "--job_dir",
                       str(tmp_path / "job"), "--num_epochs", "0", "--no_progress"])
@@ -341,26 +346,26 @@ def test_unknown_mode_lists_the_valid_ones(digits, capsys, tmp_path, digits_resn
 def test_select_lsq_without_data_says_it_needs_a_data_set(digits):
     model, _, _ = digits
     with pytest.raises(UserError, match="needs a data set"):
-        sketch(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq")
+        sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq")
     with pytest.raises(UserError, match="needs training batches"):
-        sketch(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq", batches=[])
+        sketch_at(model, "resnet20", [0.5] * 9, "digits", mode="select_lsq", batches=[])
 
 
 @pytest.mark.parametrize("mode", ["sketch", "select", "select_lsq"])
 def test_layers_the_plan_does_not_cover_are_named(mode):
     batches = [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))]
-    extra = get_arch("resnet20").build()
+    extra = resolve_arch("resnet20").build()
     extra.layer2[1].gate = nn.Conv2d(32, 32, 1)   # a layer no resnet20 plan knows
     with pytest.raises(UserError, match=r"plan does not cover: layer2\.1\.gate;"):
-        sketch(extra, "resnet20", [0.5] * 9, mode=mode, batches=batches)
-    lacking = get_arch("resnet20").build()
+        sketch_at(extra, "resnet20", [0.5] * 9, mode=mode, batches=batches)
+    lacking = resolve_arch("resnet20").build()
     del lacking.layer1[2].conv2                    # a consumer the plan narrows
     with pytest.raises(UserError, match=r"not a cifar resnet20: it lacks layer1\.2\.conv2$"):
-        sketch(lacking, "resnet20", [0.5] * 9, mode=mode, batches=batches)
-    other = get_arch("resnet32").build()           # deeper: blocks the resnet20 plan lacks
+        sketch_at(lacking, "resnet20", [0.5] * 9, mode=mode, batches=batches)
+    other = resolve_arch("resnet32").build()           # deeper: blocks the resnet20 plan lacks
     with pytest.raises(UserError, match=r"does not cover: layer1\.3\.bn1, layer1\.3\.bn2"):
-        sketch(other, "resnet20", [0.5] * 9, mode=mode, batches=batches)
-    vgg = get_arch("vgg16").build()
+        sketch_at(other, "resnet20", [0.5] * 9, mode=mode, batches=batches)
+    vgg = resolve_arch("vgg16").build()
     with pytest.raises(UserError, match=r"not a cifar resnet20: it lacks .*layer1\.0\.bn1.*; it "
                                         r"also has classifier"):
-        sketch(vgg, "resnet20", [0.5] * 9, mode=mode, batches=batches)
+        sketch_at(vgg, "resnet20", [0.5] * 9, mode=mode, batches=batches)

@@ -75,7 +75,7 @@ def normalized_job(tmp_path_factory):
 
 def test_checkpoint_and_state_record_the_normalisation_and_later_runs_use_it(normalized_job,
                                                                               capsys):
-    from sketch_core import load_checkpoint
+    from sketch_core.io.checkpoint import load_checkpoint
     from sketch_core.training.loop import load_state
 
     best = normalized_job / "checkpoint" / "model_best.pt"
@@ -107,7 +107,7 @@ def test_checkpoint_and_state_record_the_normalisation_and_later_runs_use_it(nor
 
 def test_pretrain_init_starts_from_a_checkpoint_and_keeps_its_record(normalized_job, tmp_path,
                                                                      capsys, one_torch_thread):
-    from sketch_core import load_checkpoint
+    from sketch_core.io.checkpoint import load_checkpoint
 
     best = normalized_job / "checkpoint" / "model_best.pt"
     job = tmp_path / "init"
@@ -173,7 +173,7 @@ def test_folder_of_small_images_picks_its_size_and_the_cifar_family(tmp_path, ca
                         "--num_epochs", "0", "--job_dir", job, "--no_progress",
                         "--val_fraction", "0"], capsys)
     assert rc == 0, err
-    from sketch_core import load_checkpoint
+    from sketch_core.io.checkpoint import load_checkpoint
 
     meta = load_checkpoint(job / "checkpoint" / "model_best.pt").meta
     assert (meta["family"], meta["cfg"], meta["num_classes"]) == ("cifar", "resnet50", 2)

@@ -12,7 +12,8 @@ from optuna.trial import TrialState
 
 from search.propose.optuna_compat import close_running, trial_handle
 from search.propose.proposer import RateProposer, close_unstarted, outcome
-from search.propose.study import SQLiteStorage, make_sampler
+from search.propose.samplers import make_sampler
+from search.propose.study import SQLiteStorage
 from search.propose.space import RateSpace
 from search.results.record import NO_RESULT, NO_SCORES, trial_status
 
@@ -138,9 +139,9 @@ def test_the_searcher_state_folder_never_holds_a_half_written_file(tmp_path, mon
     (tmp_path / "db").mkdir()
 
     def generator():
-        searcher = SketchSearch(space, sampler=make_sampler("nsga2", 0, 8),
-                                storage=_storage(tmp_path / "db"), study_name="s",
-                                full_epochs=2, num_samples=4)
+        searcher = SketchSearch(RateProposer(space, sampler=make_sampler("nsga2", 0, 8),
+                                             storage=_storage(tmp_path / "db"), study_name="s",
+                                             full_epochs=2, num_samples=4))
         return searcher, search_algorithm(searcher, 2)
 
     searcher, gen = generator()

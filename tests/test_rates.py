@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from sketch_core import UserError, format_rates, parse_rates, rates_to_widths
-from sketch_core.rates import kept_width
+from sketch_core.errors import UserError
+from sketch_core.rates import format_rates, parse_rates, rates_to_widths
+from sketch_core.plans import kept_width
 
 
 def test_original_syntax_and_alternatives():

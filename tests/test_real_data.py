@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sketch_core import UserError, load_checkpoint
+from sketch_core.errors import UserError
+from sketch_core.io.checkpoint import load_checkpoint
 from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
 from sketch_core.training.loop import evaluate
 

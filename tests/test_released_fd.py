@@ -13,7 +13,9 @@ import math
 import pytest
 import torch
 
-from sketch_core import MODES, build_model, sketch
+from sketch_core.options import MODES
+from conftest import sketch_at
+from sketch_core.registry import build_model
 from sketch_core.pruning.fd import frequent_directions, released_fd
 
 
@@ -70,8 +72,8 @@ def test_sketch_released_mode_uses_it_for_filters_and_channels():
     torch.manual_seed(0)
     model = build_model("resnet20", "cifar10").eval()
     rates = [0.5] * 9
-    released = sketch(model, "resnet20", rates, "cifar10", mode="sketch_released")
-    textbook = sketch(model, "resnet20", rates, "cifar10", mode="sketch")
+    released = sketch_at(model, "resnet20", rates, "cifar10", mode="sketch_released")
+    textbook = sketch_at(model, "resnet20", rates, "cifar10", mode="sketch")
     w1 = model.layer1[0].conv1.weight.detach()
     w2 = model.layer1[0].conv2.weight.detach()
     l = released.layer1[0].conv1.out_channels

@@ -14,7 +14,7 @@ from search.results.picks import knee_record
 from search.results.trials_file import read_records
 from sketch_core.io.checkpoint import load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture

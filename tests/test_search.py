@@ -23,7 +23,7 @@ from search.propose.space import RateSpace
 from search.propose.samplers.surrogate import observations, rung_key
 from sketch_core.rates import rates_to_widths
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 

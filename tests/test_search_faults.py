@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from search.experiment.config import load_config
 from search.results.trials_file import read_records
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 # the workers cannot import this test module: ship its functions by value
@@ -30,7 +30,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 def faulty_trial(config, setup, baseline):
     """The real trainable, except for two of the paper's vectors:
     [0.6]*9 raises before training (as a crash would), [0.5]*9 diverges (lr 1e12)."""
-    from search.run.trial import run_trial
+    from search.run.tune_trial import run_trial
 
     calls = Path(os.environ["SKETCHTUNE_TEST_CALLS"])
     with open(calls, "a") as f:
@@ -38,7 +38,7 @@ def faulty_trial(config, setup, baseline):
     if config.get("paper_rates") == "[0.6]*9":
         raise RuntimeError("injected failure")
     if config.get("paper_rates") == "[0.5]*9":
-        setup = dataclasses.replace(setup, trial=setup.trial.model_copy(update={"lr": 1e12}))
+        setup = dataclasses.replace(setup, recipe=dataclasses.replace(setup.recipe, lr=1e12))
     run_trial(config, setup, baseline)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sketch_core import frequent_directions
+from sketch_core.pruning.fd import frequent_directions
 from sketch_core.pruning.fd import row_space_energy, weight_norm
 
 

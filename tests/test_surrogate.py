@@ -10,7 +10,8 @@ import pytest
 from optuna.trial import TrialState
 
 from search.propose.proposer import RateProposer
-from search.propose.study import SQLiteStorage, make_sampler
+from search.propose.samplers import make_sampler
+from search.propose.study import SQLiteStorage
 from search.propose.space import RateSpace
 from search.propose.samplers.surrogate import STOPPED_WEIGHT, SurrogateSampler, observations, rung_key
 

@@ -154,7 +154,7 @@ def test_no_validation_split_keeps_the_last_epoch(tmp_path):
 
 def test_a_recipe_equals_its_keywords_and_hooks_see_every_event(data):
     from sketch_core.training.hooks import Hook
-    from sketch_core.training.loop import Recipe
+    from sketch_core.options import Recipe
 
     class Record(Hook):
         def __init__(self):

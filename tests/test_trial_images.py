@@ -14,9 +14,12 @@ import pytest
 import torch
 
 from search.experiment.config import TrialConfig, config_from_dict, load_config
-from search.run.trial import (EpochSample, TrialSetup, check_trial_images, sized_data,
-                              train_trial)
+from conftest import trial_setup_for
+from search.experiment.config import SketchConfig
+from search.run.trial import train_trial
 from sketch_core.data.sets import load_data
+from sketch_core.data.subsets import EpochSample, check_images
+from sketch_core.data.subsets import sized_data as _sized
 from sketch_core.errors import UserError
 
 RATES = [0.5] * 9
@@ -33,6 +36,14 @@ def _rows(loader) -> list[torch.Tensor]:
     for x, y in loader:
         out.extend(torch.cat([y.view(-1, 1).float(), x.flatten(1)[:, :16]], 1))
     return out
+
+
+def sized_data(data, t: TrialConfig, rates):
+    return _sized(data, t.train_images, t.val_images, t.seed, rates)
+
+
+def check_trial_images(t: TrialConfig, data) -> None:
+    check_images(t.train_images, t.val_images, data)
 
 
 def _keys(loader) -> set[tuple]:
@@ -97,26 +108,26 @@ def test_too_many_images_name_both_numbers(digits):
 
 
 def test_trial_code_honours_both(digits, one_torch_thread, monkeypatch):
-    from sketch_core.registry import get_arch
+    from sketch_core.registry import resolve_arch
 
-    model = get_arch("resnet20", "digits").build(None, 10, 1)
+    model = resolve_arch("resnet20", "digits").build(None, 10, 1)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    t = TrialConfig(epochs=2, bn_batches=1, train_images=96, val_images=40, batch_size=32)
-    setup = TrialSetup(cfg="resnet20", data_set="digits", num_classes=10, in_channels=1,
-                       trial=t, baseline_key="random-init", baseline_flops=1,
-                       baseline_params=1)
+    t = TrialConfig(epochs=2, train_images=96, val_images=40, batch_size=32)
+    setup = trial_setup_for("resnet20", "digits", 10, 1, trial=t,
+                            sketch=SketchConfig(calibration_batches=1),
+                            baseline_key="random-init")
     seen: list[int] = []
-    from sketch_core.training import loop as train_module
+    from sketch_core import pipeline
 
-    real_fit = train_module.fit
+    real_fit = pipeline.fit
 
-    def counting_fit(model, data, **kw):
+    def counting_fit(model, data, *args, **kw):
         seen.append(len(_rows(data.train)))
         seen.append(sum(len(y) for _, y in data.val))
-        return real_fit(model, data, **kw)
+        return real_fit(model, data, *args, **kw)
 
     reports: list[dict] = []
-    monkeypatch.setattr(train_module, "fit", counting_fit)
+    monkeypatch.setattr(pipeline, "fit", counting_fit)
     train_trial(RATES, setup, state, lambda m, f: reports.append(m))
     assert [r["epoch"] for r in reports] == [1, 2] and not reports[-1]["failed"], reports
     assert seen == [96, 40]
@@ -135,7 +146,7 @@ def test_driver_checks_before_anything_trains(tmp_path):
     assert not folder.exists() and not Path(tmp_path / "cache").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_cli_error_names_both_numbers(capsys, tmp_path):
     """``launch.py search``: one line, exit 2, no experiment folder left behind."""
     import launch

@@ -90,7 +90,7 @@ def test_a_pretrain_run_records_the_split_auto_accepts(tmp_path):
 
     spec = RunSpec(command="pretrain", data=DataSpec(data_set="synthetic", seed=0,
                                                      val_fraction=0.1))
-    assert _split_record(spec) == split_record(_config(tmp_path))
+    assert _split_record(spec, {}) == split_record(_config(tmp_path))
 
 
 def test_default_holdout_size():
@@ -123,7 +123,7 @@ def _key(x: torch.Tensor, y: torch.Tensor) -> list[tuple]:
 
 
 class _Trace:
-    """Wraps sketch_core.training.loop's ``fit`` and ``evaluate``: which batches each one received."""
+    """Wraps ``fit`` and ``evaluate`` where the pipeline and the loop call them: which batches each one received."""
 
     def __init__(self, monkeypatch):
         from sketch_core.training import loop as train
@@ -132,17 +132,20 @@ class _Trace:
         self.evals: list = []     # (loader, image keys) of every evaluate call
         real_fit, real_eval = train.fit, train.evaluate
 
-        def fit(model, data, **kw):
+        def fit(model, data, *args, **kw):
             self.fits.append(data)
-            return real_fit(model, data, **kw)
+            return real_fit(model, data, *args, **kw)
 
         def evaluate(model, batches, *args, **kw):
             served = list(batches)
             self.evals.append((batches, {k for x, y in served for k in _key(x, y)}))
             return real_eval(model, served, *args, **kw)
 
-        monkeypatch.setattr(train, "fit", fit)
-        monkeypatch.setattr(train, "evaluate", evaluate)
+        from sketch_core import pipeline
+
+        for module in (train, pipeline):  # fit's own evaluations and the pipeline's
+            monkeypatch.setattr(module, "fit", fit)
+            monkeypatch.setattr(module, "evaluate", evaluate)
 
     def keys(self, role: str) -> set:
         """Images evaluated as some fit's ``val`` (role 'val') or ``test`` (role 'test')."""
@@ -165,7 +168,7 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
 
     bare = _checkpoint(tmp_path / "bare.pt", None)
     config = _config(tmp_path, f"model.pretrained={bare}", "trial.test_holdout=40",
-                     "trial.epochs=1", "trial.bn_batches=1", "trial.batch_size=32",
+                     "trial.epochs=1", "sketch.calibration_batches=1", "trial.batch_size=32",
                      "budget.num_samples=2", "space.paper_rates=['[0.5]*9']",
                      "sampler.anchors=0", "retrain.batch_size=32")
     trials = _Trace(monkeypatch)
@@ -183,11 +186,12 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
     assert (scores["val_source"], scores["choose_images"], scores["report_images"]) == (
         "test_holdout", 40, 80)
     assert "no training split" in scores["reason"] and manifest["baseline"]["scores"] == scores
-    from search.experiment.prepare import make_setup  # what a resumed search's trials load
-    from search.run.trial import _CACHE, trial_data
+    from search.experiment.resolve import plan_search  # what a resumed search's trials load
+    from search.run.trial import _CACHE, trial_data, trial_setup
 
     _CACHE.clear()
-    resumed = trial_data(make_setup(config, manifest["baseline"], {}), "cpu")
+    plan = plan_search(config, manifest["baseline"], tmp_path / "exp", "exp", str(tmp_path))
+    resumed = trial_data(trial_setup(plan), "cpu")
     assert {k for x, y in resumed.val for k in _key(x, y)} == trial_choose
 
     retrain = _Trace(monkeypatch)
@@ -200,12 +204,11 @@ def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
     assert (result["val_source"], result["test_images"], result["val_images"]) == (
         "test_holdout", 80, 40)
 
-    with pytest.raises(UserError, match=r"^retrain --workers > 1 chooses its best epoch on "
-                                        r"the validation split held out"):
-        retrain_experiment(tmp_path / "exp", "best", epochs=1, quiet=True, workers=2)
-    with pytest.raises(UserError, match=r"^retrain --workers > 1"):
-        retrain_experiment(tmp_path / "exp", "flops<=1", epochs=1, quiet=True, workers=2)
-    assert not (tmp_path / "exp" / "retrain" / "flops_le_1").exists()  # refused before mkdir
+    # the data-parallel retrain (two Ray workers) chooses and reports on the same images
+    parallel = retrain_experiment(tmp_path / "exp", "best", epochs=1, quiet=True, workers=2)
+    assert (parallel["val_source"], parallel["test_images"], parallel["val_images"]) == (
+        "test_holdout", 80, 40)
+    assert parallel["widths"] == result["widths"] and parallel["flops"] == result["flops"]
 
     from search.results.dataframe import load_results
 
@@ -219,17 +222,17 @@ def test_train_holdout_chooses_inside_the_training_split(tmp_path, monkeypatch,
                                                          one_torch_thread):
     """The default for a baseline pretrained here: trials choose on the training holdout,
     the whole test split is never evaluated by a trial."""
-    from search.experiment.scoring_split import scores_record
-    from search.run.trial import TrialSetup, train_trial
+    from conftest import trial_setup_for
+    from search.run.trial import train_trial
 
     config = _config(tmp_path)
     data = load_data("synthetic", synthetic=SYNTH, val_fraction=0.1, eval_batch_size=50)
     entry = resolve_arch("resnet20", "synthetic", input_size=8)
     model = entry.build(None, SYNTH["num_classes"], SYNTH["channels"])
-    t = config.trial.model_copy(update={"epochs": 1, "bn_batches": 1, "batch_size": 32})
-    setup = TrialSetup(cfg="resnet20", data_set="synthetic", num_classes=4, in_channels=1,
-                       synthetic=SYNTH, trial=t, baseline_key="untrained",
-                       scores=scores_record("train_holdout", "test", data, t))
+    t = config.trial.model_copy(update={"epochs": 1, "batch_size": 32})
+    sk = config.sketch.model_copy(update={"calibration_batches": 1})
+    setup = trial_setup_for("resnet20", "synthetic", 4, 1, synthetic=SYNTH, trial=t, sketch=sk,
+                            input_size=8, baseline_key="untrained")
     trace = _Trace(monkeypatch)
     reports: list = []
     train_trial([0.5] * 9, setup, model.state_dict(), lambda m, f: reports.append(m))
@@ -238,7 +241,7 @@ def test_train_holdout_chooses_inside_the_training_split(tmp_path, monkeypatch,
     assert len(trace.keys("val")) == 16 == len(data.val.index)
 
 
-@pytest.mark.slow  # each starts a local Ray instance (about 10 s)
+@pytest.mark.cluster  # each starts a local Ray instance (about 10 s)
 @pytest.mark.parametrize("sets, message", [
     (["trial.val_source=test_holdout", "trial.test_holdout=120"],
      ("error: trial.test_holdout: 120 is not smaller than the test split (120 images); some "

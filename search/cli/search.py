@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 
 from sketch_core.errors import UserError
+from search.results.pareto import COST_COLUMNS
+from search.results.dataframe import export, load_results
+from search.results.picks import front_cost, knee_record, pareto_records
 
 __all__ = ["add_arguments", "run", "print_front"]
 
@@ -104,7 +107,7 @@ def _yaml_str(value: object) -> str:
 
 
 def _fmt_rates(rates: list[float] | None) -> str:
-    from sketch_core.rates import format_rates
+    from sketch_core.rates import format_rates  # heavy: torch
 
     return format_rates(rates) if rates else "-"
 
@@ -112,8 +115,6 @@ def _fmt_rates(rates: list[float] | None) -> str:
 def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "flops_ratio") -> None:
     """The Pareto front (completed trials) as a table, cheapest first (``cost``: the
     search's cost axis, ``flops_ratio`` or ``latency_ratio``)."""
-    from search.results.picks import front_cost, knee_record, pareto_records
-
     file = file or sys.stdout
     cost = front_cost(records, cost)
     front = pareto_records(records, cost)
@@ -141,8 +142,6 @@ def print_front(records: list[dict], limit: int = 20, file=None, cost: str = "fl
 
 def _export_dataframe(exp_dir: Path) -> Path | None:
     try:
-        from search.results.dataframe import export, load_results
-
         return export(load_results(exp_dir), exp_dir, "csv", "trials")
     except Exception as exc:  # the search's results stand without the export
         logging.getLogger("sketchtune.search").warning("dataframe export failed: %s", exc)
@@ -150,14 +149,14 @@ def _export_dataframe(exp_dir: Path) -> Path | None:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from search.experiment.config import load_config
-    from search.experiment.scoring_split import describe
-    from search.run.ray_driver import run_search
+    from search.experiment.config import load_config  # heavy: torch; the CLI's --help stays light
+    from search.experiment.scoring_split import describe  # heavy: torch
+    from search.run.ray_driver import run_search  # heavy: ray
 
     if args.config:
         config = load_config(args.config, _overrides(args))
     elif args.resume:  # only where the experiment is matters: it keeps its own config
-        from search.experiment.config import apply_overrides, config_from_dict
+        from search.experiment.config import apply_overrides, config_from_dict  # heavy: torch
 
         config = config_from_dict(apply_overrides({}, _overrides(args)))
     else:
@@ -166,8 +165,7 @@ def _run_search(args: argparse.Namespace) -> int:
     command = "launch.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     outcome = run_search(config, address=args.address, resume=args.resume, command=command,
                          quiet=args.quiet, run_retrain=False if args.no_retrain else None)
-    from search.experiment.folder import read_manifest
-    from search.results.pareto import COST_COLUMNS
+    from search.experiment.folder import read_manifest  # heavy: torch
 
     axis = read_manifest(outcome.exp_dir).get("cost_axis") or "flops"
     print()
@@ -199,7 +197,7 @@ def _latency_words(lat: dict | None) -> str:
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
-    from search.run.retrain import retrain_experiment
+    from search.run.retrain import retrain_experiment  # heavy: ray, torch
 
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")

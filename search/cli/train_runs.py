@@ -17,7 +17,7 @@ __all__ = ["add_arguments", "run"]
 def run(args: argparse.Namespace) -> int:
     """One device: :func:`sketch_core.cli.train_args.run`; several GPUs: Ray Train's TorchTrainer."""
     if args.gpus and len(args.gpus) > 1 and not args.test_only:
-        from search.run.data_parallel import run_distributed
+        from search.run.data_parallel import run_distributed  # heavy: ray
 
         run_distributed(spec_from_args(args))
         return 0

@@ -12,6 +12,7 @@ and validation/test accuracy, measured on the images that choose and those that 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sys
@@ -22,14 +23,21 @@ from typing import Any
 
 import torch
 
-from search.experiment.config import SearchConfig, recipe_hash
-from search.experiment.scoring_split import (choose_val_source, data_val_fraction, describe, scored_data,
+from search.experiment.config import ModelConfig, SearchConfig, TrialConfig, recipe_hash
+from search.experiment.scoring_split import (choose_val_source, data_request, describe, scored_data,
                            scores_record, split_record)
-from sketch_core.io.atomic import atomic_copy
+from sketch_core.cost.flops import count_flops
+from sketch_core.data.folder_cache import prepare_folder_cache
+from sketch_core.data.normalize import as_record, choose_normalize
+from sketch_core.data.subsets import check_images
 from sketch_core.errors import UserError
+from sketch_core.io.checkpoint import load_checkpoint, read_record, save_checkpoint
+from sketch_core.pipeline import Outputs, prune_and_finetune
+from sketch_core.training.loop import evaluate
 
 __all__ = ["Baseline", "prepare_baseline", "cache_dir", "load_search_data", "load_baseline_file",
-           "check_pretrained", "set_cpu_threads", "search_normalize", "split_record"]
+           "check_pretrained", "set_cpu_threads", "search_normalize", "prepare_folder",
+           "baseline_dict"]
 
 log = logging.getLogger("sketchtune.search")
 PRETRAINABLE = ("digits", "synthetic")
@@ -67,31 +75,31 @@ def cache_dir(config: SearchConfig) -> Path:
     return Path(root) / "sketchtune" / "baselines"
 
 
-def load_search_data(config: SearchConfig, batch_size: int | None = None, device: str = "cpu",
-                     normalize: Any = None, scores: dict | None = None):
-    """The data set as the search scores it: ``val`` chooses, ``test`` reports (same
-    fraction, sizes and seed everywhere). ``scores`` is the search's
-    :func:`search.experiment.scoring_split.scores_record` (or ``{"val_source": ...}``); None: the
-    validation split held out of the training split. ``normalize`` as
-    :func:`sketch_core.data.sets.load_data` takes it (None: the data set's own)."""
-    from sketch_core.data.sets import load_data
+def load_search_data(model: ModelConfig, trial: TrialConfig, scores: dict | None, *,
+                     batch_size: int | None = None, device: str = "cpu",
+                     normalize: Any = None) -> Any:
+    """The data set as the search scores it: ``val`` chooses, ``test`` reports.
+    ``scores``: the search's :func:`~search.experiment.scoring_split.scores_record`, or
+    ``{"val_source": ...}`` before the split is counted (the size then follows ``trial``);
+    None: the validation split held out of the training split."""
+    request = data_request(model, trial, scores, normalize=normalize, batch_size=batch_size)
+    data = request.load(device)
+    if request.test_holdout is None:  # not counted yet
+        data = scored_data(data, trial, scores, model.data_set)
+    return data
 
-    m, t = config.model, config.trial
-    source = (scores or {}).get("val_source", "train_holdout")
-    data = load_data(m.data_set, m.data_path, batch_size=batch_size or t.batch_size,
-                     eval_batch_size=t.eval_batch_size, val_fraction=data_val_fraction(t, source),
-                     seed=t.seed, device=device, download=m.download,
-                     input_size=m.input_size, synthetic=m.synthetic, normalize=normalize)
-    return scored_data(data, t, scores, m.data_set)
+
+def prepare_folder(model: ModelConfig) -> None:
+    """Decode a small-image folder set into its cache before any trial starts, so that
+    concurrent trials only read the cache (none of them decodes, none races to write)."""
+    if model.data_set == "folder" and model.data_path:
+        prepare_folder_cache(Path(model.data_path).expanduser())
 
 
 def search_normalize(config: SearchConfig) -> Any:
     """The ``(mean, std)`` the search normalises with: ``model.normalize`` when set (an
     error when it contradicts ``model.pretrained``'s record, unless
     ``model.force_normalize``), else the record, else None (the data set's own)."""
-    from sketch_core.io.checkpoint import read_record
-    from sketch_core.data.normalize import choose_normalize
-
     m = config.model
     recorded = None
     if m.pretrained:
@@ -106,9 +114,9 @@ def search_normalize(config: SearchConfig) -> Any:
 def set_cpu_threads(config: SearchConfig, data: Any) -> None:
     """CPU threads for the driver's own training (pretrain, retrain).
 
-    ``trial.threads`` when set; otherwise one thread for tiny inputs (digits' 8x8), where
-    measured: one thread ran an epoch 2.7x faster than two on a 2-core machine, since
-    the per-op work is too small to split. Larger inputs keep torch's default.
+    ``trial.threads`` when set; otherwise one thread for tiny inputs (digits' 8x8), whose
+    per-op work is too small to split (docs/benchmarks.md gives the figure). Larger
+    inputs keep torch's default.
     """
     if config.trial.threads:
         torch.set_num_threads(config.trial.threads)
@@ -117,8 +125,6 @@ def set_cpu_threads(config: SearchConfig, data: Any) -> None:
 
 
 def _evaluate(model: torch.nn.Module, data: Any) -> tuple[float | None, float | None]:
-    from sketch_core.training.loop import evaluate
-
     if data.family == "imagenet":  # too slow for the driver on a CPU: the trials measure it
         return None, None
     val = evaluate(model, data.val, "cpu")["acc"] if data.val is not None else None
@@ -129,8 +135,6 @@ def load_baseline_file(path: str | os.PathLike, config: SearchConfig, num_classe
                        in_channels: int | None, input_size: int | None = None) -> Any:
     """Load a checkpoint and check that it is the config's unpruned architecture (at the
     data's ``input_size``, which decides the family of a cfg both families have)."""
-    from sketch_core.io.checkpoint import load_checkpoint
-
     m = config.model
     if not Path(path).expanduser().is_file():
         raise UserError(f"model.pretrained {path}: no such file")
@@ -155,18 +159,14 @@ def check_pretrained(config: SearchConfig) -> None:
 
 
 def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -> None:
-    from sketch_core.io.checkpoint import save_checkpoint
-    from sketch_core.training.loop import fit
-
     m, p = config.model, config.model.pretrain
     entry = m.resolved_arch(data.input_size)
     model = entry.build(None, num_classes, data.in_channels)
     print(f"[pretrain] no baseline for {m.cfg} on {m.data_set} with this recipe yet: training "
           f"one ({p.epochs} epochs, lr {p.lr}); cached as {target}", flush=True)
-    result = fit(model, data, epochs=p.epochs, lr=p.lr, lr_decay_step=p.lr_decay_step,
-                 weight_decay=p.weight_decay, seed=p.seed, device="cpu",
-                 progress=sys.stderr.isatty())
-    model.load_state_dict(result.best_state)  # best epoch on the validation split
+    out = prune_and_finetune(entry, model, None, None, p.recipe(), data, device="cpu",
+                             outputs=Outputs(progress=sys.stderr.isatty()))
+    model, result = out.model, out.fit  # the best epoch on the validation split
     target.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(str(target), model, cfg=entry, num_classes=num_classes,
                     in_channels=data.in_channels,
@@ -178,12 +178,10 @@ def _pretrain(config: SearchConfig, data: Any, num_classes: int, target: Path) -
 def _scoring_data(config: SearchConfig, normalize: Any) -> tuple[Any, dict]:
     """The data as the search scores it and the record of that choice, checked (sizes,
     images per trial) before anything trains; says in one line which images choose."""
-    from search.run.trial import check_trial_images
-
     val_source, reason = choose_val_source(config)
-    data = load_search_data(config, batch_size=config.model.pretrain.batch_size,
-                            normalize=normalize, scores={"val_source": val_source})
-    check_trial_images(config.trial, data)
+    data = load_search_data(config.model, config.trial, {"val_source": val_source},
+                            batch_size=config.model.pretrain.batch_size, normalize=normalize)
+    check_images(config.trial.train_images, config.trial.val_images, data)
     scores = scores_record(val_source, reason, data, config.trial)
     print(f"[search] scores: {describe(scores)}, because {reason}", flush=True)
     return data, scores
@@ -205,7 +203,7 @@ def _obtain(config: SearchConfig, data: Any, scores: dict, num_classes: int,
     target = cache_dir(config) / f"{m.cfg}-{m.data_set}-{recipe_hash(config)}.pt"
     if not target.is_file():
         train_data = data if scores["val_source"] == "train_holdout" else load_search_data(
-            config, batch_size=m.pretrain.batch_size, normalize=normalize)
+            m, config.trial, None, batch_size=m.pretrain.batch_size, normalize=normalize)
         _pretrain(config, train_data, num_classes, target)
     else:
         print(f"[pretrain] cached baseline {target}", flush=True)
@@ -216,10 +214,6 @@ def _obtain(config: SearchConfig, data: Any, scores: dict, num_classes: int,
 def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
     """Load or pretrain the baseline, measure it (validation accuracy on the images that
     choose, test accuracy on those that report), and write ``exp_dir/baseline.pt``."""
-    from sketch_core.io.checkpoint import save_checkpoint
-    from sketch_core.cost.flops import count_flops
-    from sketch_core.data.normalize import as_record
-
     m = config.model
     t0 = time.time()
     normalize = search_normalize(config)
@@ -249,5 +243,12 @@ def prepare_baseline(config: SearchConfig, exp_dir: Path | None) -> Baseline:
                     family=entry.family, normalize=as_record(data.normalize), scores=scores)
 
 
-def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    atomic_copy(src, dst)
+def baseline_dict(b: Any) -> dict:
+    h = hashlib.sha256()
+    for k in sorted(b.state):
+        h.update(k.encode())
+        h.update(str(tuple(b.state[k].shape)).encode())
+        h.update(b.state[k].float().sum().item().hex().encode() if b.state[k].numel() else b"")
+    d = b.summary()
+    d.update(key=h.hexdigest()[:16], transform_input=b.transform_input)
+    return d

@@ -16,6 +16,7 @@ Optuna.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -28,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, create_model, field_validator, model_validator)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
@@ -36,10 +37,12 @@ from search.results.budgets import Budget, parse_budget
 from search.results.picks import parse_pick
 from sketch_core.data.sets import DATA_SETS
 from sketch_core.errors import UserError
-from sketch_core.pruning.fd import WEIGHT_NORMS as NORMS
 from sketch_core.data.normalize import check_channels, parse_normalize
-from sketch_core.registry import FAMILIES, Arch, family_of, list_cfgs, resolve_arch
-from sketch_core.pruning.prune import MODES, RANDOM_RULES, SELECT_BY
+from sketch_core.models.registration import FAMILIES
+from sketch_core.options import MODES, RANDOM_RULES, SELECT_BY, Recipe, SketchOptions
+from sketch_core.options import WEIGHT_NORMS as NORMS
+from sketch_core.registry import Arch, family_of, list_cfgs, resolve_arch
+from sketch_core.data.folder_cache import default_input_size
 
 __all__ = [
     "ModelConfig", "PretrainConfig", "SketchConfig", "SpaceConfig", "SamplerConfig",
@@ -135,16 +138,56 @@ class _Section(BaseModel):
         return {} if data is None else data  # ``trial:`` with nothing under it
 
 
-class PretrainConfig(_Section):
+# --------------------------------------------------------------------------- sections of the core's options
+
+_RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe) if f.metadata.get("config", True))
+
+def _config_type(tp: Any, default: Any) -> Any:
+    """The config's type for a core option's annotation: strict ints and booleans that
+    also read ``3.0`` and ``True``, lists for tuples, Optional only when the default is None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+        inner = _config_type(args[0], default)
+        return inner | None if default is None else inner
+    if typing.get_origin(tp) is tuple:
+        return IntList
+    return {int: Int, bool: Bool}.get(tp, tp)
+
+
+def section_from(cls: type, name: str, *, defaults: dict[str, Any] | None = None,
+                 exclude: tuple[str, ...] = (), doc: str = "") -> type[BaseModel]:
+    """A config section whose keys are the config fields of core dataclass ``cls``
+    (:mod:`sketch_core.options`): each key's type, bounds and help come from the field,
+    its default too unless ``defaults`` gives the section's own."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("config", True) or f.name in exclude:
+            continue
+        default = (defaults or {}).get(f.name, f.default)
+        if isinstance(default, tuple):
+            default = list(default)
+        bounds = {k: f.metadata[k] for k in ("gt", "ge", "lt", "le") if k in f.metadata}
+        tp = _config_type(hints[f.name], default)
+        info = Field(description=f.metadata.get("help"), **bounds)
+        if isinstance(default, list):
+            value = list(default)
+            fields[f.name] = (Annotated[tp, info], Field(default_factory=lambda v=value: list(v)))
+        else:
+            fields[f.name] = (Annotated[tp, info], default)
+    return create_model(name, __base__=_Section, __doc__=doc, **fields)
+
+
+class PretrainConfig(section_from(
+        Recipe, "PretrainRecipe", defaults={"epochs": 30, "lr": 0.1, "lr_decay_step": (15, 25)},
+        exclude=("label_smoothing", "step"))):
     """How to train a baseline when ``model.pretrained`` is empty (digits, synthetic)."""
 
-    epochs: PositiveInt = 30
-    lr: PositiveFloat = 0.1
-    lr_decay_step: IntList = Field(default_factory=lambda: [15, 25])
-    batch_size: Int = 128
-    weight_decay: float = 5e-4
-    seed: Int = 0
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/sketchtune or ~/.cache/sketchtune
+
+    def recipe(self) -> Recipe:
+        """The section as the core's :class:`~sketch_core.options.Recipe`."""
+        return Recipe(**self.model_dump(exclude={"cache_dir"}))
 
 
 class ModelConfig(_Section):
@@ -170,8 +213,6 @@ class ModelConfig(_Section):
         if self.input_size:
             return self.input_size
         if self.data_set == "folder" and self.data_path and Path(self.data_path).expanduser().is_dir():
-            from sketch_core.data.folder_cache import default_input_size
-
             try:
                 return default_input_size(Path(self.data_path).expanduser())
             except UserError:
@@ -208,17 +249,17 @@ class ModelConfig(_Section):
         return self
 
 
-class SketchConfig(_Section):
-    """The original's sketch options, plus the mode trials use."""
+class SketchConfig(section_from(
+        SketchOptions, "SketchSection",
+        # select_lsq: what the real-data benchmark supports (docs/benchmarks.md)
+        defaults={"mode": "select_lsq", "calibration_batches": 8})):
+    """The sketch options trials and the retrain use, and ``start_conv`` (VGG)."""
 
-    mode: Mode = "select_lsq"  # what the real-data benchmark supports: README, Sketch modes
-    select_by: SelectBy = "filters"
-    weight_norm_method: WeightNorm | None = None
-    filter_norm: Bool = False
-    sketch_bn: Bool = False
-    sketch_lastconv: Bool = True
     start_conv: Int | None = None
-    random_rule: RandomRule = "default"
+
+    def options(self) -> SketchOptions:
+        """The section as the core's :class:`~sketch_core.options.SketchOptions`."""
+        return SketchOptions(**self.model_dump(exclude={"start_conv"}))
 
 
 class SpaceConfig(_Section):
@@ -319,27 +360,22 @@ class BudgetConfig(_Section):
         return self
 
 
-class TrialConfig(_Section):
-    """One trial's recipe: BN recalibration and a short fine-tune."""
+class TrialConfig(section_from(
+        Recipe, "TrialRecipe", defaults={"epochs": 3, "lr": 0.01, "lr_decay_step": ()})):
+    """One trial's recipe (a short fine-tune after BN recalibration) and its images."""
 
-    epochs: NonNegativeInt = 3
-    lr: PositiveFloat = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_step: IntList = Field(default_factory=list)
-    batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 256
-    bn_batches: NonNegativeInt = 8
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    seed: Int = 0
-    label_smoothing: float = 0.0
     threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
-    step: Literal["eager", "graph"] = "eager"  # graph: the step as one CUDA graph (on CUDA)
     train_images: PositiveInt | None = None  # per trial epoch, drawn anew; None: all
     val_images: PositiveInt | None = None  # a fixed subset of the validation split; None: all
-    # which images choose (trials, the retrain's best epoch): see search/scores.py
+    # which images choose (trials, the retrain's best epoch): see experiment/scoring_split.py
     val_source: Literal["auto", "train_holdout", "test_holdout"] = "auto"
     test_holdout: PositiveInt | None = None  # test images that choose; None: min(2000, half)
+
+    def recipe(self) -> Recipe:
+        """The trials' :class:`~sketch_core.options.Recipe`."""
+        return Recipe(**self.model_dump(include=set(_RECIPE_KEYS)))
 
     @model_validator(mode="after")
     def _holdout_needs_test_source(self) -> TrialConfig:
@@ -438,19 +474,24 @@ class StorageConfig(_Section):
         return value
 
 
-class RetrainConfig(_Section):
-    """The final full retrain of the picked vector."""
+class RetrainConfig(section_from(
+        Recipe, "RetrainRecipe", defaults={"epochs": 150, "lr": 0.01, "lr_decay_step": (50, 100)},
+        exclude=("label_smoothing", "seed", "step"))):
+    """The final full retrain of the picked vector (its seed and label smoothing are the
+    trials')."""
 
     enabled: Bool = True
     pick: str = "knee"
-    epochs: PositiveInt = 150
-    lr: PositiveFloat = 0.01
-    lr_decay_step: IntList = Field(default_factory=lambda: [50, 100])
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    batch_size: PositiveInt = 128
     workers: PositiveInt = 1
     gpus_per_worker: NonNegativeFloat = 0.0
+
+    def recipe(self, trial: TrialConfig, epochs: int | None = None) -> Recipe:
+        """The retrain's :class:`~sketch_core.options.Recipe` (``epochs``: an override)."""
+        keys = set(_RECIPE_KEYS) - {"label_smoothing", "seed", "step"}
+        fields = self.model_dump(include=keys)
+        if epochs is not None:
+            fields["epochs"] = epochs
+        return Recipe(**fields, label_smoothing=trial.label_smoothing, seed=trial.seed)
 
     @field_validator("pick")
     @classmethod
@@ -577,6 +618,7 @@ def format_duration(seconds: float) -> str:
 _NOUNS = {int: ("an integer", "integers"), float: ("a number", "numbers"),
           bool: ("a boolean (true/false)", "booleans"), str: ("a string", "strings"),
           dict: ("a mapping", "mappings")}
+_MOVED = {"trial.bn_batches": "sketch.calibration_batches"}
 _RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
@@ -680,6 +722,8 @@ def _message(err: dict) -> str:
     ctx = err.get("ctx") or {}
     key = _dotted(loc)
     got = f"got {value!r} ({type(value).__name__})"
+    if kind in ("extra_forbidden", "invalid_key") and _dotted(loc) in _MOVED:
+        return f"config key {_dotted(loc)} is now {_MOVED[_dotted(loc)]}; rename it there"
     if kind in ("extra_forbidden", "invalid_key"):
         prefix, name = _dotted(loc[:-1]), str(loc[-1])
         schema = _schema_at(loc[:-1])
@@ -806,13 +850,24 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Search
     return config_from_dict(apply_overrides(data, overrides), source=str(path))
 
 
+_HASHED_BEFORE = ("epochs", "lr", "lr_decay_step", "batch_size", "weight_decay", "seed")
+
+
+def _pretrain_recipe(p: PretrainConfig) -> dict:
+    """The pretrain keys a baseline's hash covers: those it always covered, and any other
+    only when it is not its default (so earlier recipes keep their hash)."""
+    fresh = PretrainConfig()
+    return {k: v for k, v in p.model_dump(exclude={"cache_dir"}).items()
+            if k in _HASHED_BEFORE or v != getattr(fresh, k)}
+
+
 def recipe_hash(config: SearchConfig) -> str:
     """A short hash of everything that decides a pretrained baseline (for the cache)."""
     m = config.model
     recipe = {"cfg": m.cfg, "data_set": m.data_set, "data_path": m.data_path,
               "num_classes": m.num_classes, "input_size": m.input_size, "synthetic": m.synthetic,
               "val_fraction": config.trial.val_fraction, "split_seed": config.trial.seed,
-              "pretrain": m.pretrain.model_dump(exclude={"cache_dir"})}
+              "pretrain": _pretrain_recipe(m.pretrain)}
     for key in ("family", "normalize"):  # only when set: earlier recipes keep their hash
         if getattr(m, key) is not None:
             recipe[key] = getattr(m, key)

@@ -14,28 +14,31 @@ import platform
 import subprocess
 from pathlib import Path
 
-from search.experiment.config import SearchConfig
+from search.experiment.config import StorageConfig
 from sketch_core.io.atomic import atomic_write_json
 from sketch_core.errors import UserError
+import torch
 
 __all__ = ["is_uri", "experiment_location", "read_manifest", "write_manifest", "git_commit", "versions"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def experiment_location(config: SearchConfig, resume: bool = False) -> tuple[Path, str, str]:
-    """(local experiment folder, Ray storage_path, name) for a config."""
-    storage = config.storage.storage_path
-    name = config.storage.name
+def experiment_location(storage_config: StorageConfig, source: str | None = None,
+                        resume: bool = False) -> tuple[Path, str, str]:
+    """(local experiment folder, Ray storage_path, name) of a config's ``storage`` section
+    (``source``: the config file, whose name a new experiment's name starts with)."""
+    storage = storage_config.storage_path
+    name = storage_config.name
     if not name:
         if resume:
             raise UserError("--resume needs --name (the experiment to continue) "
                             "and the --storage_path it was written to")
-        stem = Path(config.source or "search").stem
+        stem = Path(source or "search").stem
         name = f"{stem}_{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if is_uri(storage):
         local = Path("experiments").resolve() / name  # our files; Ray's go to the URI
@@ -69,11 +72,10 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import optuna
-    import torch
+    import optuna  # heavy: optuna, torch, ray; only when a manifest is written
 
     try:  # a search without Ray (search.run.local_loop) runs where Ray is not installed
-        import ray
+        import ray  # heavy: ray
 
         ray_version = ray.__version__
     except ImportError:

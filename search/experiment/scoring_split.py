@@ -25,11 +25,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from search.experiment.config import SearchConfig, TrialConfig
+from search.experiment.config import ModelConfig, SearchConfig, TrialConfig
+from sketch_core.data.request import DataRequest
+from sketch_core.data.sets import hold_out_test, loader_rows
 from sketch_core.errors import UserError
+from sketch_core.io.checkpoint import read_record
 
 __all__ = ["VAL_SOURCES", "DEFAULT_TEST_HOLDOUT", "choose_val_source", "holdout_size",
-           "scored_data", "scores_record", "data_val_fraction", "describe", "split_record"]
+           "scored_data", "scores_record", "data_val_fraction", "describe", "split_record",
+           "data_request"]
 
 VAL_SOURCES = ("train_holdout", "test_holdout")
 DEFAULT_TEST_HOLDOUT = 2000  # images; capped at half the test split
@@ -57,8 +61,6 @@ def choose_val_source(config: SearchConfig) -> tuple[str, str]:
 
 
 def _by_provenance(config: SearchConfig) -> tuple[str, str]:
-    from sketch_core.io.checkpoint import read_record
-
     m = config.model
     if not m.pretrained:
         return "train_holdout", ("the baseline is pretrained here on this search's training "
@@ -110,8 +112,6 @@ def scored_data(data: Any, trial: TrialConfig, scores: dict | None, data_set: st
     train_holdout (or no record: searches older than the choice), else with the held-out
     test images as ``val`` and the others as ``test``. ``scores`` is a
     :func:`scores_record` or ``{"val_source": ...}`` (the size then follows the config)."""
-    from sketch_core.data.sets import hold_out_test, loader_rows
-
     if not scores or scores.get("val_source") != "test_holdout":
         return data
     n_test = len(loader_rows(data.test))
@@ -127,10 +127,28 @@ def scored_data(data: Any, trial: TrialConfig, scores: dict | None, data_set: st
     return hold_out_test(data, n, trial.seed if seed is None else int(seed))
 
 
+def data_request(model: ModelConfig, trial: TrialConfig, scores: dict | None, *,
+                 normalize: Any = None, batch_size: int | None = None) -> DataRequest:
+    """The data as the search scores it, described once for every process that loads it:
+    ``val`` chooses, ``test`` reports. ``scores`` is the manifest's :func:`scores_record`
+    (older searches: train_holdout); ``normalize`` as ``load_data`` takes it."""
+    scores = scores or {}
+    source = scores.get("val_source", "train_holdout")
+    holdout = total = None
+    if source == "test_holdout" and scores.get("choose_images") is not None:
+        holdout = int(scores["choose_images"])
+        total = holdout + int(scores["report_images"])
+    seed = scores.get("seed")  # the record's seed: the images the search itself held out
+    return DataRequest(model.data_set, model.data_path, batch_size=batch_size or trial.batch_size,
+                       eval_batch_size=trial.eval_batch_size,
+                       val_fraction=data_val_fraction(trial, source), seed=trial.seed,
+                       input_size=model.input_size, synthetic=model.synthetic,
+                       normalize=normalize, download=model.download, test_holdout=holdout,
+                       holdout_seed=trial.seed if seed is None else int(seed), test_images=total)
+
+
 def scores_record(val_source: str, reason: str, data: Any, trial: TrialConfig) -> dict:
     """What the manifest keeps: the choice, why, and how many images choose and report."""
-    from sketch_core.data.sets import loader_rows
-
     record = {"val_source": val_source, "reason": reason, "seed": trial.seed,
               "choose_images": 0 if data.val is None else len(loader_rows(data.val)),
               "report_images": len(loader_rows(data.test))}

@@ -265,6 +265,7 @@ class RateProposer:
             attrs = trial.user_attrs
             config.update({k: attrs[k] for k in _CONFIG_ATTRS if k in attrs})
             config["optuna_number"] = trial.number
+            config["widths"] = list(widths)  # the network this proposal is, priced above
             if cost.latency_ms is not None:  # priced before training, like the FLOPs
                 config["latency_ms"] = cost.latency_ms
                 config["latency_ratio"] = cost.latency_ratio

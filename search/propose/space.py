@@ -24,7 +24,8 @@ from torch import nn
 
 from sketch_core.errors import UserError
 from sketch_core.cost.flops import module_shapes
-from sketch_core.rates import parse_rates, widths_for
+from sketch_core.plans import widths_for
+from sketch_core.rates import parse_rates
 from sketch_core.registry import Arch, CfgLike, resolve_arch
 
 __all__ = ["CostModel", "RateSpace", "Cost", "stage_groups", "BUDGET_KEYS"]

@@ -1,26 +1,23 @@
-"""The Optuna side that needs no Ray: storage, sampler choice, the FLOPs constraint.
+"""The Optuna study of a search: its storage, its objectives, the budget constraint.
 
 :class:`SQLiteStorage` keeps the study in a local SQLite file that a killed process
-cannot corrupt; :func:`make_sampler` picks NSGA-II (default), TPE or random search,
-seeded and constrained when a FLOPs budget is set; :func:`open_study` creates or loads
-the two-objective study (max ``val_acc``, min ``flops``).
+cannot corrupt (:func:`open_storage` opens it, or an RDB URL); :func:`open_study` creates
+or loads the study (max ``val_acc``, min each cost objective); :func:`constrain` records
+how far a proposal is above its budgets where the samplers read it. No Ray here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
 
-from search.propose.optuna_compat import NSGAIISampler
+from sketch_core.errors import UserError
 
-__all__ = ["SQLiteStorage", "FlopsConstraint", "make_sampler", "population_size",
-           "open_study", "constrain", "METRICS", "MODES"]
+__all__ = ["open_storage", "SQLiteStorage", "FlopsConstraint", "open_study", "constrain"]
 
-METRICS = ["val_acc", "flops"]
-MODES = ["max", "min"]
-_DIRECTIONS = {"max": "maximize", "min": "minimize"}
 
 
 def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
@@ -33,8 +30,7 @@ def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
 class SQLiteStorage(optuna.storages.RDBStorage):
     """Optuna's RDBStorage on a local SQLite file, in WAL mode with ``synchronous=NORMAL``.
 
-    A commit then waits for no disk flush: measured here, an ask/suggest/tell cycle of a
-    9-rate trial took 0.19 s with SQLite's defaults and 0.03 s this way. A killed process
+    A commit then waits for no disk flush (docs/benchmarks.md has the figure). A killed process
     loses nothing (the log is in the OS's hands); a power cut may lose the last commits.
     Picklable like its parent (Ray Tune saves the searcher with it).
     """
@@ -48,7 +44,7 @@ class SQLiteStorage(optuna.storages.RDBStorage):
         self._tune()
 
     def _tune(self) -> None:
-        import sqlalchemy
+        import sqlalchemy  # optional: sqlalchemy, only with an RDB storage
 
         sqlalchemy.event.listen(self.engine, "connect", _sqlite_pragmas)
         self.engine.dispose()  # connections opened before the listener are dropped
@@ -61,54 +57,15 @@ class FlopsConstraint:
         return [float(trial.user_attrs.get("constraint", 0.0))]
 
 
-_HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
+HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
 
 
 def constrain(trial: optuna.Trial, value: float, name: str = "flops_budget") -> None:
     """Record the largest ``cost ratio - budget`` (<= 0 feasible) where the sampler reads it
     (``name``: ``flops_budget``, or ``budget`` when a latency budget takes part)."""
     trial.set_user_attr("constraint", value)
-    if _HAS_SET_CONSTRAINT:
+    if HAS_SET_CONSTRAINT:
         trial.set_constraint(name, value)
-
-
-def population_size(num_samples: int | None, requested: int | None = None) -> int:
-    """NSGA-II population sized to the trial budget: about a quarter of it, 4..50."""
-    if requested:
-        return requested
-    if not num_samples:
-        return 20
-    return int(min(50, max(4, round(num_samples / 4))))
-
-
-def make_sampler(name: str, seed: int = 0, num_samples: int | None = None,
-                 population: int | None = None, constrained: bool = False,
-                 space: Any = None, flops_budget: float | None = None,
-                 budgets: dict[str, float] | None = None, cost: str = "flops_ratio"
-                 ) -> optuna.samplers.BaseSampler:
-    """``nsga2`` (default), ``tpe``, ``random`` or ``surrogate``, seeded; constrained when a
-    budget is set. ``surrogate`` (:mod:`search.propose.samplers.surrogate`) needs the ``space`` it proposes
-    in, and keeps below ``flops_budget`` (or every one of ``budgets``) itself; ``cost``
-    (``flops_ratio`` or ``latency_ratio``) is the cost axis of its front."""
-    # Optuna 5 reads constraints set on the trial; older versions need constraints_func
-    cons = FlopsConstraint() if constrained and not _HAS_SET_CONSTRAINT else None
-    if name == "nsga2":
-        return NSGAIISampler(population_size=population_size(num_samples, population),
-                                             seed=seed, constraints_func=cons)
-    if name == "tpe":
-        startup = max(4, min(10, (num_samples or 40) // 4))
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup,
-                                          multivariate=True, constraints_func=cons)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "surrogate":
-        if space is None:
-            raise ValueError("the surrogate sampler needs the rate space")
-        from search.propose.samplers.surrogate import SurrogateSampler
-
-        return SurrogateSampler(space, seed=seed, flops_budget=flops_budget, budgets=budgets,
-                                cost=cost)
-    raise ValueError(f"unknown sampler {name!r}")
 
 
 def open_study(storage: optuna.storages.BaseStorage | str | None, study_name: str,
@@ -120,9 +77,20 @@ def open_study(storage: optuna.storages.BaseStorage | str | None, study_name: st
     study = optuna.create_study(storage=storage, sampler=sampler, study_name=study_name,
                                 directions=directions, load_if_exists=True)
     if len(study.directions) != len(directions):
-        from sketch_core.errors import UserError
-
         raise UserError(f"study {study_name!r} has {len(study.directions)} objectives, this "
                         f"config {len(directions)} ({', '.join(objectives)}); continue it with "
                         f"its own config or start a new search")
     return study
+
+
+def open_storage(url: str | None, exp_dir: Path) -> tuple[Any, str]:
+    """(storage, url) of a search's study: ``url`` (an Optuna RDB URL), or SQLite in the
+    experiment folder; a UserError naming the URL when it cannot be opened."""
+    url = url or f"sqlite:///{exp_dir / 'study.db'}"
+    try:
+        if url.startswith("sqlite:"):
+            return SQLiteStorage(url), url
+        return optuna.storages.RDBStorage(url), url
+    except Exception as exc:  # SQLAlchemy and Optuna raise many kinds for a bad URL
+        raise UserError(f"--study_storage {url}: cannot open it as an Optuna RDB storage "
+                        f"({str(exc).splitlines()[0]})") from None

@@ -83,7 +83,7 @@ class _Folder:
     """Read-only view of one folder on the local disk or any ``pyarrow.fs`` filesystem."""
 
     def __init__(self, location: str | os.PathLike[str]):
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # optional: pyarrow's filesystems, for remote storage
 
         text = os.fspath(location)
         self.location = text
@@ -107,7 +107,7 @@ class _Folder:
         return self.fs.get_file_info(self._join(rel))
 
     def is_dir(self, rel: str = "") -> bool:
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # optional: pyarrow
 
         try:
             return self._info(rel).type == pafs.FileType.Directory
@@ -115,7 +115,7 @@ class _Folder:
             return False
 
     def is_file(self, rel: str) -> bool:
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # optional: pyarrow
 
         try:
             return self._info(rel).type == pafs.FileType.File
@@ -134,7 +134,7 @@ class _Folder:
             return None
 
     def subdirs(self, rel: str = "") -> list[str]:
-        from pyarrow import fs as pafs
+        from pyarrow import fs as pafs  # optional: pyarrow
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self._join(rel), allow_not_found=True))
@@ -512,10 +512,8 @@ def format_rate_vector(rates: Sequence[float]) -> str:
     """The original's compact syntax (``[0.5]*9+[0.6]*9``), parsed back exactly by sketch_core."""
     if not rates or any(math.isnan(r) for r in rates):
         return ""
-    try:
-        from sketch_core import format_rates  # type: ignore[attr-defined]
-    except ImportError:
-        from sketch_core.rates import format_rates
+    from sketch_core.rates import format_rates  # heavy: torch; analyze stays torch-free
+
     return format_rates([float(r) for r in rates])
 
 
@@ -645,6 +643,38 @@ def hypervolume_history(df: pd.DataFrame, ref: tuple[float, float] = (0.0, 1.0))
 # ---------------------------------------------------------------- sensitivity
 
 
+def _residual(y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``y`` less its least-squares line on ``x``."""
+    xc = x - x.mean()
+    denom = float(xc @ xc)
+    beta = float(xc @ (y - y.mean())) / denom if denom > 0 else 0.0
+    return (y - y.mean()) - beta * xc
+
+
+def _partial_spearman(done: pd.DataFrame, rcols: list[str], ccol: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Each rate column's partial Spearman correlation with ``val_acc`` given ``ccol``,
+    and its two-sided p-value (NaN with fewer than 5 trials)."""
+    n = len(done)
+    rho = np.full(len(rcols), np.nan)
+    if n < 5 or not rcols:
+        return rho, np.full(len(rcols), np.nan)
+    f = done[ccol].rank().to_numpy(float)
+    a = _residual(done["val_acc"].rank().to_numpy(float), f)
+    ranks = done[rcols].rank().to_numpy(float)
+    for j in range(len(rcols)):
+        r = _residual(ranks[:, j], f)
+        denom = math.sqrt(float(r @ r) * float(a @ a))
+        if denom > 1e-12:
+            rho[j] = float(np.clip((r @ a) / denom, -1.0, 1.0))
+    from scipy.special import stdtr  # heavy: scipy; Student's t CDF (scipy.stats takes seconds)
+
+    dof = n - 3
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = rho * np.sqrt(dof / np.maximum(1e-300, 1.0 - rho ** 2))
+    return rho, np.where(np.isnan(rho), np.nan, 2 * stdtr(dof, -np.abs(np.nan_to_num(t))))
+
+
 def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None,
                       cost: str = "flops") -> pd.DataFrame:
     """How much each unit's rate matters for accuracy at equal FLOPs (``cost="latency"``:
@@ -672,29 +702,7 @@ def layer_sensitivity(df: pd.DataFrame, unit_names: Sequence[str] | None = None,
     done = done[done[rcols].notna().all(axis=1)] if rcols else done
     n = len(done)
     names = list(unit_names or (df.attrs.get("manifest") or {}).get("unit_names") or [])
-    rho = np.full(len(rcols), np.nan)
-    pval = np.full(len(rcols), np.nan)
-    if n >= 5 and rcols:
-        def resid(y: np.ndarray, x: np.ndarray) -> np.ndarray:
-            xc = x - x.mean()
-            denom = float(xc @ xc)
-            beta = float(xc @ (y - y.mean())) / denom if denom > 0 else 0.0
-            return (y - y.mean()) - beta * xc
-
-        f = done[ccol].rank().to_numpy(float)
-        a = resid(done["val_acc"].rank().to_numpy(float), f)
-        ranks = done[rcols].rank().to_numpy(float)
-        for j in range(len(rcols)):
-            r = resid(ranks[:, j], f)
-            denom = math.sqrt(float(r @ r) * float(a @ a))
-            if denom > 1e-12:
-                rho[j] = float(np.clip((r @ a) / denom, -1.0, 1.0))
-        from scipy.special import stdtr  # Student's t CDF; scipy.stats would take seconds to import
-
-        dof = n - 3
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = rho * np.sqrt(dof / np.maximum(1e-300, 1.0 - rho ** 2))
-        pval = np.where(np.isnan(rho), np.nan, 2 * stdtr(dof, -np.abs(np.nan_to_num(t))))
+    rho, pval = _partial_spearman(done, rcols, ccol)
     front = pareto_front(done, per_experiment=False, cost=axis) if n else done
     return pd.DataFrame({
         "rate": rcols,

@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import matplotlib
 
@@ -66,6 +66,80 @@ def _pct(values: pd.Series | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=float) * 100.0
 
 
+def _draw_trials(ax: Any, df: pd.DataFrame, xcol: str, color: str, tag: str, many: bool) -> None:
+    done = df[(df["status"] == "completed") & df["val_acc"].notna()]
+    stopped = df[(df["status"] == "stopped") & df["val_acc"].notna()]
+    few = len(done) < 100  # a handful of trials: bigger, darker dots
+    ax.scatter(_pct(done[xcol]), _pct(done["val_acc"]), s=28 if few else 12, color=color,
+               alpha=0.7 if few else 0.35, linewidths=0, rasterized=True,
+               label=f"{tag}completed trials ({len(done)})")
+    if len(stopped) and not many:
+        ax.scatter(_pct(stopped[xcol]), _pct(stopped["val_acc"]), s=10, marker="x",
+                   color="0.6", alpha=0.5, linewidths=0.8, rasterized=True,
+                   label=f"stopped early, fewer epochs ({len(stopped)})")
+
+
+def _draw_front(ax: Any, df: pd.DataFrame, axis: str, xcol: str, color: str, tag: str) -> None:
+    front = pareto_front(df, per_experiment=False, cost=axis).sort_values(xcol)
+    if len(front):
+        x, y = _pct(front[xcol]), _pct(front["val_acc"])
+        ax.step(np.append(x, max(x[-1], 100.0)), np.append(y, y[-1]),
+                where="post", color=color, lw=1.8, alpha=0.9)
+        ax.scatter(x, y, s=42, color=color, edgecolors="black", linewidths=0.7, zorder=3,
+                   label=f"{tag}Pareto front ({len(front)})")
+
+
+def _draw_paper(ax: Any, df: pd.DataFrame, xcol: str, annotated: set, legend: bool) -> bool:
+    """The paper's vectors as stars, each labelled once; whether the legend has them."""
+    if "paper_rate" not in df.columns:
+        return legend
+    for _, row in df[df["paper_rate"].notna() & df["val_acc"].notna()].iterrows():
+        finished = row["status"] == "completed"
+        ax.scatter(_pct(row[xcol]), _pct(row["val_acc"]), s=140, marker="*",
+                   color="gold" if finished else "none", edgecolors="black", linewidths=0.8,
+                   zorder=4, label=None if legend else "paper's uniform rates (hollow: stopped early)")
+        legend = True
+        spot = (str(row["paper_rate"]), round(row[xcol], 2), round(row["val_acc"], 2))
+        if spot not in annotated:  # the same vector in several experiments: label it once
+            annotated.add(spot)
+            text = row["paper_rate"] + ("" if finished else f" ({row['status']})")
+            ax.annotate(text, (row[xcol] * 100, row["val_acc"] * 100),
+                        textcoords="offset points", xytext=(6, -12), fontsize=8)
+    return legend
+
+
+def _draw_retrained(ax: Any, exp: Any, xcol: str, color: str, tag: str) -> None:
+    df = exp.trials
+    retrained = df[df["test_acc"].notna()] if "test_acc" in df.columns else df.iloc[0:0]
+    for i, (_, row) in enumerate(retrained.iterrows()):
+        xr = row[xcol] * 100
+        ax.scatter(xr, row["test_acc"] * 100, s=90, marker="D", color=color, edgecolors="black",
+                   linewidths=1.0, zorder=5,
+                   label=f"{tag}retrained '{row['pick']}' (test accuracy)" if i == 0 else None)
+        if not math.isnan(row["val_acc"]):
+            ax.plot([xr, xr], [row["val_acc"] * 100, row["test_acc"] * 100], ls=":", color=color, lw=1)
+    base = exp.baseline if isinstance(exp, Experiment) else {}
+    if base.get("val_acc") is not None:
+        ax.scatter(100.0, float(base["val_acc"]) * 100, s=110, marker="P", color=color,
+                   edgecolors="black", zorder=4, label=f"{tag}unpruned baseline (val.)")
+
+
+def _label_axes(ax: Any, exps: list[Experiment], by_latency: bool, title: str | None) -> None:
+    many = len(exps) > 1
+    ax.set_xlabel("predicted latency, % of the unpruned model's" if by_latency
+                  else "FLOPs, % of the unpruned model's MACs (conv + linear)")
+    ax.set_ylabel("validation accuracy (%)")
+    if title is None:
+        what = "latency" if by_latency else "FLOPs"
+        title = ("Pareto fronts compared" if many else f"Accuracy vs {what}: {exps[0].name}") if exps else ""
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(exps) == 1 and exps[0].baseline.get("flops") and not by_latency:
+        macs = float(exps[0].baseline["flops"])
+        sec = ax.secondary_xaxis("top", functions=(lambda p: p * macs / 100e6, lambda m: m * 100e6 / macs))
+        sec.set_xlabel("MACs (millions)")
+
+
 def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
     """Validation accuracy (%) vs FLOPs (% of the unpruned MACs), fronts highlighted."""
     exps = _as_experiments(results)
@@ -79,63 +153,12 @@ def plot_tradeoff(results: Results, title: str | None = None) -> Figure:
     xcol = COST_COLUMNS[axis][0]
     for k, exp in enumerate(exps):
         color = _COLORS[k % len(_COLORS)]
-        df = exp.trials
         tag = f"{exp.name}: " if many else ""
-        done = df[(df["status"] == "completed") & df["val_acc"].notna()]
-        stopped = df[(df["status"] == "stopped") & df["val_acc"].notna()]
-        few = len(done) < 100  # a handful of trials: bigger, darker dots
-        ax.scatter(_pct(done[xcol]), _pct(done["val_acc"]), s=28 if few else 12, color=color,
-                   alpha=0.7 if few else 0.35, linewidths=0, rasterized=True,
-                   label=f"{tag}completed trials ({len(done)})")
-        if len(stopped) and not many:
-            ax.scatter(_pct(stopped[xcol]), _pct(stopped["val_acc"]), s=10, marker="x",
-                       color="0.6", alpha=0.5, linewidths=0.8, rasterized=True,
-                       label=f"stopped early, fewer epochs ({len(stopped)})")
-        front = pareto_front(df, per_experiment=False, cost=axis)
-        front = front.sort_values(xcol)
-        if len(front):
-            x, y = _pct(front[xcol]), _pct(front["val_acc"])
-            ax.step(np.append(x, x[-1] if not len(x) else max(x[-1], 100.0)), np.append(y, y[-1]),
-                    where="post", color=color, lw=1.8, alpha=0.9)
-            ax.scatter(x, y, s=42, color=color, edgecolors="black", linewidths=0.7, zorder=3,
-                       label=f"{tag}Pareto front ({len(front)})")
-        paper = df[df["paper_rate"].notna() & df["val_acc"].notna()] if "paper_rate" in df.columns else df.iloc[0:0]
-        for _, row in paper.iterrows():
-            finished = row["status"] == "completed"
-            ax.scatter(_pct(row[xcol]), _pct(row["val_acc"]), s=140, marker="*",
-                       color="gold" if finished else "none", edgecolors="black", linewidths=0.8, zorder=4,
-                       label=None if paper_legend else "paper's uniform rates (hollow: stopped early)")
-            paper_legend = True
-            spot = (str(row["paper_rate"]), round(row[xcol], 2), round(row["val_acc"], 2))
-            if spot not in annotated:  # the same vector in several experiments: label it once
-                annotated.add(spot)
-                text = row["paper_rate"] + ("" if finished else f" ({row['status']})")
-                ax.annotate(text, (row[xcol] * 100, row["val_acc"] * 100),
-                            textcoords="offset points", xytext=(6, -12), fontsize=8)
-        retrained = df[df["test_acc"].notna()] if "test_acc" in df.columns else df.iloc[0:0]
-        for i, (_, row) in enumerate(retrained.iterrows()):
-            xr = row[xcol] * 100
-            ax.scatter(xr, row["test_acc"] * 100, s=90, marker="D", color=color, edgecolors="black",
-                       linewidths=1.0, zorder=5,
-                       label=f"{tag}retrained '{row['pick']}' (test accuracy)" if i == 0 else None)
-            if not math.isnan(row["val_acc"]):
-                ax.plot([xr, xr], [row["val_acc"] * 100, row["test_acc"] * 100], ls=":", color=color, lw=1)
-        base = exp.baseline if isinstance(exp, Experiment) else {}
-        if base.get("val_acc") is not None:
-            ax.scatter(100.0, float(base["val_acc"]) * 100, s=110, marker="P", color=color, edgecolors="black",
-                       zorder=4, label=f"{tag}unpruned baseline (val.)")
-    ax.set_xlabel("predicted latency, % of the unpruned model's" if by_latency
-                  else "FLOPs, % of the unpruned model's MACs (conv + linear)")
-    ax.set_ylabel("validation accuracy (%)")
-    if title is None:
-        what = "latency" if by_latency else "FLOPs"
-        title = ("Pareto fronts compared" if many else f"Accuracy vs {what}: {exps[0].name}") if exps else ""
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(exps) == 1 and exps[0].baseline.get("flops") and not by_latency:
-        macs = float(exps[0].baseline["flops"])
-        sec = ax.secondary_xaxis("top", functions=(lambda p: p * macs / 100e6, lambda m: m * 100e6 / macs))
-        sec.set_xlabel("MACs (millions)")
+        _draw_trials(ax, exp.trials, xcol, color, tag, many)
+        _draw_front(ax, exp.trials, axis, xcol, color, tag)
+        paper_legend = _draw_paper(ax, exp.trials, xcol, annotated, paper_legend)
+        _draw_retrained(ax, exp, xcol, color, tag)
+    _label_axes(ax, exps, by_latency, title)
     _zoom(ax, exps, axis)
     ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
     return fig

@@ -28,17 +28,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from search.experiment.config import SearchConfig
+import optuna
+import torch
+
+from search.experiment.config import SearchConfig, load_config
 from search.experiment.folder import experiment_location
-from search.run.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
-from search.experiment.latency_source import budget_words, budgets, cost_key
-from search.experiment.prepare import (SearchOutcome, check_folder, finish_manifest, make_setup,
-                            open_new_experiment, pct, rate_space, say)
-from search.propose.proposer import RateProposer, close_unstarted
-from search.results.trials_file import TrialLog, read_records
-from search.propose.study import make_sampler
-from search.run.trial import TrialSetup, train_trial
+from search.experiment.opening import check_folder, finish_manifest, open_search
+from search.experiment.resolve import SearchPlan
+from search.propose.proposer import close_unstarted
 from search.results.record import TrialRecord, trial_status
+from search.results.text import pct, say
+from search.results.trials_file import TrialLog, read_records
+from search.run.gpu_share import gpu_slots, mps_status, packing_note, trials_per_gpu
+from search.run.outcome import SearchOutcome
+from search.run.proposals import make_proposer
+from search.run.trial import TrialSetup, train_trial, trial_setup
+from sketch_core.data.folder_cache import prepare_folder_cache
 from sketch_core.errors import UserError
 
 __all__ = ["run_local", "run_one", "main"]
@@ -52,7 +57,8 @@ class _BudgetOver(BaseException):
 
 
 def run_one(rates: list[float], setup: TrialSetup, baseline: dict, deadline: float | None,
-            on_epoch: Callable[[dict], None] | None = None) -> tuple[dict | None, bool]:
+            on_epoch: Callable[[dict], None] | None = None,
+            widths: list[int] | None = None) -> tuple[dict | None, bool]:
     """One trial, start to end: (its last report, whether the time budget ended it)."""
     last: dict | None = None
 
@@ -61,12 +67,12 @@ def run_one(rates: list[float], setup: TrialSetup, baseline: dict, deadline: flo
         last = dict(metrics)
         if on_epoch is not None:
             on_epoch(last)
-        more = int(metrics.get("epoch", 0)) < setup.trial.epochs and not metrics.get("failed")
+        more = int(metrics.get("epoch", 0)) < setup.recipe.epochs and not metrics.get("failed")
         if more and deadline is not None and time.time() >= deadline:
             raise _BudgetOver
 
     try:
-        train_trial(rates, setup, baseline, report)
+        train_trial(rates, setup, baseline, report, widths=widths)
     except _BudgetOver:
         return last, True
     return last, False
@@ -86,46 +92,49 @@ def run_local(config: SearchConfig, exp_dir: str | Path | None = None, *, worker
     ``workers`` above 1 caps the number of processes); on a machine without CUDA it
     says so and keeps ``workers`` on the CPU.
     """
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if exp_dir is None:
-        exp_dir, storage_path, name = experiment_location(config)
+        exp_dir, storage_path, name = experiment_location(config.storage, config.source)
     else:
         exp_dir = Path(exp_dir).expanduser().resolve()
         storage_path, name = str(exp_dir.parent), config.storage.name or exp_dir.name
     config, _ = check_folder(config, exp_dir, resume=False)
     t_start = time.time()
-    study_storage, _, baseline, state = open_new_experiment(
-        config, exp_dir, name, storage_path, None, command, quiet)
-    proposer = _proposer(config, exp_dir, name, baseline, study_storage)
-    setup = make_setup(config, baseline, {})
-    slots = None
+    opened = open_search(config, exp_dir, name, storage_path, command=command, quiet=quiet)
+    plan = opened.plan
+    outcome = _run_plan(plan, opened.study_storage, opened.state, workers, quiet, on_epoch,
+                        gpus_per_trial)
+    phases = finish_manifest(exp_dir, outcome.pop("search_s"), False, t_start, command, quiet)
+    return SearchOutcome(exp_dir, read_records(plan.trials_file), phases, plan.baseline,
+                         extra={"runner": "local", "workers": outcome["workers"]})
+
+
+def _run_plan(plan: SearchPlan, study_storage: Any, state: dict, workers: int, quiet: bool,
+              on_epoch: Callable | None, gpus_per_trial: float | None) -> dict:
+    """The trials of ``plan``, serially or in worker processes; the search's seconds."""
+    if plan.data.data_set == "folder" and plan.data.data_path:  # decoded once, before any trial
+        prepare_folder_cache(Path(plan.data.data_path).expanduser())
+    proposer = make_proposer(plan, study_storage)
+    setup, slots = trial_setup(plan), None
     if gpus_per_trial is not None:
         workers, slots, setup = _pack(gpus_per_trial, workers, setup, quiet)
-    b = config.budget
-    say(quiet, f"[local] {name}: {b.num_samples or 'unlimited'} trials"
-               f"{', budget ' + b.time if b.time else ''}{budget_words(config)}, "
-               f"sampler {config.sampler.name}, "
-               f"{workers} worker(s), no Ray")
-    deadline = None if config.time_budget_s is None else time.time() + config.time_budget_s
-    loop = _Loop(proposer, setup, state, deadline, TrialLog(exp_dir / "trials.jsonl"), quiet)
+    say(quiet, f"[local] {plan.name}: {plan.num_samples or 'unlimited'} trials"
+               f"{plan.budget_text}, "
+               f"sampler {plan.sampler.name}, {workers} worker(s), no Ray")
+    deadline = None if plan.time_budget_s is None else time.time() + plan.time_budget_s
+    loop = _Loop(proposer, setup, state, deadline, TrialLog(plan.trials_file), quiet)
     t_search = time.time()
     if workers > 1:
         loop.parallel(workers, slots)
     else:
         loop.serial(on_epoch)
     close_unstarted(proposer.study)
-    phases = finish_manifest(exp_dir, time.time() - t_search, False, t_start, command, quiet)
-    return SearchOutcome(exp_dir, read_records(exp_dir / "trials.jsonl"), phases, baseline,
-                         extra={"runner": "local", "workers": workers})
+    return {"search_s": time.time() - t_search, "workers": workers}
 
 
 def _pack(gpus_per_trial: float, workers: int, setup: TrialSetup, quiet: bool
           ) -> tuple[int, list[int] | None, TrialSetup]:
     """(worker processes, the GPU of each, the setup) for trials sharing the GPUs."""
-    import torch
-
     if not 0 < gpus_per_trial <= 1:
         raise UserError(f"gpus_per_trial: a local trial uses a share of one GPU, in (0, 1]; "
                         f"got {gpus_per_trial:g}")
@@ -151,24 +160,6 @@ def _take_gpu(slots: Any) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ids[gpu] if ids and gpu < len(ids) else str(gpu)
 
 
-def _proposer(config: SearchConfig, exp_dir: Path, name: str, baseline: dict,
-              study_storage: Any) -> RateProposer:
-    b = config.budget
-    space = rate_space(config, baseline, exp_dir)
-    limits = budgets(config, space)
-    sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
-                           config.sampler.population_size,
-                           constrained=bool(limits), space=space, budgets=limits,
-                           cost=cost_key(config))
-    return RateProposer(space, sampler=sampler, storage=study_storage, study_name=name,
-                        full_epochs=config.trial.epochs, num_samples=b.num_samples,
-                        flops_policy=b.flops_policy, budgets=limits,
-                        objectives=config.objectives,
-                        points=space.paper_points(config.space.paper_rates),
-                        anchors=space.uniform_points(config.sampler.anchors),
-                        trial_log=TrialLog(exp_dir / "trials.jsonl"))
-
-
 class _Loop:
     """Ask, train, tell and record, one trial at a time or a few in worker processes."""
 
@@ -191,7 +182,7 @@ class _Loop:
 
     def _end(self, key: str, config: dict, started: float, last: dict | None,
              budget_ended: bool, error: str | None = None) -> None:
-        status, message = trial_status(last, error is not None, self.setup.trial.epochs)
+        status, message = trial_status(last, error is not None, self.setup.recipe.epochs)
         record = TrialRecord.from_report(key, last or {}, config, status, error or message,
                                          started, "budget" if budget_ended else None)
         self.log.append(record)
@@ -208,7 +199,7 @@ class _Loop:
             started = time.time()
             hook = None if on_epoch is None else (lambda m, k=key: on_epoch(k, m))
             last, budget_ended = run_one(config["rates"], self.setup, self.state,
-                                         self.deadline, hook)
+                                         self.deadline, hook, config.get("widths"))
             self._end(key, config, started, last, budget_ended)
 
     def parallel(self, workers: int, slots: list[int] | None = None) -> None:
@@ -226,7 +217,7 @@ class _Loop:
                     key, config = nxt
                     try:
                         future = pool.submit(run_one, config["rates"], self.setup, self.state,
-                                             self.deadline)
+                                             self.deadline, None, config.get("widths"))
                     except Exception as exc:  # the pool broke: no trial runs any more
                         self._end(key, config, time.time(), None, False,
                                   f"{type(exc).__name__}: {exc}")
@@ -249,8 +240,6 @@ class _Loop:
 def main(argv: list[str] | None = None) -> int:
     """``python -m search.run.local_loop --config C [--set k=v ...] [--workers N]
     [--gpus_per_trial G] [--exp_dir DIR]``: the search without Ray, from a shell."""
-    from search.experiment.config import load_config
-
     p = argparse.ArgumentParser(prog="python -m search.run.local_loop",
                                 description="the rate search without Ray, on this machine")
     p.add_argument("--config", required=True, help="a config file or a shipped config's name")

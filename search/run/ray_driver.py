@@ -1,13 +1,14 @@
-"""Run a search on Ray Tune: the Tuner + SketchSearch + (MO-)ASHA, resume, retrain.
+"""Run a search on Ray Tune: the Tuner, the searcher, the scheduler; resume; retrain.
 
 :func:`run_search` is the whole ``launch.py search``: it connects to a cluster (or
-starts a local Ray instance bound to 127.0.0.1 with usage statistics off), prepares
-the experiment folder (:mod:`search.experiment.prepare`: manifest.json, config.yaml,
-baseline.pt, study.db, trials.jsonl), builds the ``Tuner`` (function trainable with the
-baseline in the object store, resources per trial, ``SketchSearch``, the scheduler of
-:func:`make_scheduler`, the time budget, one checkpoint kept per trial, retries for lost
-workers), runs it or restores it (``--resume``), records how long each phase took and
-retrains the pick. :mod:`search.run.local_loop` runs the same trials without Ray.
+starts a local Ray instance bound to 127.0.0.1 with usage statistics off), opens the
+experiment folder (:mod:`search.experiment.opening`), resolves the config once into a
+:class:`~search.experiment.resolve.SearchPlan`, builds the ``Tuner`` (the function
+trainable with the baseline in the object store, resources per trial, the searcher
+around the plan's proposer, the plan's scheduler, the time budget, one checkpoint kept
+per trial, retries for lost workers), runs or restores it (``--resume``), records how
+long each phase took and retrains the pick. :mod:`search.run.local_loop` runs the same
+trials without Ray.
 """
 
 from __future__ import annotations
@@ -17,242 +18,121 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from search.experiment.config import COST_SCHEDULERS, SearchConfig
+import optuna
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+from search.experiment.config import SearchConfig
 from search.experiment.folder import experiment_location, is_uri, read_manifest, write_manifest
-from search.run.gpu_share import packing_note
-from search.experiment.latency_source import budget_words, budgets, cost_key
-from search.results.pareto import COST_COLUMNS
-from search.experiment.prepare import (SearchOutcome, baseline_dict, check_folder, ended_reports,
-                            finish_manifest, make_setup, open_new_experiment,
-                            open_study_storage, rate_space, say)
-from search.run.ray_session import check_resources, ray_session
-from search.results.trials_file import read_records
+from search.experiment.opening import OpenedSearch, check_folder, finish_manifest, open_search
+from search.experiment.resolve import SearchPlan
 from search.experiment.scoring_split import describe
+from search.propose.proposer import close_unstarted
+from search.results.trials_file import read_records
+from search.results.text import say
+from search.run.gpu_share import packing_note
+from search.run.outcome import SearchOutcome
+from search.run.progress import SearchCallback
+from search.run.proposals import make_proposer
+from search.run.ray_session import check_resources, ray_session
+from search.run.retrain import retrain_experiment
+from search.run.schedulers import make_scheduler
+from search.run.trial import trial_setup
+from search.run.tune_searcher import SketchSearch, search_algorithm
+from search.run.tune_trial import run_trial
+from sketch_core.data.folder_cache import prepare_folder_cache
 from sketch_core.errors import UserError
 
-__all__ = ["SearchOutcome", "run_search", "make_scheduler"]
+__all__ = ["run_search"]
 
 log = logging.getLogger("sketchtune.search")
 
-_baseline_dict = baseline_dict  # the names the benchmarks import
-_make_setup = make_setup
 
-
-# --------------------------------------------------------------------------- Tune pieces
-
-def trial_dirname(trial: Any) -> str:
+def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def make_scheduler(config: SearchConfig, exp_dir: Path | None = None) -> tuple[Any, list[int]]:
-    """The config's trial scheduler and its rungs (epochs; none for FIFO).
-
-    ``asha``: Ray's ASHA on ``val_acc``; ``cost_asha`` and ``moasha``:
-    :class:`search.run.schedulers.CostASHAScheduler` and :class:`search.run.schedulers.MOASHAScheduler` on
-    (``val_acc``, ``scheduler.cost``), their rungs kept in ``exp_dir/scheduler_state.json``;
-    ``none``, or any of them with a grace period not below ``trial.epochs``: every trial
-    runs its full recipe.
-    """
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from search.run.schedulers import CostASHAScheduler, MOASHAScheduler, rung_milestones
-
-    sc, epochs = config.scheduler, config.trial.epochs
-    if sc.name == "none" or epochs <= sc.grace_period:  # config.early_stopping_note says so
-        return FIFOScheduler(), []
-    rungs = rung_milestones(epochs, sc.grace_period, sc.reduction_factor)
-    if sc.name in COST_SCHEDULERS:
-        state = None if exp_dir is None else exp_dir / "scheduler_state.json"
-        cost = COST_COLUMNS[sc.cost or config.cost_axis][1]  # flops, or latency_ms (priced)
-        kind = CostASHAScheduler if sc.name == "cost_asha" else MOASHAScheduler
-        return kind(time_attr="epoch", metric="val_acc", cost_attr=cost, max_t=epochs,
-                    grace_period=sc.grace_period, reduction_factor=sc.reduction_factor,
-                    state_file=state), rungs
-    return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=epochs,
-                         grace_period=sc.grace_period,
-                         reduction_factor=sc.reduction_factor), rungs
-
-
-def _tune_parts(config: SearchConfig, exp_dir: Path, storage_path: str, name: str,
-                baseline: dict, quiet: bool, study_storage: Any, points: list) -> dict:
-    from ray import tune
-
-    from search.run.progress import SearchCallback
-    from search.results.trials_file import TrialLog
-    from search.run.tune_searcher import SketchSearch, make_sampler, search_algorithm
-
-    b, t, r = config.budget, config.trial, config.resources
-    space = rate_space(config, baseline, exp_dir)
-    limits = budgets(config, space)
-    space.check_budget(limits)
-    sampler = make_sampler(config.sampler.name, config.sampler.seed, b.num_samples,
-                           config.sampler.population_size,
-                           constrained=bool(limits), space=space, budgets=limits,
-                           cost=cost_key(config))
-    searcher = SketchSearch(space, sampler=sampler, storage=study_storage, study_name=name,
-                            full_epochs=t.epochs, num_samples=b.num_samples,
-                            flops_policy=b.flops_policy, budgets=limits,
-                            objectives=config.objectives,
-                            points=points, anchors=space.uniform_points(config.sampler.anchors),
-                            trial_log=TrialLog(exp_dir / "trials.jsonl"))
-    scheduler, rungs = make_scheduler(config, exp_dir)
-    callback = SearchCallback(str(exp_dir / "trials.jsonl"), full_epochs=t.epochs,
-                              num_samples=b.num_samples, time_budget_s=config.time_budget_s,
-                              quiet=quiet,
-                              scheduler=config.scheduler.name,
-                              sampler=config.sampler.name, rungs=rungs, budgets=limits,
-                              cost=cost_key(config))
+def _tune_config(plan: SearchPlan, study_storage: Any, quiet: bool
+                 ) -> tuple[tune.TuneConfig, tune.RunConfig]:
+    """The Tuner's configs: the searcher, the scheduler, the callback, the budgets."""
+    searcher = SketchSearch(make_proposer(plan, study_storage))
+    full = plan.recipe.epochs
+    scheduler, rungs = make_scheduler(plan.scheduler, full, plan.cost_axis,
+                                      plan.exp_dir / "scheduler_state.json")
+    callback = SearchCallback(str(plan.trials_file), full_epochs=full,
+                              num_samples=plan.num_samples, time_budget_s=plan.time_budget_s,
+                              quiet=quiet, scheduler=plan.scheduler.name,
+                              sampler=plan.sampler.name, rungs=rungs, budgets=plan.budgets,
+                              cost=plan.cost)
+    r = plan.resources
     tune_config = tune.TuneConfig(
         search_alg=search_algorithm(searcher, r.max_concurrent_trials), scheduler=scheduler,
-        num_samples=-1, max_concurrent_trials=None, time_budget_s=config.time_budget_s,
-        reuse_actors=r.reuse_actors, trial_dirname_creator=trial_dirname)
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
+        num_samples=-1, max_concurrent_trials=None, time_budget_s=plan.time_budget_s,
+        reuse_actors=r.reuse_actors, trial_dirname_creator=_trial_dirname)
     run_config = tune.RunConfig(
-        name=name, storage_path=storage_path, verbose=0,
+        name=plan.name, storage_path=plan.storage_path, verbose=0,
         callbacks=[callback, JsonLoggerCallback(), CSVLoggerCallback()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=r.max_failures))
-    return {"tune_config": tune_config, "run_config": run_config, "searcher": searcher}
+    return tune_config, run_config
 
 
-def _trainable(config: SearchConfig, setup: Any, state: dict, fn: Callable | None) -> Any:
-    from ray import tune
+def _trainable(plan: SearchPlan, ended: dict[str, dict], state: dict,
+               fn: Callable | None) -> Any:
+    if plan.data.data_set == "folder" and plan.data.data_path:  # decoded once, before any trial
+        prepare_folder_cache(Path(plan.data.data_path).expanduser())
+    wrapped = tune.with_parameters(fn or run_trial, setup=trial_setup(plan, ended),
+                                   baseline=state)
+    return tune.with_resources(wrapped, {"cpu": plan.resources.cpu, "gpu": plan.resources.gpu})
 
-    from search.run.trial import run_trial
 
-    r = config.resources
-    wrapped = tune.with_parameters(fn or run_trial, setup=setup, baseline=state)
-    return tune.with_resources(wrapped, {"cpu": r.cpu, "gpu": r.gpu})
-
-
-# --------------------------------------------------------------------------- the search
-
-def run_search(config: SearchConfig, *, address: str | None = None, resume: bool = False,
-               command: str = "", quiet: bool = False, trainable: Callable | None = None,
-               run_retrain: bool | None = None) -> SearchOutcome:
-    """The whole search (see the module docstring); returns what it produced."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says enough
-    exp_dir, storage_path, name = experiment_location(config, resume)
-    config, manifest = check_folder(config, exp_dir, resume)
-    if (note := config.early_stopping_note) is not None:
-        say(quiet, f"[search] {note}")
-    t_start = time.time()
-    with ray_session(address, None) as started_here:
-        check_resources(config.resources.cpu, config.resources.gpu)
-        if (note := packing_note(config.resources.gpu)) is not None:
-            say(False, f"[search] {note}")
-        if resume:
-            path = _restorable_path(exp_dir, storage_path, name)
-            study_storage, _ = open_study_storage(config, exp_dir)
-            baseline, state = _saved_baseline(config, exp_dir, manifest)
-        else:
-            study_storage, manifest, baseline, state = open_new_experiment(
-                config, exp_dir, name, storage_path, address, command, quiet)
-        records_before = read_records(exp_dir / "trials.jsonl")
-        setup = make_setup(config, baseline, ended_reports(records_before) if resume else {})
-        fn = _trainable(config, setup, state, trainable)
-        if resume:
-            say(quiet, f"[search] resuming {name}: {len(records_before)} trials already ended; "
-                       f"scores as recorded: {describe(baseline.get('scores'))}")
-            tuner = _restored_tuner(path, fn)
-        else:
-            where = "local Ray on 127.0.0.1" if started_here else f"cluster {address}"
-            tuner = _new_tuner(config, fn, exp_dir, storage_path, name, baseline, quiet,
-                               study_storage, where)
-        search_s, errors = _fit(tuner, config, name, study_storage)
-    phases = finish_manifest(exp_dir, search_s, resume, t_start, command, quiet)
-    records = read_records(exp_dir / "trials.jsonl")
-    interrupted = _interrupted(config, records, search_s, name, storage_path)
-    outcome = SearchOutcome(exp_dir, records, phases, read_manifest(exp_dir)["baseline"],
-                            resumed=resume,
-                            extra={"tune_errors": errors, "interrupted": interrupted})
-    do_retrain = config.retrain.enabled if run_retrain is None else run_retrain
-    if do_retrain and not interrupted:
-        _retrain(outcome, config, address, quiet)
-    return outcome
+def _ended_reports(records: list) -> dict[str, dict]:
+    """Final reports of trials that ended (for a resumed Tune that restarts them)."""
+    return {r.trial_id: r.final_report() for r in records
+            if r.status in ("completed", "stopped", "failed")}
 
 
 def _restorable_path(exp_dir: Path, storage_path: str, name: str) -> str:
     """Where Ray Tune's experiment state to restore is; an error when there is none."""
-    from ray import tune
-
     path = str(exp_dir) if not is_uri(storage_path) else f"{storage_path}/{name}"
     if not tune.Tuner.can_restore(path):
         raise UserError(f"--resume: {path} holds no Ray Tune experiment state to restore")
     return path
 
 
-def _saved_baseline(config: SearchConfig, exp_dir: Path, manifest: dict) -> tuple[dict, dict]:
-    """The manifest's baseline summary and the weights of the folder's baseline.pt."""
-    from search.experiment.baseline import load_baseline_file
-
-    b = manifest["baseline"]
-    loaded = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
-                                b["in_channels"])
-    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-    return dict(b), state
-
-
-def _restored_tuner(path: str, fn: Any) -> Any:
-    from ray import tune
-
-    return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True,
-                              resume_errored=False, restart_errored=False)
-
-
-def _new_tuner(config: SearchConfig, fn: Any, exp_dir: Path, storage_path: str, name: str,
-               baseline: dict, quiet: bool, study_storage: Any, where: str) -> Any:
-    """A fresh Tuner for a new search, announced with one line."""
-    from ray import tune
-
-    paper = rate_space(config, baseline).paper_points(config.space.paper_rates)
-    parts = _tune_parts(config, exp_dir, storage_path, name, baseline, quiet, study_storage,
-                        paper)
-    b = config.budget
-    say(quiet, f"[search] {name}: {b.num_samples or 'unlimited'} trials"
-               f"{', budget ' + b.time if b.time else ''}"
-               f"{budget_words(config)}, sampler {config.sampler.name}, {where}")
-    return tune.Tuner(fn, tune_config=parts["tune_config"], run_config=parts["run_config"])
-
-
-def _fit(tuner: Any, config: SearchConfig, name: str, study_storage: Any
-         ) -> tuple[float, list[str]]:
+def _fit(tuner: Any, plan: SearchPlan, study_storage: Any) -> tuple[float, list[str]]:
     """Run the trials; (seconds it took, the first Tune errors)."""
     t_search = time.time()
     grid = tuner.fit()
     search_s = time.time() - t_search
-    budget_s = config.time_budget_s
+    budget_s = plan.time_budget_s
     if budget_s is not None and search_s >= budget_s - 1.0:  # the budget ended it
-        _close_unstarted(name, study_storage)  # (an interrupted search stays resumable)
+        n = close_unstarted(optuna.load_study(study_name=plan.name, storage=study_storage))
+        if n:  # (an interrupted search stays resumable)
+            log.info("%d trial(s) created but never started (budget over) closed in the study", n)
     return search_s, [str(e) for e in getattr(grid, "errors", [])][:3]
 
 
-def _interrupted(config: SearchConfig, records: list[dict], search_s: float, name: str,
-                 storage_path: str) -> bool:
+def _interrupted(plan: SearchPlan, records: list, search_s: float) -> bool:
     """Fewer trials ended than asked, and not for the time budget: say how to continue."""
-    ended = [r for r in records if r.get("status") != "rejected"]
-    wanted, budget_s = config.budget.num_samples, config.time_budget_s
+    ended = [r for r in records if r.status != "rejected"]
+    wanted, budget_s = plan.num_samples, plan.time_budget_s
     interrupted = (wanted is not None and len(ended) < wanted
                    and not (budget_s is not None and search_s >= budget_s - 1.0))
     if interrupted:
         say(False, f"[search] interrupted after {len(ended)} of {wanted} trials; continue "
-                   f"with: launch.py search --name {name} --storage_path {storage_path} "
-                   f"--resume")
+                   f"with: launch.py search --name {plan.name} --storage_path "
+                   f"{plan.storage_path} --resume")
     return interrupted
 
 
-def _retrain(outcome: SearchOutcome, config: SearchConfig, address: str | None,
+def _retrain(outcome: SearchOutcome, plan: SearchPlan, address: str | None,
              quiet: bool) -> None:
     """Retrain the configured pick fully; its result and time go into ``outcome``."""
-    from search.run.retrain import retrain_experiment
-
     t_re = time.time()
     try:
-        outcome.retrain = retrain_experiment(outcome.exp_dir, config.retrain.pick,
-                                             workers=config.retrain.workers, quiet=quiet,
+        outcome.retrain = retrain_experiment(outcome.exp_dir, plan.retrain.pick,
+                                             workers=plan.retrain.workers, quiet=quiet,
                                              address=address)
     except UserError as exc:
         say(quiet, f"[retrain] skipped: {exc}")
@@ -263,11 +143,55 @@ def _retrain(outcome: SearchOutcome, config: SearchConfig, address: str | None,
     outcome.phases = manifest["phases"]
 
 
-def _close_unstarted(name: str, study_storage: Any) -> None:
-    import optuna
+def _tuner(opened: OpenedSearch, resume: bool, how: dict) -> Any:
+    """The Tuner of a new or a resumed search."""
+    plan, quiet = opened.plan, how["quiet"]
+    before = read_records(plan.trials_file)
+    fn = _trainable(plan, _ended_reports(before) if resume else {}, opened.state,
+                    how["trainable"])
+    if resume:
+        path = _restorable_path(plan.exp_dir, plan.storage_path, plan.name)
+        say(quiet, f"[search] resuming {plan.name}: {len(before)} trials already ended; "
+                   f"scores as recorded: {describe(plan.baseline.get('scores'))}")
+        return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    tune_config, run_config = _tune_config(plan, opened.study_storage, quiet)
+    say(quiet, f"[search] {plan.name}: {plan.num_samples or 'unlimited'} trials"
+               f"{plan.budget_text}, sampler {plan.sampler.name}, {how['where']}")
+    return tune.Tuner(fn, tune_config=tune_config, run_config=run_config)
 
-    from search.propose.proposer import close_unstarted
 
-    n = close_unstarted(optuna.load_study(study_name=name, storage=study_storage))
-    if n:
-        log.info("%d trial(s) created but never started (budget over) closed in the study", n)
+def run_search(config: SearchConfig, *, address: str | None = None, resume: bool = False,
+               command: str = "", quiet: bool = False, trainable: Callable | None = None,
+               run_retrain: bool | None = None) -> SearchOutcome:
+    """The whole search (see the module docstring); returns what it produced."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress line says enough
+    exp_dir, storage_path, name = experiment_location(config.storage, config.source, resume)
+    config, manifest = check_folder(config, exp_dir, resume)
+    if (note := config.early_stopping_note) is not None:
+        say(quiet, f"[search] {note}")
+    t_start = time.time()
+    with ray_session(address, None) as started_here:
+        check_resources(config.resources.cpu, config.resources.gpu)
+        if (note := packing_note(config.resources.gpu)) is not None:
+            say(False, f"[search] {note}")
+        where = "local Ray on 127.0.0.1" if started_here else f"cluster {address}"
+        how = {"quiet": quiet, "trainable": trainable, "address": address, "command": command,
+               "where": where}
+        if resume:
+            _restorable_path(exp_dir, storage_path, name)  # before anything is opened
+        opened = open_search(config, exp_dir, name, storage_path,
+                             manifest=manifest if resume else None, address=address,
+                             command=command, quiet=quiet)
+        plan = opened.plan
+        search_s, errors = _fit(_tuner(opened, resume, how), plan, opened.study_storage)
+    phases = finish_manifest(exp_dir, search_s, resume, t_start, command, quiet)
+    records = read_records(plan.trials_file)
+    interrupted = _interrupted(plan, records, search_s)
+    outcome = SearchOutcome(exp_dir, records, phases, read_manifest(exp_dir)["baseline"],
+                            resumed=resume,
+                            extra={"tune_errors": errors, "interrupted": interrupted})
+    do_retrain = plan.retrain.enabled if run_retrain is None else run_retrain
+    if do_retrain and not interrupted:
+        _retrain(outcome, plan, address, quiet)
+    return outcome

@@ -8,6 +8,7 @@ workers of a local instance can import sketchtune from a source checkout.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ from sketch_core.errors import UserError
 
 __all__ = ["ray_session", "quiet_ray_env", "check_resources", "import_path_env", "REPO_ROOT"]
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CONNECT_TIMEOUT_S = 25.0
 
 
@@ -62,8 +63,6 @@ def _probe(address: str) -> None:
 def import_path_env() -> dict[str, str]:
     """Workers must import sketchtune: add the source tree when it is not installed."""
     try:
-        import importlib.util
-
         spec = importlib.util.find_spec("search")
         installed = spec is not None and "site-packages" in str(spec.origin)
     except Exception:
@@ -82,7 +81,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
     ``log_to_driver`` shows the workers' output here (a data-parallel run's log lines).
     """
     quiet_ray_env()
-    import ray
+    import ray  # heavy: ray
 
     if ray.is_initialized():
         yield False
@@ -127,7 +126,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None,
 
 def check_resources(cpu: float, gpu: float) -> None:
     """UserError when no node of the cluster could ever run one trial."""
-    import ray
+    import ray  # heavy: ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     max_cpu = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)

@@ -1,51 +1,27 @@
-"""Early stopping over two objectives: MO-ASHA, a Ray Tune trial scheduler.
+"""Early stopping that does not starve cheap trials: cost-ASHA (the default) and MO-ASHA.
 
-Single-objective ASHA promotes a trial at a rung when its accuracy is in the top
-1/eta of the accuracies recorded there. In an accuracy-vs-cost search a cheap rate
-vector always scores below a dear one after a few epochs, so the cheap end of the
-front is stopped first, whatever its quality at its cost.
+Plain ASHA promotes a trial at a rung when its accuracy is in the top 1/eta there; in
+an accuracy-vs-cost search a cheap vector always scores below a dear one after a few
+epochs, so the cheap end of the front is stopped first. Both schedulers here keep
+ASHA's rungs (``grace_period * eta**k`` epochs below ``max_t``) and its asynchrony: a
+trial is recorded at a rung when it first reports there and decided against the trials
+recorded so far, itself included.
 
-:class:`MOASHAScheduler` keeps ASHA's rungs and its asynchrony (Schmucker et al. 2021,
-"Multi-objective asynchronous successive halving"): rungs at ``grace_period *
-eta**k`` epochs below ``max_t``; when a trial first reports at or past a rung, its
-(accuracy, cost) is recorded there and the decision is taken at once against the
-trials recorded at that rung so far, itself included. The promotion rule is
-non-dominated sorting of the recorded points (higher accuracy and lower cost are
-better) with an epsilon-net tie-break inside a front, after the paper's EpsNet variant
-(here :func:`spread_order`: the member nearest the centre of the front first, of two
-the more accurate, then greedily the member farthest from those already taken, the
-axes scaled by the rung's ranges). The trial goes on when it is among the first
-``max(1, n // eta)`` of the ``n`` points in that order, so about 1/eta of the trials
-pass each rung (a little more while a rung holds few trials, as with ASHA), spread
-along the front instead of gathered at its dear end. NSGA-II's crowding distance was
-tried as the tie-break: a noisy front is densest at its cheap end, where crowding
-distances are small, so it still favoured the dear third about 3:2 in the simulated
-runs of the tests. A trial whose decision at a rung is to stop is stopped; one that
-reaches ``max_t`` is stopped as finished.
+- :class:`CostASHAScheduler` ranks by accuracy above the rung's accuracy-vs-log-cost
+  trend (least squares: a constant below 3 points, a line below 6, a parabola from 6
+  on) and promotes at or above the ``100 * (1 - 1/eta)`` percentile of those residuals
+  (:func:`trend_promotes`), so about 1/eta pass in every cost band.
+- :class:`MOASHAScheduler` (Schmucker et al. 2021) promotes the first ``max(1, n // eta)``
+  points in non-dominated order, an epsilon-net tie-break inside each front
+  (:func:`spread_order`, :func:`promotes`).
 
-The cost axis is generic: ``cost_attr`` names a metric (``flops`` now) that is known
-before the trial trains, read from the trial's config or, failing that, from its
-report. A report without the time attribute, the accuracy or the cost (a failed
-trial) is not recorded and changes nothing.
-
-State: the recorded points and decisions per rung, plain data. The object pickles
-(Tune's ``Tuner.restore`` unpickles the scheduler it was built with); given a
-``state_file`` it also writes its rungs there (JSON, atomically) after every decision
-and reads them back when unpickled, so a resumed search keeps deciding against what
-was recorded before the driver stopped. :func:`promotion_order` and
-:func:`promotes` are the rule as pure functions.
-
-:class:`CostASHAScheduler` keeps the same rungs, asynchrony and state, with ASHA's own
-rule applied to accuracy relative to cost: at each decision the rung's recorded
-accuracies are fitted against log cost by least squares (a constant below 3 points, a
-line below 6, a parabola from 6 on), and a trial goes on when its residual (accuracy
-above the fit at its cost) is at or above the ``100 * (1 - 1/eta)`` percentile of the
-rung's residuals (:func:`trend_promotes`), as Ray's ASHA does with raw accuracies. The
-ranking of a trial does not depend on where it falls along the front, so a cheap
-newcomer is not stopped for being cheap nor for being at the front's end: about 1/eta
-pass in every cost band, also while a rung holds few trials. In a real quickstart rung
-replayed one trial at a time (32 trials, eta 3), MO-ASHA's order promoted 5 (cheap,
-middle, dear third: 1, 1, 3), ASHA 11 (2, 2, 7), this rule 11 (3, 6, 2).
+The cost (``cost_attr``: ``flops`` or ``latency_ms``) is known before the trial trains
+and read from its config, else its report; a report without time, accuracy or cost (a
+failed trial) changes nothing. State (the recorded points and decisions per rung) is
+plain data, pickled with the scheduler and written to ``state_file`` after every
+decision, so a resumed search keeps deciding against what was recorded.
+:func:`make_scheduler` builds the one a config names. Measured behaviour:
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -56,14 +32,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from search.results.pareto import fronts
+from search.experiment.config import COST_SCHEDULERS, SchedulerConfig
+from search.results.pareto import COST_COLUMNS, fronts
 from sketch_core.io.atomic import atomic_write_text
 
 __all__ = ["MOASHAScheduler", "CostASHAScheduler", "spread_order",
            "promotion_order", "promotes", "trend_residuals", "trend_promotes",
-           "rung_milestones"]
+           "rung_milestones", "make_scheduler"]
 
 Point = tuple[float, float]  # (accuracy: higher is better, cost: lower is better)
 
@@ -291,3 +268,29 @@ class CostASHAScheduler(MOASHAScheduler):
 
     _rule = staticmethod(trend_promotes)
     _label = "cost-ASHA"
+
+
+def make_scheduler(section: SchedulerConfig, full_epochs: int, cost_axis: str = "flops",
+                   state_file: Path | None = None) -> tuple[Any, list[int]]:
+    """The trial scheduler a config's ``scheduler`` section names, and its rungs (epochs;
+    none for FIFO).
+
+    ``asha``: Ray's ASHA on ``val_acc``; ``cost_asha`` and ``moasha``:
+    :class:`CostASHAScheduler` and :class:`MOASHAScheduler` on (``val_acc``, the cost:
+    ``section.cost``, else ``cost_axis``), their rungs kept in ``state_file``; ``none``,
+    or any of them with a grace period not below ``full_epochs``: every trial runs its
+    full recipe.
+    """
+    sc = section
+    if sc.name == "none" or full_epochs <= sc.grace_period:  # the config says so in a note
+        return FIFOScheduler(), []
+    rungs = rung_milestones(full_epochs, sc.grace_period, sc.reduction_factor)
+    if sc.name in COST_SCHEDULERS:
+        cost = COST_COLUMNS[sc.cost or cost_axis][1]  # flops, or latency_ms (priced)
+        kind = CostASHAScheduler if sc.name == "cost_asha" else MOASHAScheduler
+        return kind(time_attr="epoch", metric="val_acc", cost_attr=cost, max_t=full_epochs,
+                    grace_period=sc.grace_period, reduction_factor=sc.reduction_factor,
+                    state_file=state_file), rungs
+    return ASHAScheduler(time_attr="epoch", metric="val_acc", mode="max", max_t=full_epochs,
+                         grace_period=sc.grace_period,
+                         reduction_factor=sc.reduction_factor), rungs

@@ -1,226 +1,116 @@
-"""One Ray Tune trial: sketch the baseline, recalibrate BN, fine-tune briefly, report.
+"""One trial, whatever runs it: the baseline sketched at the trial's widths, BN
+recalibrated, fine-tuned briefly, every epoch reported.
 
-:func:`run_trial` is a plain function trainable (``config["rates"]`` is the proposal).
-The baseline's weights come through ``tune.with_parameters`` (stored once in Ray's
-object store, so each node receives them once) and, like the data set, are cached per
-worker process, so reused actors pay for neither again. Every epoch reports
-``val_acc``, ``flops``, ``flops_ratio``, ``params``, ``params_ratio``, ``epoch``
-(epochs done) and the node id, with a ``tune.Checkpoint`` of the full training state;
-a trial that Tune moves or restarts continues from it.
+:class:`TrialSetup` is everything a trial needs besides its rate vector, resolved once
+in the driver (the architecture, the sketch options, the recipe, which images train,
+choose and report) and pickled to the workers. :func:`train_trial` runs one trial
+through the one pipeline (:func:`sketch_core.pipeline.prune_and_finetune`); the Ray
+Tune trainable (:mod:`search.run.tune_trial`) and the Ray-free loop
+(:mod:`search.run.local_loop`) are short adapters over it. The data set and the
+baseline are cached per worker process, so reused actors pay for neither again.
 
-``trial.train_images`` and ``trial.val_images`` size the recipe by images
-(:func:`sized_data`): each epoch trains on that many images drawn anew from the
-training split (seeded by ``trial.seed``, the trial's rates and the epoch), and every
+``train_images`` and ``val_images`` size the recipe by images
+(:func:`sketch_core.data.subsets.sized_data`): each epoch trains on that many images
+drawn anew (seeded by the recipe's seed, the trial's rates and the epoch), and every
 trial is scored on the same seeded subset of the validation split.
-The validation split is what ``setup.scores`` says (:mod:`search.experiment.scoring_split`): held out of
-the training split, or ``trial.test_holdout`` images of the test split (the trial's
-``val_acc`` is then measured there and the training split is used whole).
-:func:`check_trial_images` is the driver's check that both fit their splits.
 
-Errors inside the trial (a NaN loss, a bad vector, any exception of the training
-code) are deterministic: the trial reports ``failed: True`` with the message and
-ends, so Tune does not retry it. Only the loss of a worker (node death) reaches Tune's
-``FailureConfig`` retries.
+Errors inside the trial (a NaN loss, a bad vector, any exception of the training code)
+are deterministic: the trial reports ``failed: True`` with the message and ends.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import os
 import shutil
 import tempfile
 import time
 import traceback
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from search.experiment.config import SketchConfig, TrialConfig
-from sketch_core.errors import UserError
+from search.experiment.resolve import SearchPlan
+from sketch_core.cost.flops import count_flops
+from sketch_core.data.request import DataRequest
+from sketch_core.data.sets import Data
+from sketch_core.data.subsets import sized_data
+from sketch_core.options import Recipe, SketchOptions
+from sketch_core.pipeline import Outputs, prune_and_finetune
+from sketch_core.plans import widths_for
+from sketch_core.registry import Arch
+from sketch_core.training.hooks import TrainingDiverged
 
-__all__ = ["TrialSetup", "run_trial", "train_trial", "trial_data", "baseline_model",
-           "sized_data", "check_trial_images", "trial_seed", "EpochSample"]
+__all__ = ["TrialSetup", "trial_setup", "train_trial", "trial_data", "baseline_model", "STATE_FILE"]
 
 STATE_FILE = "train_state.pt"
 _CACHE: dict[str, Any] = {}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrialSetup:
-    """Everything a trial needs besides its rates; plain data, pickled to the workers.
+    """What every trial of a search shares, resolved; plain data, pickled to the workers.
 
-    ``sketch`` and ``trial`` are the search config's sections as they are; ``threads``
-    is the resolved torch thread count (``trial.threads`` or the trial's CPUs).
+    ``data`` loads the images as the search scores them (``val``: the images that
+    choose); ``threads``: torch threads per trial; ``ended``: final reports of trials
+    that ended before a resume (trial id -> report).
     """
 
-    cfg: str
-    data_set: str
+    arch: Arch
+    data: DataRequest
+    options: SketchOptions
+    recipe: Recipe
     num_classes: int
     in_channels: int
-    data_path: str | None = None
-    input_size: int | None = None
-    synthetic: dict | None = None
-    sketch: SketchConfig = field(default_factory=SketchConfig)   # the config's own sections
-    trial: TrialConfig = field(default_factory=TrialConfig)
     round_to: int = 1
+    train_images: int | None = None
+    val_images: int | None = None
     threads: int | None = None
     use_gpu: bool = False
     baseline_key: str = ""
     baseline_flops: int = 1
     baseline_params: int = 1
     transform_input: bool = False
-    ended: dict[str, dict] = field(default_factory=dict)  # trial id -> final report (resume)
-    family: str | None = None        # the baseline's model family (None: the family rule)
-    normalize: dict | None = None    # the baseline's recorded (mean, std); None: the data set's
-    scores: dict | None = None       # which images choose (search.experiment.scoring_split); None: train_holdout
+    ended: dict[str, dict] = field(default_factory=dict)
 
-    def arch(self):
-        """The resolved architecture of the baseline (its family, the data's input size)."""
-        from sketch_core.registry import resolve_arch
-
-        return resolve_arch(self.cfg, self.data_set, family=self.family,
-                            input_size=self.input_size)
+    def widths(self, rates: list[float]) -> list[int]:
+        """Per-slot widths of a per-unit rate vector."""
+        return widths_for(self.arch.plan(), rates, self.options.sketch_lastconv, self.round_to)
 
 
-def trial_data(setup: TrialSetup, device: str):
-    """The data set as the search scores it (``setup.scores``: ``val`` is the images that
-    choose), loaded once per worker process and device."""
-    from search.experiment.scoring_split import data_val_fraction, scored_data
-    from sketch_core.data.sets import load_data
-    from sketch_core.data.normalize import from_record
+def trial_setup(plan: SearchPlan, ended: dict[str, dict] | None = None) -> TrialSetup:
+    """The trials' setup of a search plan (``ended``: final reports kept for a resume)."""
+    b = plan.baseline
+    return TrialSetup(
+        arch=plan.arch, data=plan.data, options=plan.options, recipe=plan.recipe,
+        num_classes=int(b["num_classes"]), in_channels=int(b["in_channels"]),
+        round_to=plan.round_to, train_images=plan.train_images, val_images=plan.val_images,
+        threads=plan.threads, use_gpu=plan.resources.gpu > 0, baseline_key=str(b.get("key")),
+        baseline_flops=int(b["flops"]), baseline_params=int(b["params"]),
+        transform_input=bool(b.get("transform_input")), ended=dict(ended or {}))
 
-    t = setup.trial
-    source = (setup.scores or {}).get("val_source", "train_holdout")
-    key = repr(("data", setup.data_set, setup.data_path, setup.input_size, setup.synthetic,
-                t.batch_size, t.eval_batch_size, t.val_fraction, t.seed, device, setup.normalize,
-                setup.scores))
+
+def trial_data(setup: TrialSetup, device: str) -> Data:
+    """The data set as the search scores it, loaded once per worker process and device."""
+    key = repr(("data", setup.data, device))
     if key not in _CACHE:
-        data = load_data(setup.data_set, setup.data_path, batch_size=t.batch_size,
-                         eval_batch_size=t.eval_batch_size,
-                         val_fraction=data_val_fraction(t, source), seed=t.seed, device=device,
-                         input_size=setup.input_size, synthetic=setup.synthetic,
-                         normalize=from_record(setup.normalize))
-        _CACHE[key] = scored_data(data, t, setup.scores, setup.data_set)
+        _CACHE[key] = setup.data.load(device)
     return _CACHE[key]
 
 
-def _indices(loader: Any) -> torch.Tensor:
-    """The rows of its split a loader serves (TensorLoader.index, FolderLoader.indices)."""
-    return loader.index if hasattr(loader, "index") else loader.indices
-
-
-def _serving(loader: Any, rows: torch.Tensor) -> Any:
-    """A shallow copy of ``loader`` serving ``rows`` (the data tensors are shared)."""
-    view = copy.copy(loader)
-    setattr(view, "index" if hasattr(loader, "index") else "indices", rows)
-    return view
-
-
-def _draw(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """``n`` of ``rows``, drawn without replacement by a generator seeded with ``seed``."""
-    g = torch.Generator().manual_seed(seed % (2**63))
-    pick = torch.randperm(len(rows), generator=g)[:n].sort().values
-    return rows[pick.to(rows.device)]
-
-
-class EpochSample:
-    """A training loader that serves ``n`` images of its split per epoch, drawn anew
-    each epoch (seeded by ``seed`` and the epoch); otherwise the loader it wraps."""
-
-    def __init__(self, loader: Any, n: int, seed: int) -> None:
-        self.loader, self.n, self.seed = loader, int(n), int(seed)
-        self.rows = _indices(loader)
-        self.epoch, self.start_batch = 0, 0
-
-    def rows_of(self, epoch: int) -> torch.Tensor:
-        """The rows epoch ``epoch`` trains on."""
-        return _draw(self.rows, self.n, self.seed * 1_000_003 + epoch * 7919 + 1)
-
-    def __len__(self) -> int:
-        return len(_serving(self.loader, self.rows[:self.n]))
-
-    def __repr__(self) -> str:
-        return f"EpochSample({self.n} of {len(self.rows)} images per epoch, {self.loader!r})"
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or "loader" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.loader, name)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self):
-        epoch, start = self.epoch, self.start_batch
-        self.epoch, self.start_batch = epoch + 1, 0
-        view = _serving(self.loader, self.rows_of(epoch))
-        view.set_epoch(epoch, start)
-        return iter(view)
-
-
-def _split_sizes(data: Any) -> tuple[int, int]:
-    return len(_indices(data.train)), 0 if data.val is None else len(_indices(data.val))
-
-
-def check_trial_images(trial: TrialConfig, data: Any) -> None:
-    """``trial.train_images`` / ``trial.val_images`` fit the training / validation split
-    of ``data``; a :class:`UserError` naming both numbers when one does not."""
-    n_train, n_val = _split_sizes(data)
-    if trial.train_images is not None and trial.train_images > n_train:
-        raise UserError(f"trial.train_images: {trial.train_images} is larger than the "
-                        f"training split ({n_train} images)")
-    if trial.val_images is not None and trial.val_images > n_val:
-        raise UserError(f"trial.val_images: {trial.val_images} is larger than the "
-                        f"validation split ({n_val} images)")
-
-
-def trial_seed(trial: TrialConfig, rates: list[float]) -> int:
-    """The seed of one trial's image draws: ``trial.seed`` and the rate vector."""
-    text = ",".join(f"{float(r):.6g}" for r in rates)
-    return trial.seed * 1_000_003 + zlib.crc32(text.encode())
-
-
-def sized_data(data: Any, trial: TrialConfig, rates: list[float]) -> Any:
-    """``data`` as one trial sees it: ``trial.train_images`` per epoch and the fixed
-    ``trial.val_images`` subset (the same for every trial); ``data`` itself when both
-    are None. The loaders share ``data``'s tensors."""
-    if trial.train_images is None and trial.val_images is None:
-        return data
-    check_trial_images(trial, data)
-    changes: dict[str, Any] = {}
-    if trial.train_images is not None:
-        changes["train"] = EpochSample(data.train, trial.train_images, trial_seed(trial, rates))
-    if trial.val_images is not None and data.val is not None:
-        rows = _draw(_indices(data.val), trial.val_images, trial.seed * 1_000_003 + 17)
-        changes["val"] = _serving(data.val, rows)
-    return dataclasses.replace(data, **changes)
-
-
-def baseline_model(setup: TrialSetup, state: dict[str, torch.Tensor], device: str) -> torch.nn.Module:
+def baseline_model(setup: TrialSetup, state: dict[str, torch.Tensor], device: str
+                   ) -> torch.nn.Module:
     """The unpruned model with the baseline's weights, built once per worker process."""
     key = repr(("model", setup.baseline_key, device))
     if key not in _CACHE:
         for k in [k for k in _CACHE if k.startswith("('model'")]:
             del _CACHE[k]  # one baseline per process at a time
-        model = setup.arch().build(None, setup.num_classes, setup.in_channels)
+        model = setup.arch.build(None, setup.num_classes, setup.in_channels)
         model.load_state_dict(state)
         if setup.transform_input:
             model.transform_input = True
         _CACHE[key] = model.to(device).eval()
     return _CACHE[key]
-
-
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return None
 
 
 def _error_text(exc: BaseException) -> str:
@@ -229,109 +119,73 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+class _Reports:
+    """The trial's reports: what every report carries, and the epoch reached."""
+
+    def __init__(self, setup: TrialSetup, rates: list[float], node: str | None,
+                 report: Callable[[dict, Path | None], None], data: Data) -> None:
+        self.setup, self.report, self.data = setup, report, data
+        self.base: dict[str, Any] = {"rates": rates, "node": node, "failed": False,
+                                     "flops": None, "flops_ratio": None, "params": None,
+                                     "params_ratio": None}
+        self.epoch, self.state_file = 0, None
+
+    def pruned(self, model: torch.nn.Module, before: Any, sketched: Any) -> None:
+        flops, params = count_flops(model, self.data.shape)
+        s = self.setup
+        self.base.update(flops=flops, params=params, flops_ratio=flops / s.baseline_flops,
+                         params_ratio=params / s.baseline_params,
+                         val_acc_sketched=None if sketched is None else sketched.acc)
+
+    def epoch_end(self, epoch: int, metrics: dict) -> None:
+        self.epoch = epoch + 1
+        self.report({**self.base, "val_acc": metrics["val_acc"], "epoch": epoch + 1,
+                     "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
+                     "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]},
+                    self.state_file)
+
+    def failed(self, exc: BaseException) -> None:
+        message = str(exc) if isinstance(exc, TrainingDiverged) else _error_text(exc)
+        self.report({**self.base, "val_acc": 0.0, "epoch": self.epoch, "failed": True,
+                     "error": message}, None)
+
+
 def train_trial(rates: list[float], setup: TrialSetup, baseline: dict[str, torch.Tensor],
                 report: Callable[[dict, Path | None], None],
-                start_state: dict | None = None, node: str | None = None) -> None:
-    """One trial's work, whatever runs it: sketch (or continue ``start_state``), fine-tune.
-
-    ``report(metrics, state_file)`` receives each epoch's metrics and the file holding
-    the full training state (None when there is none); a failure becomes one last
-    report with ``failed: True``.
-    """
-    from sketch_core.pruning.bn import recalibrate_bn
-    from sketch_core.cost.flops import count_flops
-    from sketch_core.pruning.prune import sketch
-    from sketch_core.rates import rates_to_widths
-    from sketch_core.training.loop import TrainingDiverged, evaluate, fit
-
+                start_state: dict | None = None, node: str | None = None,
+                widths: list[int] | None = None) -> None:
+    """One trial: sketch the baseline at ``widths`` (those of ``rates`` when not given;
+    or continue ``start_state``), fine-tune, and ``report(metrics, state_file)`` each
+    epoch (the file holding the full training state; None when there is none). A
+    failure becomes one last report with ``failed: True``."""
     started = time.time()
-    sk, t = setup.sketch, setup.trial
     torch.set_num_threads(setup.threads or 1)
     device = "cuda" if setup.use_gpu and torch.cuda.is_available() else "cpu"
     rates = [float(r) for r in rates]
-    base: dict[str, Any] = {"rates": rates, "node": node, "failed": False, "flops": None,
-                            "flops_ratio": None, "params": None, "params_ratio": None}
-    epoch_done = 0
+    reports = _Reports(setup, rates, node, report, None)
+    work = None
     try:
-        data = sized_data(trial_data(setup, device), t, rates)
-        entry = setup.arch()
-        widths = rates_to_widths(entry, rates, setup.data_set, sk.start_conv,
-                                 sk.sketch_lastconv, setup.round_to)
+        reports.data = data = sized_data(trial_data(setup, device), setup.train_images,
+                                         setup.val_images, setup.recipe.seed, rates)
+        widths = list(widths) if widths is not None else setup.widths(rates)
+        reports.base["widths"] = widths
+        model = baseline_model(setup, baseline, device) if start_state is None else \
+            setup.arch.build(widths, setup.num_classes, setup.in_channels)
         if start_state is not None:
-            narrow = entry.build(widths, setup.num_classes, setup.in_channels).to(device)
-            val_sketched = start_state["meta"].get("val_acc_sketched")
-            epoch_done = int(start_state["epoch"])
-        else:
-            full = baseline_model(setup, baseline, device)
-            calib = data.calibration_batches(max(1, t.bn_batches))
-            narrow = sketch(full, entry, rates, setup.data_set, **sk.model_dump(),
-                            round_to=setup.round_to, seed=t.seed, batches=calib, widths=widths)
-            if t.bn_batches:
-                recalibrate_bn(narrow, calib, device)
-            val_sketched = evaluate(narrow, data.val, device)["acc"] if data.val is not None else None
-        flops, params = count_flops(narrow, data.shape)
-        base.update(widths=widths, flops=flops, params=params,
-                    flops_ratio=flops / setup.baseline_flops,
-                    params_ratio=params / setup.baseline_params,
-                    val_acc_sketched=val_sketched)
-        if t.epochs == 0:
-            report({**base, "val_acc": val_sketched, "epoch": 0,
+            reports.epoch = int(start_state["epoch"])
+        if setup.recipe.epochs:
+            work = Path(tempfile.mkdtemp(prefix="sketchtune-trial-"))
+            reports.state_file = work / STATE_FILE
+        out = prune_and_finetune(
+            setup.arch, model, widths, setup.options, setup.recipe, data, device=device,
+            outputs=Outputs(state=reports.state_file), report=reports.epoch_end,
+            start_state=start_state, state_meta={"rates": rates}, on_pruned=reports.pruned)
+        if not setup.recipe.epochs:  # zero-shot: the score after the sketch is the result
+            report({**reports.base, "val_acc": reports.base["val_acc_sketched"], "epoch": 0,
                     "time_total_s_trial": time.time() - started}, None)
-            return
-        work = Path(tempfile.mkdtemp(prefix="sketchtune-trial-"))
-        state_path = work / STATE_FILE
-
-        def on_epoch(epoch: int, metrics: dict) -> None:
-            nonlocal epoch_done
-            epoch_done = epoch + 1
-            report({**base, "val_acc": metrics["val_acc"], "epoch": epoch + 1,
-                    "train_loss": metrics["train_loss"], "train_acc": metrics["train_acc"],
-                    "best_val_acc": metrics["best_val_acc"], "lr": metrics["lr"]}, state_path)
-
-        try:
-            fit(narrow, data, epochs=t.epochs, lr=t.lr, momentum=t.momentum,
-                weight_decay=t.weight_decay, lr_decay_step=t.lr_decay_step,
-                label_smoothing=t.label_smoothing, device=device, seed=t.seed, step=t.step,
-                progress=False, start_state=start_state, state_path=state_path,
-                state_meta={"val_acc_sketched": val_sketched, "rates": rates},
-                on_epoch=on_epoch)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        del out
     except Exception as exc:  # deterministic: report it, do not let Tune retry it
-        message = str(exc) if isinstance(exc, TrainingDiverged) else _error_text(exc)
-        report({**base, "val_acc": 0.0, "epoch": epoch_done, "failed": True,
-                "error": message}, None)
-
-
-def run_trial(config: dict, setup: TrialSetup, baseline: dict[str, torch.Tensor]) -> None:
-    """The function trainable: one rate vector, start to end (or from its checkpoint)."""
-    from ray import tune
-
-    from sketch_core.training.loop import load_state
-
-    trial_id = tune.get_context().get_trial_id()
-    node = _node_id()
-    if trial_id in setup.ended:  # finished before the driver was killed: report it again
-        tune.report({**setup.ended[trial_id], "node": node, "resumed_finished": True})
-        return
-    start_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            start_state = load_state(Path(d) / STATE_FILE)
-
-    priced = {k: config[k] for k in ("latency_ms", "latency_ratio") if k in config}
-
-    def report(metrics: dict, state_file: Path | None) -> None:
-        metrics = {**metrics, **priced}  # the latency the proposal was priced at, every report
-        if state_file is None:
-            tune.report(metrics)
-            return
-        ckdir = Path(tempfile.mkdtemp(prefix="ckpt-", dir=state_file.parent))
-        os.replace(state_file, ckdir / STATE_FILE)
-        try:
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(ckdir)))
-        finally:
-            shutil.rmtree(ckdir, ignore_errors=True)
-
-    train_trial(config["rates"], setup, baseline, report, start_state, node)
+        reports.failed(exc)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,6 @@ study to :class:`search.propose.proposer.RateProposer` (multi-objective: max ``v
 latency budgets; PRUNED for
 early stops). It says ``FINISHED`` at ``num_samples``; ``restore`` (``--resume``)
 loads the saved state and reconciles the study with the trials Tune will continue.
-The Ray-free names (storage, samplers, :func:`outcome`) are re-exported from here.
 """
 
 from __future__ import annotations
@@ -21,17 +20,10 @@ import optuna
 from ray import cloudpickle
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
-from search.propose.proposer import (MAX_REJECTIONS, OBJECTIVE_COLUMNS, RateProposer, close_unstarted,
-                             outcome)
-from search.results.trials_file import TrialLog
-from search.propose.study import (METRICS, MODES, FlopsConstraint, SQLiteStorage, make_sampler,
-                             population_size)
-from search.propose.space import RateSpace
+from search.propose.proposer import OBJECTIVE_COLUMNS, RateProposer
 from sketch_core.io.atomic import atomic_write_bytes
 
-__all__ = ["SketchSearch", "SketchSearchGenerator", "search_algorithm", "SQLiteStorage",
-           "make_sampler", "population_size", "FlopsConstraint", "close_unstarted", "outcome",
-           "METRICS", "MODES", "MAX_REJECTIONS"]
+__all__ = ["SketchSearch", "SketchSearchGenerator", "search_algorithm"]
 
 log = logging.getLogger("sketchtune.search")
 
@@ -39,22 +31,11 @@ log = logging.getLogger("sketchtune.search")
 class SketchSearch(Searcher):
     """Ray Tune searcher: proposals and results go through a :class:`RateProposer`."""
 
-    def __init__(self, space: RateSpace, *, sampler: optuna.samplers.BaseSampler,
-                 storage: optuna.storages.BaseStorage | None, study_name: str,
-                 full_epochs: int, num_samples: int | None = None,
-                 flops_budget: float | None = None, flops_policy: str = "reject",
-                 points: list[tuple[str, dict]] | None = None,
-                 anchors: list[tuple[str, dict]] | None = None,
-                 trial_log: TrialLog | None = None,
-                 budgets: dict[str, float] | None = None,
-                 objectives: list[str] | tuple[str, ...] = ("val_acc", "flops")) -> None:
+    def __init__(self, proposer: RateProposer) -> None:
+        objectives = proposer.objectives
         super().__init__(metric=["val_acc"] + [OBJECTIVE_COLUMNS[o] for o in objectives[1:]],
                          mode=["max"] + ["min"] * (len(objectives) - 1))
-        self.proposer = RateProposer(
-            space, sampler=sampler, storage=storage, study_name=study_name,
-            full_epochs=full_epochs, num_samples=num_samples, flops_budget=flops_budget,
-            flops_policy=flops_policy, points=points, anchors=anchors, trial_log=trial_log,
-            budgets=budgets, objectives=objectives)
+        self.proposer = proposer
 
     @property
     def study(self) -> optuna.Study:

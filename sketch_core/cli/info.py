@@ -11,6 +11,9 @@ from sketch_core.errors import UserError
 from sketch_core.cost.flops import count_arch, count_flops, input_shape
 from sketch_core.rates import parse_rates, rates_to_widths
 from sketch_core.registry import list_arches, resolve_arch
+from sketch_core.cost.latency_table import build_table, load_table, table_key
+from sketch_core.cost.latency import DEVICES, RUNTIMES
+from sketch_core.cost.latency import check_latency_args, measure_latency
 
 __all__ = ["add_arguments", "info", "latency_model_report", "latency_report", "run"]
 
@@ -65,8 +68,6 @@ def latency_report(res: dict, *, device: str = "cpu", batch: int = 1, threads: i
                    num_classes: int | None = None) -> dict:
     """Measured latency of the unpruned and the sketched model ``res`` (an :func:`info`
     result) describes, both built fresh at their widths (weights do not change the time)."""
-    from sketch_core.cost.latency import check_latency_args, measure_latency
-
     check_latency_args(device, runtime, batch, threads, repeats, warmup)
     entry = resolve_arch(res["cfg"], family=res["family"], input_size=res["input"][-1])
     ncls, inch = num_classes, res["input"][0]
@@ -92,9 +93,6 @@ def latency_model_report(res: dict, *, load: str | None = None, save: str | None
     """The latency table's prediction for the unpruned and the sketched model: from the
     table saved at ``load`` (checked against this target), or measured here and saved
     at ``save``."""
-    from sketch_core.cost.latency import DEVICES, RUNTIMES
-    from sketch_core.cost.latency_table import build_table, load_table, table_key
-
     arch = _table_arch(res)
     if device not in DEVICES or runtime not in RUNTIMES:
         raise UserError(f"--latency_device {device!r} / --runtime {runtime!r}: expected one of "

@@ -19,10 +19,13 @@ import signal
 import sys
 from typing import Callable, Iterator
 
-from sketch_core.jobs import (check_spec, execute, job_folder, logging_to, run_defaults,
-                      select_devices)
 from sketch_core.errors import UserError
-from sketch_core.job_spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, TrainSpec
+from sketch_core.job_checks import check_spec
+from sketch_core.job_folder import job_folder, logging_to, select_devices
+from sketch_core.job_spec import DataSpec, ModelSpec, OutputSpec, RunSpec, SketchSpec, run_defaults
+from sketch_core.jobs import execute
+from sketch_core.options import Recipe
+from sketch_core.training.hooks import TrainingInterrupted
 
 __all__ = ["add_arguments", "spec_from_args", "check_args", "run", "str2bool"]
 
@@ -49,6 +52,13 @@ def _bool_option(parser: argparse.ArgumentParser, name: str, default: bool, help
 def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> None:
     """Every option of the original's ``sketch.py`` (same names and defaults), plus a few."""
     pre = command == "pretrain"
+    for group in (_run_arguments, _recipe_arguments, _sketch_arguments, _extra_arguments):
+        group(parser, pre)
+    parser.set_defaults(command_name=command)
+
+
+def _run_arguments(parser: argparse.ArgumentParser, pre: bool) -> None:
+    """Devices, data, folders and the model to start from."""
     a = parser.add_argument
     a("--gpus", type=int, nargs="+", default=None,
       help="Select gpu_id to use; several ids train data-parallel. default:[0] "
@@ -74,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
     a("--cfg", default=None,
       help="Detail architecture of model. default:" + (
           "vgg16" if pre else "the checkpoint's; original and torchvision files need it"))
+    a("--test_only", action="store_true",
+      help="Test only: evaluate the checkpoint given by --refine, --resume or --sketch_model "
+           "and exit." if not pre else "Test only: evaluate --resume's checkpoint and exit.")
+
+
+def _recipe_arguments(parser: argparse.ArgumentParser, pre: bool) -> None:
+    """The training recipe's options."""
+    a = parser.add_argument
     a("--num_epochs", type=int, default=None,
       help="The num of epochs to train. default:" + (
           "40 for digits, 30 for synthetic, 200 otherwise" if pre else "150"))
@@ -86,44 +104,51 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
       help="The epochs at which the learning rate is multiplied by 0.1. default:" + (
           "20 30 for digits, 15 25 for synthetic, 100 150 otherwise" if pre else "50 100"))
     a("--weight_decay", type=float, default=5e-4, help="The weight decay of loss. default:5e-4")
-    if not pre:
-        a("--start_conv", type=int, default=1,
-          help="The index of Conv to start sketch (VGG only). default:1")
-        a("--sketch_rate", default=None,
-          help="The rate of each sketch unit, e.g. '[0.5]*9+[0.6]*9+[0.4]*9' (quote it). "
-               "default:None")
-        a("--sketch_model", default=None, help="Path to the model wait for sketch. default:None")
-        _bool_option(parser, "--sketch_bn", False, "Whether the BN weights are sketched or not?")
-        a("--weight_norm_method", default=None,
-          help="Select the weight norm method. default:None Optional:max,sum,l2,l1,l2_2,2max")
-        _bool_option(parser, "--filter_norm", False, "Filter level normalization or not?")
-        _bool_option(parser, "--sketch_lastconv", True, "Is the last layer of convolution sketched?")
-        a("--random_rule", default="default",
-          help="default sketches; random_pretrain / l1_pretrain keep random / largest-L1 "
-               "pretrained filters instead. default:default")
-        a("--sketch_mode", default="sketch",
-          help="sketch (the paper's method, textbook Frequent Directions: filters replaced by "
-               "their sketch), sketch_released (sketch with the released code's FD arithmetic), "
-               "select (keep the filters with most energy in the sketch's row space) or "
-               "select_lsq (select, then refit consumers by least squares). default:sketch")
-        a("--select_by", default="filters",
-          help="What select / select_lsq sketch to rank channels: filters (the producer's "
-               "filters) or channels (each channel's weights in its consumers, scaled by the "
-               "BN gain it arrives with). default:filters")
-        a("--calibration_batches", type=int, default=10,
-          help="Training batches used to recompute BN statistics (and for select_lsq). "
-               "default:10")
-    a("--test_only", action="store_true",
-      help="Test only: evaluate the checkpoint given by --refine, --resume or --sketch_model "
-           "and exit." if not pre else "Test only: evaluate --resume's checkpoint and exit.")
-    # additions
+
+
+def _sketch_arguments(parser: argparse.ArgumentParser, pre: bool) -> None:
+    """How the sketch prunes (``sketch`` only)."""
+    a = parser.add_argument
+    if pre:
+        return
+    a("--start_conv", type=int, default=1,
+      help="The index of Conv to start sketch (VGG only). default:1")
+    a("--sketch_rate", default=None,
+      help="The rate of each sketch unit, e.g. '[0.5]*9+[0.6]*9+[0.4]*9' (quote it). "
+           "default:None")
+    a("--sketch_model", default=None, help="Path to the model wait for sketch. default:None")
+    _bool_option(parser, "--sketch_bn", False, "Whether the BN weights are sketched or not?")
+    a("--weight_norm_method", default=None,
+      help="Select the weight norm method. default:None Optional:max,sum,l2,l1,l2_2,2max")
+    _bool_option(parser, "--filter_norm", False, "Filter level normalization or not?")
+    _bool_option(parser, "--sketch_lastconv", True, "Is the last layer of convolution sketched?")
+    a("--random_rule", default="default",
+      help="default sketches; random_pretrain / l1_pretrain keep random / largest-L1 "
+           "pretrained filters instead. default:default")
+    a("--sketch_mode", default="sketch",
+      help="sketch (the paper's method, textbook Frequent Directions: filters replaced by "
+           "their sketch), sketch_released (sketch with the released code's FD arithmetic), "
+           "select (keep the filters with most energy in the sketch's row space) or "
+           "select_lsq (select, then refit consumers by least squares). default:sketch")
+    a("--select_by", default="filters",
+      help="What select / select_lsq sketch to rank channels: filters (the producer's "
+           "filters) or channels (each channel's weights in its consumers, scaled by the "
+           "BN gain it arrives with). default:filters")
+    a("--calibration_batches", type=int, default=10,
+      help="Training batches used to recompute BN statistics (and for select_lsq). "
+           "default:10")
+
+
+def _extra_arguments(parser: argparse.ArgumentParser, pre: bool) -> None:
+    """Options the original does not have."""
+    a = parser.add_argument
     a("--val_fraction", type=float, default=0.1,
       help="Fraction of the training set held out (seeded) to choose the best epoch. default:0.1")
     a("--seed", type=int, default=0, help="Seed of the split, the shuffling and the init. default:0")
     a("--label_smoothing", type=float, default=0.0, help="Label smoothing. default:0")
     a("--compile", nargs="?", const=True, default=False, metavar="MODE",
-      help="torch.compile the model; MODE reduce-overhead adds CUDA graphs (on an H100 it "
-           "trained CIFAR ResNet-56 4.4x faster, after about 80 s of compiling)")
+      help="torch.compile the model; MODE reduce-overhead adds CUDA graphs (see "
+           "docs/benchmarks.md for what it gains)")
     a("--amp", type=str2bool, nargs="?", const=True, default=None, metavar="True|False",
       help="bf16 autocast. default: True on CUDA, False on the CPU")
     a("--download", action="store_true", help="Download CIFAR-10 into --data_path if missing.")
@@ -149,7 +174,6 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "sketch") -> N
           help="Start from this checkpoint of the unpruned network (a public or original-project "
                "file with --cfg, a torchvision or sketchtune file) instead of a fresh "
                "initialisation. default:None")
-    parser.set_defaults(command_name=command)
 
 
 # ---------------------------------------------------------------- arguments -> spec
@@ -184,7 +208,6 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return RunSpec(
         command=command,
         data=DataSpec(data_set=args.data_set, data_path=args.data_path,
-                      train_batch_size=args.train_batch_size,
                       eval_batch_size=args.eval_batch_size, val_fraction=args.val_fraction,
                       seed=args.seed, input_size=args.input_size, num_classes=args.num_classes,
                       num_workers=args.num_workers, download=bool(args.download)),
@@ -193,11 +216,11 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
                         normalize=get("normalize"),
                         force_normalize=bool(get("force_normalize", False))),
         sketch=sketch,
-        train=TrainSpec(epochs=args.num_epochs, lr=args.lr,
-                        lr_decay_step=None if steps is None else list(steps),
-                        momentum=args.momentum, weight_decay=args.weight_decay,
-                        label_smoothing=args.label_smoothing, amp=args.amp,
-                        compile=args.compile),
+        train=Recipe(epochs=args.num_epochs, lr=args.lr,
+                     lr_decay_step=None if steps is None else tuple(steps),
+                     momentum=args.momentum, weight_decay=args.weight_decay,
+                     label_smoothing=args.label_smoothing, batch_size=args.train_batch_size,
+                     seed=args.seed, amp=args.amp, compile=args.compile),
         output=OutputSpec(job_dir=args.job_dir, reset=bool(args.reset),
                           progress=not args.no_progress),
         test_only=bool(args.test_only), resume=args.resume,
@@ -263,8 +286,6 @@ def run(args: argparse.Namespace) -> int:
         execute(spec, devices[0])
         return 0
     with job_folder(spec) as job, logging_to(job), _stop_on_signals(True) as caught:
-        from sketch_core.training.loop import TrainingInterrupted
-
         log.info("launch.py %s %s", args.command_name, _command_line(args))
         try:
             execute(spec, devices[0], stop=caught, prepared=True)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sketch_core.errors import UserError
+from sketch_core.io.export import onnx_model_bytes
 
 __all__ = ["LatencyStats", "measure_latency", "time_calls", "summarize", "check_latency_args",
            "paired_ratios", "DEVICES", "RUNTIMES"]
@@ -83,7 +84,7 @@ def check_latency_args(device: str, runtime: str, batch: int = 1, threads: int |
                         f"{torch.__version__} sees none); use --latency_device cpu")
     if runtime == "onnxruntime":
         try:
-            import onnxruntime as ort
+            import onnxruntime as ort  # optional: onnxruntime, the export extra
         except ImportError:
             raise UserError("--runtime onnxruntime needs onnx, onnxscript and onnxruntime; install "
                             "the export extra: pip install 'sketchtune[export]'") from None
@@ -135,9 +136,8 @@ def time_calls(fn: Callable[[], object], *, repeats: int, warmup: int,
 
 
 def _ort_session(model: nn.Module, x: torch.Tensor, device: str, threads: int | None):
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: onnxruntime, the export extra
 
-    from sketch_core.io.export import onnx_model_bytes
 
     opts = ort.SessionOptions()
     if threads is not None:

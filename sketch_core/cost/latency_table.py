@@ -38,6 +38,7 @@ from sketch_core.errors import UserError
 from sketch_core.cost.flops import input_shape, module_shapes
 from sketch_core.plans import ModSpec, Plan
 from sketch_core.registry import Arch
+from sketch_core.cost.latency import check_latency_args, measure_latency, paired_ratios
 
 __all__ = [
     "CALIBRATION_RATES",
@@ -393,7 +394,6 @@ def build_table(arch: Arch, *, device: str = "cpu", runtime: str = "torch", batc
     """
     if stat not in ("median", "min"):
         raise ValueError(f"stat must be median or min, got {stat!r}")
-    from sketch_core.cost.latency import check_latency_args, measure_latency, paired_ratios
 
     check_latency_args(device, runtime, batch, threads, repeats, warmup)
     key = table_key(arch, device=device, runtime=runtime, batch=batch, threads=threads,

@@ -9,9 +9,9 @@ modification times: a changed folder is decoded again, and a cache file that is
 truncated, damaged or stale is rebuilt with one log line saying so, never trusted.
 Cache files are written atomically and read with ``torch.load(weights_only=True)``.
 
-JPEG files are decoded by ``torchvision.io.decode_jpeg`` from their bytes (about four
-times faster than PIL for 32x32 images, the same pixels), other formats (and JPEGs
-when torchvision cannot) by PIL; both give RGB.
+JPEG files are decoded by ``torchvision.io.decode_jpeg`` from their bytes (faster than
+PIL, the same pixels; docs/benchmarks.md), other formats (and JPEGs when torchvision
+cannot) by PIL; both give RGB.
 Bad input is a :class:`~sketch_core.errors.UserError` before anything is written: a
 folder without class folders, an empty class, a file that does not decode (named),
 images of more than one size (one file of each size named).
@@ -138,7 +138,7 @@ def list_folder(root: str | os.PathLike) -> FolderListing:
 
 def _open_size(path: Path) -> tuple[int, int]:
     """(height, width) from the file's header only."""
-    from PIL import Image
+    from PIL import Image  # heavy: PIL, only to decode
 
     try:
         with Image.open(path) as im:
@@ -227,13 +227,13 @@ def _read_cache(path: Path, listing: FolderListing) -> tuple[FolderImages | None
 
 
 def _decode_jpeg(data: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg  # heavy: torchvision's JPEG decoder
 
     return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def _decode_pil(path: Path) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image  # heavy: PIL, only to decode
 
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"))

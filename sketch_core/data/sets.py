@@ -43,6 +43,7 @@ from sketch_core.data.folder_cache import (FOLDER_LAYOUT, SMALL_IMAGE_SIDE, fits
                            list_folder, load_folder_images, small_image_side)
 from sketch_core.data.normalize import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalization,
                         check_channels, parse_normalize)
+from torch.utils.data import DataLoader, Subset
 
 __all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "hold_out_test", "loader_rows",
            "DATA_SETS", "CIFAR10_FILES"]
@@ -179,8 +180,6 @@ class FolderLoader:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        from torch.utils.data import DataLoader, Subset
-
         epoch, start = self.epoch, self.start_batch
         self.epoch, self.start_batch = epoch + 1, 0
         order = self.indices
@@ -235,7 +234,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 def loader_rows(loader: TensorLoader | FolderLoader) -> torch.Tensor:
     """The rows of its split a loader serves (``TensorLoader.index``, ``FolderLoader.indices``)."""
-    return loader.index if isinstance(loader, TensorLoader) else loader.indices
+    return loader.index if hasattr(loader, "index") else loader.indices
 
 
 def _with_rows(loader: TensorLoader | FolderLoader, rows: torch.Tensor) -> TensorLoader | FolderLoader:
@@ -289,13 +288,11 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
     images is served from one resident tensor when ``input_size`` is unset or equals
     their side, and resized image by image otherwise. ``synthetic`` overrides
     :data:`SYNTHETIC_DEFAULTS` (n_train, n_test, num_classes, channels, size, seed).
-    ``normalize`` = ``(mean, std)`` on [0, 1] pixels replaces the data set's own
-    statistics (e.g. ImageNet's for a network trained with them); it also takes the
-    command-line spelling (``imagenet``, ``MEAN/STD``, see
-    :func:`sketch_core.data.normalize.parse_normalize`). ``Data.normalize`` says which pair
-    the batches use. ``cache_dir`` is where
-    a small-image folder's decoded tensor is cached
-    (:func:`sketch_core.data.folder_cache.default_cache_dir` by default).
+    ``normalize`` = ``(mean, std)`` on [0, 1] pixels (or its command-line spelling,
+    :func:`sketch_core.data.normalize.parse_normalize`) replaces the data set's own
+    statistics; ``Data.normalize`` says which pair the batches use. ``cache_dir``: where a
+    small-image folder's decoded tensor is cached (default:
+    :func:`sketch_core.data.folder_cache.default_cache_dir`).
     """
     _check_common(data_set, batch_size, eval_batch_size, val_fraction)
     norm_override = parse_normalize(normalize)
@@ -328,6 +325,12 @@ def load_data(data_set: str, data_path: str | os.PathLike | None = None, *,
         norm = norm_of((mean,), (std,), 1 / 16, channels=1)
         return _tensor_data("digits", xtr, ytr, xte, yte, 10, norm, dict(pad=1, flip=False),
                             **opts)
+    return _synthetic_data(synthetic, input_size, norm_of, opts)
+
+
+def _synthetic_data(synthetic: dict | None, input_size: int | None, norm_of: Any,
+                    opts: dict) -> Data:
+    """The seeded synthetic set (``synthetic`` overrides :data:`SYNTHETIC_DEFAULTS`)."""
     spec = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
     unknown = set(spec) - set(SYNTHETIC_DEFAULTS)
     if unknown:
@@ -364,7 +367,7 @@ def _tensor_data(name: str, xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Ten
 def _read_cifar10(data_path: str | os.PathLike | None, download: bool):
     root = Path(data_path if data_path is not None else "data/cifar10").expanduser()
     if download:
-        import torchvision
+        import torchvision  # heavy: torchvision, CIFAR only
 
         try:
             torchvision.datasets.CIFAR10(str(root), train=True, download=True)
@@ -400,7 +403,7 @@ def _read_cifar10(data_path: str | os.PathLike | None, download: bool):
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: scikit-learn, digits only
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1)  # N x 1 x 8 x 8, values 0..16
@@ -442,7 +445,7 @@ def _folder_data(data_set: str, data_path: str | os.PathLike | None, *, input_si
             if resident is not None:
                 return resident
             input_size = input_size or side
-    from torchvision import datasets, transforms
+    from torchvision import datasets, transforms  # heavy: torchvision, ImageNet only
 
     size = input_size or 224
     if size < 8:

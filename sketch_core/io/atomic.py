@@ -84,6 +84,6 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    import torch
+    import torch  # heavy: torch; plain writes stay torch-free
 
     _through(path, "wb", lambda f: torch.save(obj, f))

@@ -31,6 +31,8 @@ from sketch_core.io.atomic import atomic_torch_save
 from sketch_core.errors import UserError
 from sketch_core.data.normalize import Normalization, as_record, from_record
 from sketch_core.registry import Arch, CfgLike, family_of, resolve_arch
+from sketch_core.pruning.prune import model_io
+from sketch_core.models.imagenet_densenet import remap_legacy_keys
 
 __all__ = ["LoadedModel", "load_checkpoint", "save_checkpoint", "read_checkpoint", "read_record",
            "atomic_save",
@@ -172,14 +174,98 @@ def _torchvision_fixups(state: dict[str, torch.Tensor], entry) -> tuple[dict[str
     if entry.family != "imagenet":
         return state, notes
     if entry.arch == "densenet" and any(".norm.1" in k or ".conv.1" in k for k in state):
-        from sketch_core.models.imagenet_densenet import remap_legacy_keys
-
         state = remap_legacy_keys(state)
         notes["legacy_keys"] = True
     if entry.arch == "googlenet" and any(k.startswith(("aux1.", "aux2.")) for k in state):
         state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
         notes["transform_input"] = True
     return state, notes
+
+
+@dataclass
+class _Read:
+    """What a checkpoint file gives to build its model from."""
+
+    entry: Arch
+    state: dict
+    widths: list[int]
+    num_classes: int
+    in_channels: int
+    transform_input: bool | None
+
+
+def _check_classes(p: Path, ncls: int, num_classes: int | None) -> None:
+    if num_classes is not None and num_classes != ncls:
+        raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
+
+
+def _read_own(obj: dict, p: Path, cfg: CfgLike | None, data_set: str,
+              num_classes: int | None, meta: dict) -> _Read:
+    """A sketchtune file: it describes itself (checked against ``cfg`` when given)."""
+    fam, file_cfg = obj["family"], obj["cfg"]
+    want = cfg.cfg if isinstance(cfg, Arch) else cfg
+    if want is not None and want != file_cfg:
+        raise UserError(f"{p} holds a {fam} {file_cfg}, not a {want}")
+    if cfg is not None:
+        want_fam = cfg.family if isinstance(cfg, Arch) else family_of(data_set, cfg)
+        if want_fam != fam:
+            what = "the architecture asked for" if isinstance(cfg, Arch) else f"data set {data_set}"
+            raise UserError(f"{p} holds a {fam}-family {file_cfg}; {what} uses the "
+                            f"{want_fam} family")
+    entry = resolve_arch(file_cfg, family=fam)
+    ncls = int(obj["num_classes"])
+    _check_classes(p, ncls, num_classes)
+    meta.update({k: obj.get(k) for k in ("rates", "metrics", "extra", "sketch_options", "split")})
+    meta["normalize"] = from_record(obj.get("normalize"))
+    meta["format"] = FORMAT
+    return _Read(entry, obj["state_dict"], list(obj.get("widths") or entry.plan().full_widths()),
+                 ncls, int(obj.get("in_channels", 3)), obj.get("transform_input"))
+
+
+def _slot_widths(state: dict, entry: Arch) -> list[int]:
+    """Each slot's width, read from its producer's weight in ``state``."""
+    widths = []
+    for s in entry.plan().slots:
+        key = s.producer + ".weight"
+        if key not in state:
+            with torch.device("meta"):
+                shape = tuple(entry.build(None, 10, 3).state_dict()[key].shape)
+            raise UserError(f"checkpoint does not match {entry.family} {entry.cfg}: key {key} "
+                            f"(shape {shape} unpruned) is missing from the file"
+                            f"{_depth_hint(state, f'{entry.family} {entry.cfg}')}")
+        widths.append(int(state[key].shape[0]))
+    return widths
+
+
+def _read_foreign(obj: Any, p: Path, cfg: CfgLike | None, data_set: str,
+                  num_classes: int | None, meta: dict) -> _Read:
+    """An original-project, public or torchvision file: ``cfg`` says what it holds, the
+    tensor shapes give the widths and the head."""
+    if cfg is None:
+        raise UserError(f"{p} is not a sketchtune checkpoint; say which model it holds with --cfg")
+    entry = resolve_arch(cfg, data_set)
+    state, notes = _torchvision_fixups(_state_of(obj, p), entry)
+    meta.update(notes)
+    meta["format"] = "state_dict"
+    widths = _slot_widths(state, entry)
+    with torch.device("meta"):
+        probe = entry.build(widths, 10, 3)
+    head = _classifier(probe)
+    state, head_src = _map_head(state, head)
+    if head_src is not None:
+        meta["head_renamed"] = [head_src, head]
+        meta["messages"] = [f"head {head_src!r} read as {head!r}"]
+    cls_key, conv_key = head + ".weight", _first_conv(probe) + ".weight"
+    if cls_key not in state or conv_key not in state:
+        missing = cls_key if cls_key not in state else conv_key
+        raise UserError(f"checkpoint does not match {entry.family} {entry.cfg}: key {missing} "
+                        f"is missing from the file")
+    ncls = int(state[cls_key].shape[0])
+    _check_classes(p, ncls, num_classes)
+    plan = entry.plan()
+    meta["rates"] = [round(widths[slots[0]] / plan.slots[slots[0]].n, 6) for slots in plan.units]
+    return _Read(entry, state, widths, ncls, int(state[conv_key].shape[1]),
+                 notes.get("transform_input"))
 
 
 def load_checkpoint(path: str | os.PathLike, cfg: CfgLike | None = None, data_set: str = "cifar10",
@@ -194,87 +280,25 @@ def load_checkpoint(path: str | os.PathLike, cfg: CfgLike | None = None, data_se
     p = Path(path)
     obj = read_checkpoint(p)
     meta: dict[str, Any] = {"path": str(p)}
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        fam, file_cfg = obj["family"], obj["cfg"]
-        want = cfg.cfg if isinstance(cfg, Arch) else cfg
-        if want is not None and want != file_cfg:
-            raise UserError(f"{p} holds a {fam} {file_cfg}, not a {want}")
-        if cfg is not None:
-            want_fam = cfg.family if isinstance(cfg, Arch) else family_of(data_set, cfg)
-            if want_fam != fam:
-                what = "the architecture asked for" if isinstance(cfg, Arch) else f"data set {data_set}"
-                raise UserError(f"{p} holds a {fam}-family {file_cfg}; {what} uses the "
-                                f"{want_fam} family")
-        entry = resolve_arch(file_cfg, family=fam)
-        state = obj["state_dict"]
-        widths = list(obj.get("widths") or entry.plan().full_widths())
-        ncls, inch = int(obj["num_classes"]), int(obj.get("in_channels", 3))
-        if num_classes is not None and num_classes != ncls:
-            raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
-        meta.update({k: obj.get(k) for k in ("rates", "metrics", "extra", "sketch_options",
-                                             "split")})
-        meta["normalize"] = from_record(obj.get("normalize"))
-        meta["format"] = FORMAT
-        tin = obj.get("transform_input")
-    else:
-        if cfg is None:
-            raise UserError(f"{p} is not a sketchtune checkpoint; say which model it holds with --cfg")
-        entry = resolve_arch(cfg, data_set)
-        cfg = entry.cfg
-        state = _state_of(obj, p)
-        state, notes = _torchvision_fixups(state, entry)
-        meta.update(notes)
-        meta["format"] = "state_dict"
-        plan = entry.plan()
-        widths = []
-        for s in plan.slots:
-            key = s.producer + ".weight"
-            if key not in state:
-                with torch.device("meta"):
-                    shape = tuple(entry.build(None, 10, 3).state_dict()[key].shape)
-                raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {key} (shape "
-                                f"{shape} unpruned) is missing from the file"
-                                f"{_depth_hint(state, f'{entry.family} {cfg}')}")
-            widths.append(int(state[key].shape[0]))
-        with torch.device("meta"):
-            probe = entry.build(widths, 10, 3)
-        head = _classifier(probe)
-        state, head_src = _map_head(state, head)
-        if head_src is not None:
-            meta["head_renamed"] = [head_src, head]
-            meta["messages"] = [f"head {head_src!r} read as {head!r}"]
-        cls_key, conv_key = head + ".weight", _first_conv(probe) + ".weight"
-        if cls_key not in state or conv_key not in state:
-            missing = cls_key if cls_key not in state else conv_key
-            raise UserError(f"checkpoint does not match {entry.family} {cfg}: key {missing} is "
-                            f"missing from the file")
-        ncls, inch = int(state[cls_key].shape[0]), int(state[conv_key].shape[1])
-        if num_classes is not None and num_classes != ncls:
-            raise UserError(f"{p} has {ncls} classes; the data set has {num_classes}")
-        tin = notes.get("transform_input")
-        rates = []
-        for slots in plan.units:
-            s = slots[0]
-            rates.append(round(widths[s] / plan.slots[s].n, 6))
-        meta["rates"] = rates
-    if in_channels is not None and in_channels != inch:
-        raise UserError(f"{p} takes {inch} input channels; the data set has {in_channels}")
-    model = entry.build(widths, ncls, inch)
-    if transform_input is not None:
-        tin = transform_input
+    own = isinstance(obj, dict) and obj.get("format") == FORMAT
+    r = (_read_own if own else _read_foreign)(obj, p, cfg, data_set, num_classes, meta)
+    if in_channels is not None and in_channels != r.in_channels:
+        raise UserError(f"{p} takes {r.in_channels} input channels; the data set has {in_channels}")
+    entry, state = r.entry, r.state
+    model = entry.build(r.widths, r.num_classes, r.in_channels)
+    tin = r.transform_input if transform_input is None else transform_input
     if tin and hasattr(model, "transform_input"):
         model.transform_input = True
-    what = f"{entry.family} {entry.cfg}"
-    if meta["format"] == "state_dict":
+    if not own:
         state = dict(state)
         filled = _fill_bn_counters(model, state)
         if filled:
             meta["filled_bn_counters"] = filled
-    _check_match(model, state, what)
+    _check_match(model, state, f"{entry.family} {entry.cfg}")
     model.load_state_dict(state, strict=True)
-    meta.update({"family": entry.family, "cfg": entry.cfg, "arch": entry.arch, "num_classes": ncls,
-                 "in_channels": inch, "widths": widths,
-                 "pruned": widths != entry.plan().full_widths()})
+    meta.update({"family": entry.family, "cfg": entry.cfg, "arch": entry.arch,
+                 "num_classes": r.num_classes, "in_channels": r.in_channels, "widths": r.widths,
+                 "pruned": r.widths != entry.plan().full_widths()})
     return LoadedModel(model, meta)
 
 
@@ -294,7 +318,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, cfg: CfgLike, 
     if widths is None:
         widths = getattr(model, "sketch_widths", None) or [
             int(model.state_dict()[s.producer + ".weight"].shape[0]) for s in entry.plan().slots]
-    from sketch_core.pruning.prune import model_io
 
     inch, ncls = model_io(model)
     obj = {

@@ -34,6 +34,9 @@ from torch import nn
 
 from sketch_core.io.atomic import atomic_write
 from sketch_core.errors import UserError
+from sketch_core.cost.flops import input_shape as shape_of
+from sketch_core.io.checkpoint import FORMAT, load_checkpoint, read_checkpoint
+from sketch_core.data.sets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["FORMATS", "ExportResult", "export_model", "export_checkpoint", "check_format",
            "check_output_path", "run_exported", "read_metadata", "example_batch",
@@ -125,7 +128,7 @@ def onnx_model_bytes(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool =
     exporter and default opset), with ``metadata`` as metadata_props, checked with
     ``onnx.checker``."""
     require_onnx()
-    import onnx
+    import onnx  # optional: onnx, the export extra
 
     program = program if program is not None else _program(model, x, dynamic_batch)
     onnx_prog = _quiet(torch.onnx.export, program, (x,), dynamo=True, input_names=[INPUT_NAME],
@@ -144,7 +147,7 @@ def run_exported(path: str | os.PathLike, to: str, x: torch.Tensor) -> torch.Ten
     check_format(to)
     if to == "onnx":
         require_onnx()
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional: onnxruntime, the export extra
 
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         out = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})[0]
@@ -160,7 +163,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     p = Path(path)
     if p.suffix == ".onnx":
         require_onnx()
-        import onnx
+        import onnx  # optional: onnx, the export extra
 
         proto = onnx.load(str(p), load_external_data=False)
         return {e.key: e.value for e in proto.metadata_props}
@@ -241,8 +244,6 @@ def checkpoint_normalize(raw: dict, meta: dict, family: str,
     """(normalize record, where it came from): the checkpoint's own when it has one,
     else the family's default (CIFAR's or ImageNet's mean/std) when the channel count
     matches, else unknown (None)."""
-    from sketch_core.data.sets import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-
     extra = raw.get("extra") if isinstance(raw.get("extra"), dict) else {}
     for src in (meta.get("normalize"), raw.get("normalize"), extra.get("normalize")):
         rec = _as_norm(src)
@@ -295,9 +296,6 @@ def prepare_checkpoint(checkpoint: str | os.PathLike, *, input_size: int | None 
                        ) -> tuple[nn.Module, tuple[int, int, int], dict[str, str]]:
     """(model, input shape (C, H, W), metadata) of a sketchtune checkpoint, as
     :func:`export_checkpoint` exports them; a UserError for any other file."""
-    from sketch_core.io.checkpoint import FORMAT, load_checkpoint, read_checkpoint
-    from sketch_core.cost.flops import input_shape as shape_of
-
     src = Path(checkpoint).expanduser()
     try:
         raw = read_checkpoint(src)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sketch_core.models import register
+from sketch_core.models.registration import register
 from sketch_core.plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarGoogLeNet", "Inception", "build", "plan", "MODULES"]

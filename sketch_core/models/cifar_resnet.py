@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sketch_core.models import register
+from sketch_core.models.registration import register
 from sketch_core.plans import Plan, PlanBuilder, Seg
 
 __all__ = ["CifarResNet", "BasicBlock", "build", "plan", "depth_blocks"]

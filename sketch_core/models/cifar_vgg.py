@@ -14,8 +14,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from sketch_core.models import register
+from sketch_core.models.registration import register
 from sketch_core.plans import Plan, PlanBuilder, Seg
+from sketch_core.errors import UserError
 
 __all__ = ["CifarVGG", "build", "plan", "CFG"]
 
@@ -71,8 +72,6 @@ def build(cfg: str, widths: list[int] | None = None, num_classes: int = 10,
 
 
 def plan(cfg: str, start_conv: int = 1) -> Plan:
-    from sketch_core.errors import UserError
-
     full = [x for x in CFG if x != "M"]
     if not 0 <= start_conv < len(full):
         raise UserError(f"--start_conv must be in 0..{len(full) - 1} for {cfg}; got {start_conv}")

@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from sketch_core.models import register
+from sketch_core.models.registration import register
 from sketch_core.errors import UserError
 from sketch_core.plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from sketch_core.models.imagenet_resnet import check_widths

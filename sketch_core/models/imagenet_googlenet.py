@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor, nn
 
-from sketch_core.models import register
+from sketch_core.models.registration import register
 from sketch_core.errors import UserError
 from sketch_core.plans import Plan, PlanBuilder, Seg, require_default_start_conv
 from sketch_core.models.imagenet_resnet import check_widths

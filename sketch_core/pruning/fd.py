@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 
 from sketch_core.errors import UserError
+from sketch_core.options import WEIGHT_NORMS
 
-__all__ = ["frequent_directions", "released_fd", "row_space_energy", "weight_norm",
-           "WEIGHT_NORMS"]
+__all__ = ["frequent_directions", "released_fd", "row_space_energy", "weight_norm"]
 
-WEIGHT_NORMS = ("max", "sum", "l2", "l1", "l2_2", "2max")
 
 
 def _shrink(buf: torch.Tensor, rows: int) -> torch.Tensor:

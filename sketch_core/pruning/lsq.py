@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sketch_core.plans import Plan
+from sketch_core.errors import UserError
 
 __all__ = ["refit_consumers"]
 
@@ -213,7 +214,6 @@ def refit_consumers(narrow: nn.Module, full: nn.Module, plan: Plan, widths: list
             break
         xs.append((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
     if not xs:
-        from sketch_core.errors import UserError
         raise UserError("--sketch_mode select_lsq needs training batches; the data set gave none")
     modes = (narrow.training, full.training)
     narrow.eval(), full.eval()

@@ -1,4 +1,4 @@
-"""Pretrained model + rate vector -> narrow model of the same builder.
+"""Pretrained model + widths -> narrow model of the same builder.
 
 One generic pass over the architecture's plan (:mod:`sketch_core.plans`): for every
 slot that narrows, the producer's filters are either replaced by their Frequent
@@ -20,22 +20,15 @@ import torch
 from torch import nn
 
 from sketch_core.errors import UserError
+from sketch_core.options import SKETCH_MODES, SketchOptions
 from sketch_core.plans import ModSpec, Plan, Seg
-from sketch_core.rates import parse_rates, widths_for
-from sketch_core.registry import Arch, CfgLike, resolve_arch
-from sketch_core.pruning.fd import frequent_directions, released_fd, row_space_energy, weight_norm, WEIGHT_NORMS
+from sketch_core.pruning.fd import frequent_directions, released_fd, row_space_energy, weight_norm
+from sketch_core.pruning.lsq import refit_consumers
+from sketch_core.registry import Arch
 
-__all__ = ["sketch", "check_options", "MODES", "RANDOM_RULES", "SELECT_BY", "model_io"]
+__all__ = ["sketch", "model_io"]
 
 log = logging.getLogger("sketchtune.sketching")
-
-# sketch_released: `sketch` with the released FilterSketch code's FD arithmetic (fd.released_fd)
-MODES = ("sketch", "select", "select_lsq", "sketch_released")
-SKETCH_MODES = ("sketch", "sketch_released")
-RANDOM_RULES = ("default", "random_pretrain", "l1_pretrain")
-# what the selection modes sketch to rank a slot's channels: the producer's filters, or
-# the channels as the consumers receive them (see _Pruner.channel_rows)
-SELECT_BY = ("filters", "channels")
 
 
 def model_io(model: nn.Module) -> tuple[int, int]:
@@ -247,55 +240,12 @@ def _check_covered(state: dict[str, torch.Tensor], entry: Arch, in_ch: int,
     return ref
 
 
-def check_options(mode: str, select_by: str = "filters", random_rule: str = "default",
-                  weight_norm_method: str | None = None) -> None:
-    """UserError naming the first of the sketch's choices that is not a valid one."""
-    if mode not in MODES:
-        raise UserError(f"unknown --sketch_mode {mode!r}; valid: {', '.join(MODES)}")
-    if select_by not in SELECT_BY:
-        raise UserError(f"unknown --select_by {select_by!r}; valid: {', '.join(SELECT_BY)}")
-    if random_rule not in RANDOM_RULES:
-        raise UserError(f"unknown --random_rule {random_rule!r}; valid: {', '.join(RANDOM_RULES)}")
-    if weight_norm_method not in (None, "", "none", "None") and weight_norm_method not in WEIGHT_NORMS:
-        raise UserError(f"unknown --weight_norm_method {weight_norm_method!r}; valid: "
-                        f"{', '.join(WEIGHT_NORMS)}")
-
-
-def sketch(model: nn.Module, cfg: CfgLike, rates: Sequence[float] | str | None = None,
-           data_set: str = "cifar10", *, mode: str = "sketch", weight_norm_method: str | None = None,
-           filter_norm: bool = False, sketch_bn: bool = False, sketch_lastconv: bool = True,
-           start_conv: int | None = None, random_rule: str = "default", round_to: int = 1,
-           seed: int = 0, batches: Iterable | None = None, widths: list[int] | None = None,
-           lsq_log: list[str] | None = None, select_by: str = "filters") -> nn.Module:
-    """Return a new, narrower model of the same builder, sketched from ``model``.
-
-    ``cfg`` is a name (resolved with ``data_set`` and ``start_conv``) or an
-    :class:`~sketch_core.registry.Arch`. ``rates`` has one rate per unit (see
-    :func:`sketch_core.parse_rates`); ``widths``
-    (one per plan slot) overrides them when given. ``batches`` (an iterable of
-    ``(x, y)``) is needed by ``select_lsq``. ``select_by`` (see :data:`SELECT_BY`)
-    is what the selection modes sketch to rank channels: ``"filters"``, the producer's
-    filters, or ``"channels"``, each channel's weights in its consumers scaled by the BN
-    gain it arrives with. BN statistics of sketched layers are not recomputed here: call
-    :func:`sketch_core.recalibrate_bn` before evaluating.
-    """
-    check_options(mode, select_by, random_rule, weight_norm_method)
-    if mode == "select_lsq" and batches is None:
-        raise UserError("--sketch_mode select_lsq refits layers on training batches and needs a data "
-                        "set; pass batches (or use --sketch_mode select)")
-    entry = resolve_arch(cfg, data_set, start_conv=start_conv)
-    cfg, plan = entry.cfg, entry.plan()
-    if widths is None:
-        if rates is None:
-            raise UserError(f"no sketch rates given; {cfg} takes {plan.num_units}")
-        rates = parse_rates(rates if isinstance(rates, str) else list(rates), entry)
-        widths = widths_for(plan, rates, sketch_lastconv, round_to)
-    if len(widths) != len(plan.slots):
-        raise UserError(f"{cfg} has {len(plan.slots)} prunable slots, got {len(widths)} widths")
-    state = model.state_dict()
-    in_ch, classes = model_io(model)
+def _check_unpruned(state: dict[str, torch.Tensor], entry: Arch, in_ch: int,
+                    classes: int) -> None:
+    """The model must be the unpruned network the plan describes, layer for layer."""
     ref = _check_covered(state, entry, in_ch, classes)
-    for s in plan.slots:
+    cfg = entry.cfg
+    for s in entry.plan().slots:
         key = s.producer + ".weight"
         if state[key].shape[0] != s.n:
             raise UserError(f"{key} has {state[key].shape[0]} filters, the unpruned {cfg} has {s.n}: "
@@ -304,14 +254,38 @@ def sketch(model: nn.Module, cfg: CfgLike, rates: Sequence[float] | str | None =
         if state[key].shape != t.shape:
             raise UserError(f"{key} has shape {tuple(state[key].shape)}, the unpruned {cfg} has "
                             f"{tuple(t.shape)}: sketch an unpruned model")
+
+
+def sketch(model: nn.Module, arch: Arch, widths: Sequence[int],
+           options: SketchOptions = SketchOptions(), *, batches: Iterable | None = None,
+           seed: int = 0, lsq_log: list[str] | None = None) -> nn.Module:
+    """Return a new, narrower model of the same builder, sketched from ``model``.
+
+    ``arch`` is the resolved architecture (:func:`sketch_core.registry.resolve_arch`),
+    ``widths`` one width per plan slot (:func:`sketch_core.rates.widths_for` turns a rate
+    vector into them), ``options`` how to narrow (:class:`~sketch_core.options.SketchOptions`).
+    ``batches`` (an iterable of ``(x, y)``) is needed by ``select_lsq``; ``seed`` drives
+    the random rules and the refit's sampling. BN statistics of sketched layers are not
+    recomputed here: call :func:`sketch_core.pruning.bn.recalibrate_bn` before evaluating.
+    """
+    o = options
+    if o.mode == "select_lsq" and batches is None:
+        raise UserError("--sketch_mode select_lsq refits layers on training batches and needs a data "
+                        "set; pass batches (or use --sketch_mode select)")
+    plan = arch.plan()
+    if len(widths) != len(plan.slots):
+        raise UserError(f"{arch.cfg} has {len(plan.slots)} prunable slots, got {len(widths)} widths")
+    state = model.state_dict()
+    in_ch, classes = model_io(model)
+    _check_unpruned(state, arch, in_ch, classes)
     with torch.no_grad():
-        pruner = _Pruner(state, plan, list(widths), mode=mode, random_rule=random_rule,
-                         weight_norm_method=weight_norm_method, filter_norm=filter_norm,
-                         sketch_bn=sketch_bn, seed=seed, select_by=select_by)
+        pruner = _Pruner(state, plan, list(widths), mode=o.mode, random_rule=o.random_rule,
+                         weight_norm_method=o.weight_norm_method, filter_norm=o.filter_norm,
+                         sketch_bn=o.sketch_bn, seed=seed, select_by=o.select_by)
         changed = pruner.run()
     p = next(model.parameters())
     with torch.device("meta"):
-        narrow = entry.build(list(widths), classes, in_ch)
+        narrow = arch.build(list(widths), classes, in_ch)
     if hasattr(model, "transform_input"):
         narrow.transform_input = model.transform_input
     new_state = {k: changed.get(k, v).clone().contiguous() for k, v in state.items()}
@@ -319,9 +293,7 @@ def sketch(model: nn.Module, cfg: CfgLike, rates: Sequence[float] | str | None =
     narrow.to(device=p.device)
     narrow.train(model.training)
     narrow.sketch_widths = list(widths)
-    if mode == "select_lsq":
-        from sketch_core.pruning.lsq import refit_consumers
-
+    if o.mode == "select_lsq":
         refit_consumers(narrow, model, plan, list(widths), batches, pruner.indices, seed=seed,
                         log_lines=lsq_log)
     return narrow

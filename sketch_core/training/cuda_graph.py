@@ -37,12 +37,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["STEPS", "GraphStep", "CudaGraphCapture", "sgd_update_", "graph_unavailable",
+__all__ = ["GraphStep", "CudaGraphCapture", "sgd_update_", "graph_unavailable",
            "state_tensors"]
 
 log = logging.getLogger("sketchtune")
 
-STEPS = ("eager", "graph")
 StepFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 

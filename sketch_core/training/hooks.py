@@ -86,7 +86,7 @@ class ProgressBar(Hook):
     def on_epoch_start(self, run: Any) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        from tqdm import tqdm  # heavy: tqdm, only with a progress bar
 
         # disable=None: shown on a terminal, silent when output is redirected
         self.bar = tqdm(total=len(run.data.train), initial=run.batch, leave=False, disable=None,
@@ -190,7 +190,7 @@ class TensorBoard(Hook):
         if self.job_dir is None:
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: tensorboard
         except Exception:  # tensorboard is optional
             return
         self.writer = SummaryWriter(str(self.job_dir / "tensorboard"))

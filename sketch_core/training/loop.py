@@ -6,8 +6,7 @@ returns a :class:`FitResult`. One screen holds the loop: data is already on the 
 so a step is forward, backward, update; everything around it (evaluation, files, the
 progress bar, NaN detection, the stop signal, the caller's callback) is a hook from
 :mod:`sketch_core.training.hooks`, called on the shared :class:`Run`. Models and batches are
-channels_last (on a 2-core AVX-512 CPU it trained CIFAR ResNets 1.2-1.6x faster than
-NCHW, VGG-16 as fast); CUDA adds bf16 autocast and optional ``torch.compile``; the CPU
+channels_last (faster on the CPU for CIFAR ResNets; docs/benchmarks.md); CUDA adds bf16 autocast and optional ``torch.compile``; the CPU
 stays in fp32 unless ``amp=True``. Under a seed it is deterministic on the CPU.
 
 Training state (weights, optimizer, scheduler, epoch and batch position, RNG, best
@@ -23,7 +22,6 @@ only rank 0 writes files.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import time
@@ -37,62 +35,19 @@ from torch import nn
 
 from sketch_core.io.atomic import atomic_write_text
 from sketch_core.io.checkpoint import atomic_save, read_checkpoint
-from sketch_core.training.cuda_graph import STEPS, GraphStep, graph_unavailable
+from sketch_core.options import Recipe
+from sketch_core.training.cuda_graph import GraphStep, graph_unavailable
 from sketch_core.errors import UserError
 from sketch_core.training.hooks import (METRIC_FIELDS, EpochCallback, EpochLog, FiniteLoss, Hook, MetricsCSV,
                     ProgressBar, StopSignal, TensorBoard, TrainingDiverged, TrainingInterrupted,
                     TrainState, Validation, emit)
 
-__all__ = ["fit", "evaluate", "Recipe", "Run", "FitResult", "TrainingInterrupted",
+__all__ = ["fit", "evaluate", "Run", "FitResult", "TrainingInterrupted",
            "TrainingDiverged", "save_state", "load_state", "resolve_device", "atomic_write_text",
            "STATE_FORMAT", "METRIC_FIELDS"]
 
 STATE_FORMAT = "sketchtune-train-state-v1"
 log = logging.getLogger("sketchtune")
-
-
-@dataclass
-class Recipe:
-    """The hyperparameters of a fit.
-
-    SGD with ``momentum`` and ``weight_decay``; the learning rate is multiplied by
-    ``gamma`` at each epoch of ``lr_decay_step``. ``seed`` seeds a fresh run (a resumed
-    one takes its RNG from the state). ``amp``: bf16 autocast, None = on CUDA only.
-    ``compile``: True for ``torch.compile``'s default mode or the name of a mode
-    (``"reduce-overhead"``: CUDA graphs, for small networks that launch-bound a GPU).
-    ``channels_last``: model and batches in that memory format (None = True).
-    ``step``: ``"eager"``, or ``"graph"`` to replay the whole training step as one CUDA
-    graph (:mod:`sketch_core.training.cuda_graph`; checked against the eager step, eager where
-    it cannot run, with one log line saying why).
-    """
-
-    epochs: int
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_step: tuple[int, ...] = (50, 100)  # any iterable of epochs; kept as a tuple
-    gamma: float = 0.1
-    label_smoothing: float = 0.0
-    seed: int = 0
-    amp: bool | None = None
-    compile: bool | str = False
-    channels_last: bool | None = True
-    step: str = "eager"
-
-    def __post_init__(self) -> None:
-        milestones = [int(m) for m in self.lr_decay_step]
-        if self.epochs < 0:
-            raise UserError(f"the number of epochs must be >= 0, got {self.epochs}")
-        if milestones != sorted(milestones) or any(m < 0 for m in milestones):
-            raise UserError(f"--lr_decay_step must be non-negative epochs in increasing order, "
-                            f"got {milestones}")
-        self.lr_decay_step = tuple(milestones)
-        if self.step not in STEPS:
-            close = difflib.get_close_matches(str(self.step), STEPS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise UserError(f"the training step must be one of {', '.join(STEPS)}, "
-                            f"got {self.step!r}{hint}")
-        self.channels_last = True if self.channels_last is None else self.channels_last
 
 
 @dataclass
@@ -370,7 +325,7 @@ def fit(model: nn.Module, data: Any, recipe: Recipe | None = None, *,
     :class:`TrainingDiverged` before anything of that epoch is saved. ``hooks`` run after
     the built-in ones that write files, before ``on_epoch`` (see :mod:`sketch_core.training.hooks`).
     """
-    recipe = Recipe(**hyper) if recipe is None else replace(recipe, **hyper)
+    recipe = (Recipe(**hyper) if recipe is None else replace(recipe, **hyper)).complete()
     run = Run(model, data, recipe, resolve_device(device), start_state)
     rank0 = run.rank == 0
     job = Path(job_dir) if job_dir is not None and rank0 else None

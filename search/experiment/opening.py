@@ -1,114 +1,37 @@
-"""Before and after the trials of a search, whoever runs them: no Ray here.
+"""Opening an experiment folder and closing a search's phase in it; no Ray here.
 
-The experiment folder (checked before anything starts, then config.yaml, baseline.pt,
-manifest.json), the Optuna storage, the rate space, the :class:`TrialSetup` of the
-trials and, once they ended, the phase times in the manifest. Both
-:mod:`search.run.ray_driver` (Ray Tune) and :mod:`search.run.local_loop` (one machine, no Ray) use
-these.
+:func:`check_folder` runs before anything starts: the folder to continue holds an
+experiment, or the new one is free, and what can be checked without data or Ray is.
+:func:`open_new_experiment` fills a new folder (the study storage, config.yaml, the
+baseline, the latency table, manifest.json) and removes it again when any step fails;
+:func:`finish_manifest` records the search phase's time and end.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import optuna
 import yaml
 
+from search.experiment.baseline import (baseline_dict, check_pretrained, load_baseline_file,
+                                        prepare_baseline, search_normalize)
 from search.experiment.config import SearchConfig, config_from_dict, config_to_dict, format_duration
 from search.experiment.folder import git_commit, read_manifest, versions, write_manifest
-from search.experiment.latency_source import budgets, check_given_table, latency_summary, search_table
-from search.experiment.priced_space import rate_space
-from sketch_core.io.atomic import atomic_write_text
+from search.experiment.resolve import SearchPlan, plan_search
+from search.experiment.pricing import (budgets, check_given_table, latency_summary, rate_space,
+                                       search_table)
+from search.propose.study import open_storage
+from search.results.text import pct, say
 from sketch_core.errors import UserError
+from sketch_core.io.atomic import atomic_write_text
 
-__all__ = ["SearchOutcome", "open_study_storage", "prepare_data", "make_setup", "ended_reports", "rate_space",
-           "baseline_dict", "say", "check_folder", "new_experiment", "open_new_experiment",
-           "finish_manifest", "pct"]
-
-
-@dataclass
-class SearchOutcome:
-    """What a search produced: its folder, trials.jsonl records, phase times, baseline."""
-
-    exp_dir: Path
-    records: list[dict]
-    phases: dict[str, float]
-    baseline: dict[str, Any]
-    retrain: dict | None = None
-    resumed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def open_study_storage(config: SearchConfig, exp_dir: Path) -> tuple[Any, str]:
-    import optuna
-
-    from search.propose.study import SQLiteStorage
-
-    url = config.storage.study_storage or f"sqlite:///{exp_dir / 'study.db'}"
-    try:
-        if url.startswith("sqlite:"):
-            return SQLiteStorage(url), url
-        return optuna.storages.RDBStorage(url), url
-    except Exception as exc:
-        raise UserError(f"--study_storage {url}: cannot open it as an Optuna RDB storage "
-                        f"({str(exc).splitlines()[0]})") from None
-
-
-def prepare_data(config: SearchConfig) -> None:
-    """Decode a small-image folder set into its cache before any trial starts, so that
-    concurrent trials only read the cache (none of them decodes, none races to write)."""
-    m = config.model
-    if m.data_set != "folder" or not m.data_path:
-        return
-    from sketch_core.data.folder_cache import prepare_folder_cache
-
-    prepare_folder_cache(Path(m.data_path).expanduser())
-
-
-def make_setup(config: SearchConfig, baseline: Any, ended: dict[str, dict]) -> Any:
-    """The trials' :class:`~search.run.trial.TrialSetup` (the folder cache is built first)."""
-    from search.run.trial import TrialSetup
-
-    prepare_data(config)
-    m, s, t, r = config.model, config.sketch, config.trial, config.resources
-    family = baseline.get("family") or m.resolved_arch(baseline.get("input_size")).family
-    setup = TrialSetup(
-        cfg=m.cfg, data_set=m.data_set, num_classes=baseline["num_classes"],
-        in_channels=baseline["in_channels"], data_path=m.data_path, input_size=m.input_size,
-        synthetic=m.synthetic, sketch=s.model_copy(deep=True), trial=t.model_copy(deep=True),
-        round_to=config.space.round_to, threads=t.threads or max(1, int(r.cpu or 1)),
-        use_gpu=r.gpu > 0, baseline_key=str(baseline.get("key")),
-        baseline_flops=int(baseline["flops"]), baseline_params=int(baseline["params"]),
-        ended=ended, transform_input=bool(baseline.get("transform_input")),
-        family=family, normalize=baseline.get("normalize"), scores=baseline.get("scores"))
-    return setup
-
-
-def ended_reports(records: list) -> dict[str, dict]:
-    """Final reports of trials that ended (for a resumed Tune that restarts them)."""
-    return {r.trial_id: r.final_report() for r in records
-            if r.status in ("completed", "stopped", "failed")}
-
-
-def baseline_dict(b: Any) -> dict:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k in sorted(b.state):
-        h.update(k.encode())
-        h.update(str(tuple(b.state[k].shape)).encode())
-        h.update(b.state[k].float().sum().item().hex().encode() if b.state[k].numel() else b"")
-    d = b.summary()
-    d.update(key=h.hexdigest()[:16], transform_input=b.transform_input)
-    return d
-
-
-def say(quiet: bool, text: str) -> None:
-    if not quiet:
-        print(text, flush=True)
+__all__ = ["check_folder", "new_experiment", "open_new_experiment", "open_search", "OpenedSearch",
+           "finish_manifest"]
 
 
 def check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[SearchConfig, dict | None]:
@@ -130,8 +53,6 @@ def check_folder(config: SearchConfig, exp_dir: Path, resume: bool) -> tuple[Sea
                     "input_size": None}).paper_points(config.space.paper_rates)
     check_given_table(config)
     if config.model.pretrained:
-        from search.experiment.baseline import check_pretrained, search_normalize
-
         check_pretrained(config)
         search_normalize(config)  # a model.normalize that contradicts its record
     return config, None
@@ -141,10 +62,6 @@ def new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_path:
                     study_storage: Any, study_url: str, address: str | None, command: str,
                     quiet: bool) -> tuple[dict, dict, dict]:
     """Phase 1 of a new search: baseline, config.yaml, manifest.json. (manifest, baseline, state)"""
-    import optuna
-
-    from search.experiment.baseline import prepare_baseline
-
     if config.storage.study_storage:
         try:
             names = optuna.study.get_all_study_names(study_storage)
@@ -197,7 +114,7 @@ def open_new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_
     created = not exp_dir.exists()
     exp_dir.mkdir(parents=True, exist_ok=True)
     try:
-        study_storage, study_url = open_study_storage(config, exp_dir)
+        study_storage, study_url = open_storage(config.storage.study_storage, exp_dir)
         manifest, baseline, state = new_experiment(config, exp_dir, name, storage_path,
                                                    study_storage, study_url, address,
                                                    command, quiet)
@@ -206,6 +123,38 @@ def open_new_experiment(config: SearchConfig, exp_dir: Path, name: str, storage_
             shutil.rmtree(exp_dir, ignore_errors=True)
         raise
     return study_storage, manifest, baseline, state
+
+
+@dataclass(frozen=True)
+class OpenedSearch:
+    """A search ready to run: its plan, its study storage, the baseline's weights."""
+
+    plan: SearchPlan
+    study_storage: Any
+    state: dict
+
+
+def _saved_baseline(config: SearchConfig, exp_dir: Path, manifest: dict) -> tuple[dict, dict]:
+    """The manifest's baseline summary and the weights of the folder's baseline.pt."""
+    b = manifest["baseline"]
+    loaded = load_baseline_file(exp_dir / "baseline.pt", config, b["num_classes"],
+                                b["in_channels"])
+    return dict(b), {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+
+
+def open_search(config: SearchConfig, exp_dir: Path, name: str, storage_path: str, *,
+                manifest: dict | None = None, address: str | None = None, command: str = "",
+                quiet: bool = False) -> OpenedSearch:
+    """The search of ``config`` resolved into its plan: a new experiment folder, or the
+    existing one when ``manifest`` (a resume) is given."""
+    if manifest is not None:
+        study_storage, _ = open_storage(config.storage.study_storage, exp_dir)
+        baseline, state = _saved_baseline(config, exp_dir, manifest)
+    else:
+        study_storage, _, baseline, state = open_new_experiment(
+            config, exp_dir, name, storage_path, address, command, quiet)
+    return OpenedSearch(plan_search(config, baseline, exp_dir, name, storage_path),
+                        study_storage, state)
 
 
 def finish_manifest(exp_dir: Path, search_s: float, resume: bool, t_start: float,
@@ -223,7 +172,3 @@ def finish_manifest(exp_dir: Path, search_s: float, resume: bool, t_start: float
     say(quiet, f"[search] phases: pretrain {format_duration(phases.get('pretrain_s') or 0)}, "
                f"search {format_duration(phases['search_s'])} ({phases['search_s']:.1f}s)")
     return phases
-
-
-def pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"

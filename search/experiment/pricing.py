@@ -1,4 +1,9 @@
-"""Where a search's latency predictions come from, and its budgets as fractions.
+"""How a search prices a vector: its rate space, the latency table, the budgets.
+
+:func:`rate_space` is the search's :class:`~search.propose.space.RateSpace` for a config
+and a baseline (exact MACs and parameters from the cost model; latency from the
+experiment's table when the search uses latency); :func:`budgets` are the config's
+budgets as fractions of the unpruned network.
 
 When a search prices vectors by latency (``objectives`` names it, ``budget.latency``
 is set, or the scheduler's cost is latency) it needs one latency table
@@ -16,9 +21,45 @@ from pathlib import Path
 from typing import Any
 
 from search.experiment.config import SearchConfig
+from search.propose.space import RateSpace
 from search.results.pareto import COST_COLUMNS
-from search.experiment.priced_space import LATENCY_FILE, rate_space, saved_table
+from sketch_core.cost.latency_table import load_table
 from sketch_core.errors import UserError
+from sketch_core.registry import resolve_arch
+from sketch_core.cost.latency import measure_latency
+import torch
+from sketch_core.cost.latency import check_latency_args
+from sketch_core.cost.latency_table import cached_table, load_table
+from sketch_core.cost.latency_table import table_key
+
+LATENCY_FILE = "latency_table.json"
+
+
+def saved_table(exp_dir: Path | None) -> Any | None:
+    """The experiment's copy of its latency table, or None when it has none."""
+    if exp_dir is None or not (Path(exp_dir) / LATENCY_FILE).is_file():
+        return None
+    return load_table(Path(exp_dir) / LATENCY_FILE)
+
+
+def rate_space(config: SearchConfig, baseline: dict, exp_dir: Path | None = None) -> RateSpace:
+    """The search's :class:`~search.propose.space.RateSpace`; with ``exp_dir``, priced by the
+    experiment's latency table when the search uses latency."""
+    m, sp = config.model, config.space
+    arch = resolve_arch(m.cfg, m.data_set, family=baseline.get("family") or m.family,
+                        input_size=baseline.get("input_size") or m.data_input_size(),
+                        start_conv=config.sketch.start_conv)
+    table = saved_table(exp_dir) if config.uses_latency else None
+    if config.uses_latency and exp_dir is not None and table is None:
+        raise UserError(f"{exp_dir} holds no latency table, which its config needs; start "
+                        f"the search again in a new folder")
+    return RateSpace(latency=table, cfg=arch, data_set=m.data_set, low=sp.low, high=sp.high,
+                     step=sp.step, grouping=sp.grouping, round_to=sp.round_to,
+                     start_conv=config.sketch.start_conv,
+                     sketch_lastconv=config.sketch.sketch_lastconv,
+                     num_classes=baseline["num_classes"], in_channels=baseline["in_channels"],
+                     input_size=baseline["input_size"])
+
 
 __all__ = ["LATENCY_FILE", "target_key", "search_table", "saved_table", "budgets",
            "latency_summary", "cost_key", "budget_words", "measure_pick",
@@ -27,8 +68,6 @@ __all__ = ["LATENCY_FILE", "target_key", "search_table", "saved_table", "budgets
 
 def target_key(config: SearchConfig, space: Any) -> dict:
     """The key a table for this search must have (:func:`sketch_core.cost.latency_table.table_key`)."""
-    from sketch_core.cost.latency_table import table_key
-
     lc = config.latency
     return table_key(space.arch, device=lc.device, runtime=lc.runtime, batch=lc.batch,
                      threads=lc.threads, num_classes=space.num_classes,
@@ -42,7 +81,6 @@ def search_table(config: SearchConfig, space: Any, exp_dir: Path,
     is written to ``exp_dir/latency_table.json``."""
     if not config.uses_latency:
         return None
-    from sketch_core.cost.latency_table import cached_table, load_table
 
     lc = config.latency
     want = target_key(config, space)
@@ -51,8 +89,6 @@ def search_table(config: SearchConfig, space: Any, exp_dir: Path,
         say(f"[latency] table {lc.table}: {table.key['device']}/{table.key['runtime']}, "
             f"batch {table.key['batch']}, unpruned {table.full_ms:.3f} ms")
     else:
-        from sketch_core.cost.latency import check_latency_args
-
         check_latency_args(lc.device, lc.runtime, lc.batch, lc.threads)
         say(f"[latency] latency table of {space.arch.cfg} on {lc.device}/{lc.runtime} "
             f"(batch {lc.batch}, {lc.threads or 'all'} thread(s)): measured here once per "
@@ -73,7 +109,6 @@ def check_given_table(config: SearchConfig) -> None:
     lc = config.latency
     if not config.uses_latency or not lc.table:
         return
-    from sketch_core.cost.latency_table import load_table
 
     table = load_table(Path(lc.table).expanduser())
     key = table.key
@@ -142,9 +177,7 @@ def measure_pick(exp_dir: Path, config: SearchConfig, baseline: dict, widths: li
     table = saved_table(exp_dir) if config.uses_latency else None
     if table is None or not widths:
         return None
-    import torch
 
-    from sketch_core.cost.latency import measure_latency
 
     key = table.key
     out = {"predicted_ms": predicted_ms, "measured_ms": None, "device": key["device"],
