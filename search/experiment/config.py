@@ -183,7 +183,9 @@ class PretrainConfig(section_from(
         exclude=("label_smoothing", "step"))):
     """How to train a baseline when ``model.pretrained`` is empty (digits, synthetic)."""
 
-    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/sketchtune or ~/.cache/sketchtune
+    cache_dir: str | None = Field(None, description=(
+        "where pretrained baselines are cached; null: $XDG_CACHE_HOME/sketchtune/baselines, "
+        "else ~/.cache/sketchtune/baselines"))
 
     def recipe(self) -> Recipe:
         """The section as the core's :class:`~sketch_core.options.Recipe`."""
@@ -193,19 +195,40 @@ class PretrainConfig(section_from(
 class ModelConfig(_Section):
     """The network, its data and its baseline."""
 
-    cfg: str = "resnet56"
-    arch: str | None = None
-    data_set: DataSet = "cifar10"
-    data_path: str | None = None
-    pretrained: str | None = None
-    num_classes: PositiveInt | None = None
-    input_size: PositiveInt | None = None
-    family: Family | None = None   # None: the only family that has cfg, else the data set's
-    normalize: str | None = None   # cifar, imagenet or MEAN/STD; None: the checkpoint's record
-    force_normalize: Bool = False  # normalize even where it contradicts model.pretrained's
-    download: Bool = False
-    synthetic: dict | None = None
-    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    cfg: str = Field("resnet56", description=(
+        "the network's name, e.g. resnet56, vgg16, densenet40, resnet50 (`launch.py info` "
+        "lists them)"))
+    arch: str | None = Field(None, description=(
+        "the architecture kind (resnet, vgg, densenet, googlenet), as the original's --arch; "
+        "model.cfg alone decides the network"))
+    data_set: DataSet = Field("cifar10", description="the data the baseline is trained, "
+                                                     "fine-tuned and scored on")
+    data_path: str | None = Field(None, description=(
+        "where the data lives; null: data/cifar10 for cifar10 (digits and synthetic need "
+        "none)"))
+    pretrained: str | None = Field(None, description=(
+        "the baseline's checkpoint (sketchtune, the original project's or torchvision's); "
+        "null: pretrain one with model.pretrain (digits and synthetic only)"))
+    num_classes: PositiveInt | None = Field(None, description=(
+        "the classifier's outputs; null: the data's class count"))
+    input_size: PositiveInt | None = Field(None, description=(
+        "the image side for class folders and synthetic data; null: a folder's own side, "
+        "224 for imagenet, else the family's default"))
+    family: Family | None = Field(None, description=(
+        "the model family cfg is read in; null: the only family that has cfg, else the data "
+        "set's"))
+    normalize: str | None = Field(None, description=(
+        "the input normalisation: cifar, imagenet or MEAN/STD; null: model.pretrained's "
+        "record, else the data set's own"))
+    force_normalize: Bool = Field(False, description=(
+        "use model.normalize even where it contradicts model.pretrained's record"))
+    download: Bool = Field(False, description="download CIFAR-10 into data_path when it is "
+                                              "missing")
+    synthetic: dict | None = Field(None, description=(
+        "options of the synthetic data (n_train, n_test, num_classes, channels, size, seed); "
+        "null: their defaults"))
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig, description=(
+        "the recipe of a baseline the search pretrains itself (see model.pretrain)"))
 
     def data_input_size(self) -> int | None:
         """The input size the data will have: ``input_size``, else a folder's images' own
@@ -255,7 +278,8 @@ class SketchConfig(section_from(
         defaults={"mode": "select_lsq", "calibration_batches": 8})):
     """The sketch options trials and the retrain use, and ``start_conv`` (VGG)."""
 
-    start_conv: Int | None = None
+    start_conv: Int | None = Field(None, description=(
+        "VGG only: the first conv with a rate; null: 1"))
 
     def options(self) -> SketchOptions:
         """The section as the core's :class:`~sketch_core.options.SketchOptions`."""
@@ -265,12 +289,18 @@ class SketchConfig(section_from(
 class SpaceConfig(_Section):
     """The rate grid, how rates are grouped, and the vectors evaluated first."""
 
-    low: Fraction = 0.2
-    high: Fraction = 1.0
-    step: Annotated[float, Field(gt=0, le=1)] | None = 0.05
-    grouping: Grouping = "per_unit"
-    round_to: PositiveInt = 1
-    paper_rates: StrList = Field(default_factory=list)
+    low: Fraction = Field(0.2, description="the lowest rate (fraction of a unit's filters "
+                                           "kept) a unit may get")
+    high: Fraction = Field(1.0, description="the highest rate a unit may get")
+    step: Annotated[float, Field(gt=0, le=1)] | None = Field(0.05, description=(
+        "the rate grid's step from low; null: continuous rates"))
+    grouping: Grouping = Field("per_unit", description=(
+        "per_unit: one rate per unit; per_stage: one per ResNet stage, dense block or "
+        "Inception group"))
+    round_to: PositiveInt = Field(1, description="kept widths rounded up to a multiple of "
+                                                 "this")
+    paper_rates: StrList = Field(default_factory=list, description=(
+        "rate vectors evaluated first, in rate syntax (e.g. `'[0.6]*27'`)"))
 
     @model_validator(mode="after")
     def _ordered(self) -> SpaceConfig:
@@ -286,10 +316,15 @@ class SpaceConfig(_Section):
 class SamplerConfig(_Section):
     """The Optuna sampler that proposes rate vectors."""
 
-    name: Sampler = "nsga2"
-    seed: Int = 0
-    population_size: Annotated[Int, Field(ge=2)] | None = None  # None: sized to the trial budget
-    anchors: NonNegativeInt = 4  # uniform vectors [r]*n spread over the space, evaluated first
+    name: Sampler = Field("nsga2", description=(
+        "Optuna's NSGA-II, TPE or random search, or surrogate: a model-based sampler that "
+        "also learns from stopped trials"))
+    seed: Int = Field(0, description="the sampler's seed")
+    population_size: Annotated[Int, Field(ge=2)] | None = Field(None, description=(
+        "NSGA-II's population; null: a quarter of budget.num_samples, 4 to 50 (20 without "
+        "it)"))
+    anchors: NonNegativeInt = Field(4, description=(
+        "uniform vectors `[r]*n` spread over the space, evaluated first (after paper_rates)"))
 
 
 _BUDGET_UNIT = {"flops": "'60M' for MACs", "latency": "'3ms' for milliseconds"}
@@ -318,11 +353,20 @@ def _budget_value(value: Any, axis: str, key: str) -> Any:
 class BudgetConfig(_Section):
     """When the search ends, and the FLOPs or latency a vector may keep."""
 
-    time: str | None = None
-    num_samples: PositiveInt | None = 32
-    flops_budget: float | str | None = None  # a fraction, '50%' or MACs like '60M'
-    flops_policy: FlopsPolicy = "reject"  # over any budget (FLOPs or latency): reject or repair
-    latency: float | str | None = None  # a fraction of the unpruned latency, '50%' or '3ms'
+    time: str | None = Field(None, description=(
+        "wall clock of the search phase, e.g. 90s, 30m, 4h or 1h30m (--budget); null: no "
+        "limit"))
+    num_samples: PositiveInt | None = Field(32, description=(
+        "trials to run, rejected proposals not counted (--num_samples); null: until "
+        "budget.time"))
+    flops_budget: float | str | None = Field(None, description=(
+        "the most FLOPs a trained vector may keep: a fraction, '50%' or MACs like '60M'; "
+        "null: none"))
+    flops_policy: FlopsPolicy = Field("reject", description=(
+        "a proposal over any budget (FLOPs or latency) is rejected, or repaired onto it"))
+    latency: float | str | None = Field(None, description=(
+        "the most predicted latency a vector may keep: a fraction of the unpruned network's, "
+        "'50%' or '3ms'; null: none"))
 
     @field_validator("flops_budget", mode="before")
     @classmethod
@@ -364,14 +408,24 @@ class TrialConfig(section_from(
         Recipe, "TrialRecipe", defaults={"epochs": 3, "lr": 0.01, "lr_decay_step": ()})):
     """One trial's recipe (a short fine-tune after BN recalibration) and its images."""
 
-    eval_batch_size: PositiveInt = 256
-    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
-    threads: PositiveInt | None = None  # torch threads per trial; None: the trial's CPU count
-    train_images: PositiveInt | None = None  # per trial epoch, drawn anew; None: all
-    val_images: PositiveInt | None = None  # a fixed subset of the validation split; None: all
+    eval_batch_size: PositiveInt = Field(256, description="the batch size of evaluation")
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(0.1, description=(
+        "the fraction of the training split held out to choose on (val_source "
+        "train_holdout)"))
+    threads: PositiveInt | None = Field(None, description=(
+        "torch threads per trial (and for the driver's pretrain and retrain); null: "
+        "resources.cpu"))
+    train_images: PositiveInt | None = Field(None, description=(
+        "training images per trial epoch, drawn anew each epoch; null: all"))
+    val_images: PositiveInt | None = Field(None, description=(
+        "a fixed seeded subset of the validation split that every trial scores on; null: "
+        "all"))
     # which images choose (trials, the retrain's best epoch): see experiment/scoring_split.py
-    val_source: Literal["auto", "train_holdout", "test_holdout"] = "auto"
-    test_holdout: PositiveInt | None = None  # test images that choose; None: min(2000, half)
+    val_source: Literal["auto", "train_holdout", "test_holdout"] = Field("auto", description=(
+        "which images choose (trials, the pick, the retrain's best epoch); auto: by the "
+        "baseline's training record"))
+    test_holdout: PositiveInt | None = Field(None, description=(
+        "test images that choose under test_holdout; null: min(2000, half the test split)"))
 
     def recipe(self) -> Recipe:
         """The trials' :class:`~sketch_core.options.Recipe`."""
@@ -396,10 +450,15 @@ class SchedulerConfig(_Section):
     ``none``: every trial runs its full recipe.
     """
 
-    name: Scheduler = "cost_asha"
-    grace_period: PositiveInt = 1
-    reduction_factor: Annotated[Int, Field(ge=2)] = 2
-    cost: CostName | None = None  # the cost axis of cost_asha/moasha; None: the search's
+    name: Scheduler = Field("cost_asha", description=(
+        "asha: accuracy alone; cost_asha: accuracy above the rung's accuracy-vs-cost trend; "
+        "moasha: (accuracy, cost) fronts; none: no early stopping"))
+    grace_period: PositiveInt = Field(1, description=(
+        "epochs before the first rung, where a trial can first be stopped"))
+    reduction_factor: Annotated[Int, Field(ge=2)] = Field(2, description=(
+        "η: rungs at grace_period times powers of η, and about 1/η of a rung's trials go on"))
+    cost: CostName | None = Field(None, description=(
+        "the cost axis cost_asha and moasha rank by; null: the search's cost axis"))
 
     @model_validator(mode="after")
     def _cost_is_a_cost_scheduler_s(self) -> SchedulerConfig:
@@ -419,23 +478,34 @@ class LatencyConfig(_Section):
     axis) and cached. A table measured for another target is refused.
     """
 
-    table: str | None = None
-    device: Literal[LATENCY_DEVICES] = "cpu"
-    runtime: Literal[LATENCY_RUNTIMES] = "torch"
-    batch: PositiveInt = 1
-    threads: PositiveInt | None = 1  # CPU threads it is measured with; null: torch's default (all cores)
-    points: Annotated[Int, Field(ge=2)] = 4
-    cache_dir: str | None = None  # measured tables; default ~/.cache/sketchtune/latency
+    table: str | None = Field(None, description=(
+        "a latency table measured on the target; null: measure one here and cache it"))
+    device: Literal[LATENCY_DEVICES] = Field("cpu", description="the device a table is "
+                                                                "measured on")
+    runtime: Literal[LATENCY_RUNTIMES] = Field("torch", description="what runs the timed "
+                                                                     "calls")
+    batch: PositiveInt = Field(1, description="the batch size latencies are measured at")
+    threads: PositiveInt | None = Field(1, description=(
+        "CPU threads it is measured with; null: torch's default (all cores)"))
+    points: Annotated[Int, Field(ge=2)] = Field(4, description=(
+        "grid widths per axis of a table measured here"))
+    cache_dir: str | None = Field(None, description=(
+        "where measured tables are cached; null: $XDG_CACHE_HOME/sketchtune/latency, else "
+        "~/.cache/sketchtune/latency"))
 
 
 class ResourcesConfig(_Section):
     """What one trial asks of the cluster, and how many may run."""
 
-    cpu: NonNegativeFloat = 1.0
-    gpu: NonNegativeFloat = 0.0
-    max_concurrent_trials: PositiveInt | None = None
-    max_failures: NonNegativeInt = 2
-    reuse_actors: Bool = True
+    cpu: NonNegativeFloat = Field(1.0, description="CPUs one trial asks of Ray")
+    gpu: NonNegativeFloat = Field(0.0, description=(
+        "GPUs one trial asks of Ray; a fraction shares one GPU (0.25 packs four trials)"))
+    max_concurrent_trials: PositiveInt | None = Field(None, description=(
+        "the most trials running at once; null: as many as the cluster's resources allow"))
+    max_failures: NonNegativeInt = Field(2, description=(
+        "retries of a trial whose worker was lost (an error inside a trial is not retried)"))
+    reuse_actors: Bool = Field(True, description="Ray Tune's reuse_actors: trial actors are "
+                                                 "reused between trials")
 
     @field_validator("gpu")
     @classmethod
@@ -455,9 +525,14 @@ class ResourcesConfig(_Section):
 class StorageConfig(_Section):
     """Where the experiment folder and the Optuna study live."""
 
-    storage_path: str = "experiments"
-    name: str | None = None
-    study_storage: str | None = None
+    storage_path: str = Field("experiments", description=(
+        "where experiment folders go: a local folder or a URI Ray Tune writes to "
+        "(--storage_path)"))
+    name: str | None = Field(None, description=(
+        "the experiment folder's name (--name); null: `<config name>_<date-time>`"))
+    study_storage: str | None = Field(None, description=(
+        "an Optuna RDB URL for the study (--study_storage); null: SQLite study.db in the "
+        "experiment folder"))
 
     @field_validator("storage_path")
     @classmethod
@@ -480,10 +555,14 @@ class RetrainConfig(section_from(
     """The final full retrain of the picked vector (its seed and label smoothing are the
     trials')."""
 
-    enabled: Bool = True
-    pick: str = "knee"
-    workers: PositiveInt = 1
-    gpus_per_worker: NonNegativeFloat = 0.0
+    enabled: Bool = Field(True, description=(
+        "retrain the pick when the search ends (--no_retrain skips it)"))
+    pick: str = Field("knee", description=(
+        "the trial to retrain: `knee`, `best`, `'flops<=F'`, `'latency<=L'` or `trial=ID`"))
+    workers: PositiveInt = Field(1, description=(
+        "data-parallel Ray Train workers of the retrain (1: in the driver's process)"))
+    gpus_per_worker: NonNegativeFloat = Field(0.0, description=(
+        "above 0 (or resources.gpu above 0): the data-parallel workers train on GPUs"))
 
     def recipe(self, trial: TrialConfig, epochs: int | None = None) -> Recipe:
         """The retrain's :class:`~sketch_core.options.Recipe` (``epochs``: an override)."""
@@ -506,19 +585,31 @@ class RetrainConfig(section_from(
 class SearchConfig(_Section):
     """A whole search: one attribute per section (``config.trial.epochs``)."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    sketch: SketchConfig = Field(default_factory=SketchConfig)
-    space: SpaceConfig = Field(default_factory=SpaceConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
-    budget: BudgetConfig = Field(default_factory=BudgetConfig)
-    trial: TrialConfig = Field(default_factory=TrialConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
-    latency: LatencyConfig = Field(default_factory=LatencyConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description=(
+        "the network, its data and its baseline"))
+    sketch: SketchConfig = Field(default_factory=SketchConfig, description=(
+        "how trials and the retrain sketch the baseline"))
+    space: SpaceConfig = Field(default_factory=SpaceConfig, description=(
+        "the rate grid and how rates are grouped"))
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig, description=(
+        "the Optuna sampler that proposes rate vectors"))
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description=(
+        "when the search ends, and the FLOPs or latency a vector may keep"))
+    trial: TrialConfig = Field(default_factory=TrialConfig, description=(
+        "one trial's recipe and images"))
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description=(
+        "the rule that stops weak trials early"))
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig, description=(
+        "what one trial asks of the cluster"))
+    storage: StorageConfig = Field(default_factory=StorageConfig, description=(
+        "where the experiment folder and the Optuna study live"))
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig, description=(
+        "the final full retrain of the picked vector"))
+    latency: LatencyConfig = Field(default_factory=LatencyConfig, description=(
+        "where predicted latencies come from"))
     objectives: Annotated[list[Objective], BeforeValidator(_tuple_as_list)] = Field(
-        default_factory=lambda: ["val_acc", "flops"])
+        default_factory=lambda: ["val_acc", "flops"], description=(
+            "what Optuna optimises: val_acc, then flops, latency or both"))
     _source: str | None = PrivateAttr(default=None)
 
     @field_validator("objectives")
