@@ -159,6 +159,7 @@ def _all_test_keys() -> set:
     return {k for x, y in data.test for k in _key(x, y)}
 
 
+@pytest.mark.cluster  # its data-parallel retrain starts Ray
 def test_choosing_and_reporting_images_never_meet(tmp_path, monkeypatch, capsys,
                                                    one_torch_thread):
     """auto with a record-less checkpoint: trials and the retrain's best epoch choose on
