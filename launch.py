@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+
 from sketch_core.errors import UserError
 
 # subcommand -> module exposing add_arguments(parser) and run(args) -> int

@@ -14,10 +14,11 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+
 from search.experiment.config import StorageConfig
 from sketch_core.io.atomic import atomic_write_json
 from sketch_core.errors import UserError
-import torch
 
 __all__ = ["is_uri", "experiment_location", "read_manifest", "write_manifest", "git_commit", "versions"]
 

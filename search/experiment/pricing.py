@@ -20,17 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from search.experiment.config import SearchConfig
 from search.propose.space import RateSpace
 from search.results.pareto import COST_COLUMNS
-from sketch_core.cost.latency_table import load_table
+from sketch_core.cost.latency import check_latency_args, measure_latency
+from sketch_core.cost.latency_table import cached_table, load_table, table_key
 from sketch_core.errors import UserError
 from sketch_core.registry import resolve_arch
-from sketch_core.cost.latency import measure_latency
-import torch
-from sketch_core.cost.latency import check_latency_args
-from sketch_core.cost.latency_table import cached_table, load_table
-from sketch_core.cost.latency_table import table_key
 
 LATENCY_FILE = "latency_table.json"
 

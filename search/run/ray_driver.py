@@ -143,17 +143,17 @@ def _retrain(outcome: SearchOutcome, plan: SearchPlan, address: str | None,
     outcome.phases = manifest["phases"]
 
 
-def _tuner(opened: OpenedSearch, resume: bool, how: dict) -> Any:
-    """The Tuner of a new or a resumed search."""
+def _tuner(opened: OpenedSearch, restore_from: str | None, how: dict) -> Any:
+    """The Tuner of a new search, or of the resumed one Tune saved at ``restore_from``."""
     plan, quiet = opened.plan, how["quiet"]
     before = read_records(plan.trials_file)
+    resume = restore_from is not None
     fn = _trainable(plan, _ended_reports(before) if resume else {}, opened.state,
                     how["trainable"])
     if resume:
-        path = _restorable_path(plan.exp_dir, plan.storage_path, plan.name)
         say(quiet, f"[search] resuming {plan.name}: {len(before)} trials already ended; "
                    f"scores as recorded: {describe(plan.baseline.get('scores'))}")
-        return tune.Tuner.restore(path, trainable=fn, resume_unfinished=True,
+        return tune.Tuner.restore(restore_from, trainable=fn, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     tune_config, run_config = _tune_config(plan, opened.study_storage, quiet)
     say(quiet, f"[search] {plan.name}: {plan.num_samples or 'unlimited'} trials"
@@ -176,15 +176,13 @@ def run_search(config: SearchConfig, *, address: str | None = None, resume: bool
         if (note := packing_note(config.resources.gpu)) is not None:
             say(False, f"[search] {note}")
         where = "local Ray on 127.0.0.1" if started_here else f"cluster {address}"
-        how = {"quiet": quiet, "trainable": trainable, "address": address, "command": command,
-               "where": where}
-        if resume:
-            _restorable_path(exp_dir, storage_path, name)  # before anything is opened
+        how = {"quiet": quiet, "trainable": trainable, "where": where}
+        restore_from = _restorable_path(exp_dir, storage_path, name) if resume else None
         opened = open_search(config, exp_dir, name, storage_path,
                              manifest=manifest if resume else None, address=address,
                              command=command, quiet=quiet)
         plan = opened.plan
-        search_s, errors = _fit(_tuner(opened, resume, how), plan, opened.study_storage)
+        search_s, errors = _fit(_tuner(opened, restore_from, how), plan, opened.study_storage)
     phases = finish_manifest(exp_dir, search_s, resume, t_start, command, quiet)
     records = read_records(plan.trials_file)
     interrupted = _interrupted(plan, records, search_s)

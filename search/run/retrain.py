@@ -240,14 +240,12 @@ def _export(result: dict, job: RetrainJob, export: str, input_size: int | None,
                f"{done.max_abs_diff:.3g})")
 
 
-def _check_request(exp_dir: Path, workers: int, epochs: int | None, export: str | None) -> None:
-    """What is refused before the pick's folder is made."""
+def _check_request(exp_dir: Path, epochs: int | None, export: str | None) -> None:
+    """What is refused before the experiment is read."""
     if export is not None and check_format(export) == "onnx":  # before hours of training
         require_onnx()
     if not exp_dir.is_dir():
         raise UserError(f"--experiment {exp_dir}: no such folder")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
     if epochs is not None and epochs < 0:
         raise UserError(f"--epochs must be >= 0, got {epochs}")
 
@@ -266,10 +264,11 @@ def retrain_experiment(exp_dir: str | os.PathLike, pick: str | Pick = "knee", *,
     (:func:`sketch_core.io.export.export_checkpoint`).
     """
     exp_dir = Path(exp_dir).expanduser().resolve()
-    _check_request(exp_dir, workers or 1, epochs, export)
+    _check_request(exp_dir, epochs, export)
     manifest, config = read_manifest(exp_dir), load_experiment_config(exp_dir)
     workers = workers or config.retrain.workers
-    _check_request(exp_dir, workers, epochs, None)
+    if workers < 1:  # refused before the pick's folder is made
+        raise UserError(f"--workers must be at least 1, got {workers}")
     norm = _normalize(exp_dir, normalize, force_normalize)
     pick = parse_pick(pick) if isinstance(pick, str) else pick
     rec = select_record(read_records(exp_dir / "trials.jsonl"), pick, cost_key(config))

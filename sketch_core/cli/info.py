@@ -12,8 +12,7 @@ from sketch_core.cost.flops import count_arch, count_flops, input_shape
 from sketch_core.rates import parse_rates, rates_to_widths
 from sketch_core.registry import list_arches, resolve_arch
 from sketch_core.cost.latency_table import build_table, load_table, table_key
-from sketch_core.cost.latency import DEVICES, RUNTIMES
-from sketch_core.cost.latency import check_latency_args, measure_latency
+from sketch_core.cost.latency import DEVICES, RUNTIMES, check_latency_args, measure_latency
 
 __all__ = ["add_arguments", "info", "latency_model_report", "latency_report", "run"]
 

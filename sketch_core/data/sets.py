@@ -36,6 +36,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
 from sketch_core.errors import UserError
 from sketch_core.registry import DATA_SETS
@@ -43,7 +44,6 @@ from sketch_core.data.folder_cache import (FOLDER_LAYOUT, SMALL_IMAGE_SIDE, fits
                            list_folder, load_folder_images, small_image_side)
 from sketch_core.data.normalize import (CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Normalization,
                         check_channels, parse_normalize)
-from torch.utils.data import DataLoader, Subset
 
 __all__ = ["Data", "TensorLoader", "FolderLoader", "load_data", "hold_out_test", "loader_rows",
            "DATA_SETS", "CIFAR10_FILES"]
