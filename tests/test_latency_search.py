@@ -169,6 +169,7 @@ def latency_search(tmp_path_factory, digits_table, budget, search_cache_dir):
     return run_search(config, quiet=True)
 
 
+@pytest.mark.cluster  # a real search end to end (shared fixture)
 def test_no_trial_predicted_above_the_latency_budget_trains(latency_search, budget):
     records = latency_search.records
     trained = [r for r in records if r["status"] != "rejected"]
@@ -183,6 +184,7 @@ def test_no_trial_predicted_above_the_latency_budget_trains(latency_search, budg
         assert r["latency_ms"] == pytest.approx(space.cost(r["rates"]).latency_ms)
 
 
+@pytest.mark.cluster  # a real search end to end (shared fixture)
 def test_optuna_is_told_the_predicted_latency(latency_search):
     study = optuna.load_study(study_name="lat", storage=optuna.storages.RDBStorage(
         f"sqlite:///{latency_search.exp_dir / 'study.db'}"))
@@ -197,6 +199,7 @@ def test_optuna_is_told_the_predicted_latency(latency_search):
     assert rejected and all(t.constraints["budget"] > 0 for t in rejected)
 
 
+@pytest.mark.cluster  # a real search end to end (shared fixture)
 def test_moasha_ranks_on_the_predicted_latency(latency_search):
     state = json.loads((latency_search.exp_dir / "scheduler_state.json").read_text())
     by_id = {r["trial_id"]: r for r in latency_search.records}
@@ -206,6 +209,7 @@ def test_moasha_ranks_on_the_predicted_latency(latency_search):
         assert cost == pytest.approx(by_id[tid]["latency_ms"])
 
 
+@pytest.mark.cluster  # a real search end to end (shared fixture)
 def test_the_knee_and_the_retrained_pick_are_on_latency(latency_search, budget):
     from search.results.picks import knee_record
 
@@ -223,6 +227,7 @@ def test_the_knee_and_the_retrained_pick_are_on_latency(latency_search, budget):
     assert manifest["cost_axis"] == "latency" and manifest["latency"]["budget"] == budget
 
 
+@pytest.mark.cluster  # a real search end to end (shared fixture)
 def test_analysis_and_picks_read_the_latency(latency_search, capsys, tmp_path, budget):
     from search.results.dataframe import load_experiment, pareto_front
     from search.results.picks import select_record

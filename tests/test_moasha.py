@@ -101,45 +101,35 @@ def test_trend_rule_ranks_accuracy_above_the_cost_trend():
     assert [k for k in flat if trend_promotes(flat, k, ETA)] == ["t6", "t7", "t8"]
 
 
-# a rung recorded in a real quickstart search (digits, 32 trials, eta 3): val_acc x 144
-# validation images, MACs; in the order the trials arrived
-QUICKSTART_RUNG = [
-    (140, 1470592), (95, 699904), (55, 217216), (107, 962560), (140, 1733248),
-    (134, 1263232), (140, 2516608), (135, 1296640), (141, 1730944), (137, 1648000),
-    (133, 1364608), (141, 1475200), (132, 1150336), (84, 966016), (89, 1213696),
-    (138, 1134208), (125, 1268992), (130, 1137664), (113, 1362304), (136, 1620352),
-    (140, 1779328), (88, 1048960), (139, 1635328), (137, 1608832), (124, 1398016),
-    (142, 1516672), (94, 975232), (128, 1498240), (108, 1163008), (77, 919936),
-    (138, 1445248), (135, 1461376)]
+def _three_per_cost(costs: list[float], d: float) -> dict[str, tuple[float, float]]:
+    """A rung whose accuracy lies on a parabola in log cost, three trials at each cost:
+    on it, ``d`` above and ``d`` below. Each triple's mean is on the parabola, so the
+    least-squares trend is the parabola itself and the residuals are exactly -d, 0, +d."""
+    out = {}
+    for i, c in enumerate(costs):
+        x = math.log(c)
+        trend = 0.2 + 0.1 * x - 0.004 * x * x
+        for tag, r in (("lo", -d), ("on", 0.0), ("hi", d)):
+            out[f"{tag}{i}"] = (trend + r, c)
+    return out
 
 
-def _replay(rule) -> list[int]:
-    """Trials promoted from the recorded rung, decided on arrival, per cost third."""
-    recorded, passed = {}, []
-    for i, (correct, macs) in enumerate(QUICKSTART_RUNG):
-        recorded[f"t{i}"] = (correct / 144, float(macs))
-        if rule(recorded, f"t{i}", ETA):
-            passed.append(macs)
-    ranked = sorted(m for _, m in QUICKSTART_RUNG)
-    edges = ranked[len(ranked) // 3], ranked[2 * len(ranked) // 3]
-    return [sum(m < edges[0] for m in passed), sum(edges[0] <= m < edges[1] for m in passed),
-            sum(m >= edges[1] for m in passed)]
-
-
-def test_trend_rule_on_a_real_rung_promotes_about_a_third_in_every_cost_band():
-    def asha(recorded, key, eta):
-        accs = sorted(a for a, _ in recorded.values())
-        k = (len(accs) - 1) * (1 - 1 / eta)
-        lo = accs[int(k)]
-        cut = lo + (accs[min(int(k) + 1, len(accs) - 1)] - lo) * (k - int(k))
-        return recorded[key][0] >= cut
-
-    trend = _replay(trend_promotes)
-    assert 8 <= sum(trend) <= 13, trend  # about 1/eta of 32
-    assert min(trend) >= 2, trend  # every cost band passes some
-    single = _replay(asha)
-    assert single[0] <= 2 and single[2] >= 2 * single[0] + 3, single  # the dear end wins
-    assert sum(_replay(promotes)) <= 6  # MO-ASHA's order: few pass while a rung is small
+def test_on_a_known_trend_both_cost_rules_pass_one_trial_per_cost_and_asha_the_dearest():
+    costs = [2.0 ** k for k in range(12)]  # 36 trials, costs 1 to 2048
+    rung = _three_per_cost(costs, d=0.01)
+    res = dict(zip(rung, trend_residuals(list(rung.values()))))
+    for key, r in res.items():
+        assert r == pytest.approx({"lo": -0.01, "on": 0.0, "hi": 0.01}[key[:2]], abs=1e-9)
+    # the 2/3 percentile of 12 x (-d, 0, +d) lies a third of the way from 0 to +d: the
+    # twelve "hi" trials pass, one at each cost
+    hi = {f"hi{i}" for i in range(12)}
+    assert {k for k in rung if trend_promotes(rung, k, ETA)} == hi
+    # the "hi" trials are the first front of (accuracy up, cost down) and 36 // 3 pass
+    assert {k for k in rung if promotes(rung, k, ETA)} == hi
+    # single-objective ASHA keeps the 12 most accurate: the dearest four costs, all three
+    # trials of each (the trend rises 0.1 per e-fold, far above 2d)
+    by_acc = sorted(rung, key=lambda k: rung[k][0], reverse=True)[:12]
+    assert {rung[k][1] for k in by_acc} == set(costs[-4:])
 
 
 def test_rungs():
@@ -408,6 +398,7 @@ def test_bad_scheduler_input_is_one_line_and_leaves_nothing(capsys, tmp_path, ex
     assert message in err and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.cluster  # a benchmark end to end
 def test_the_scheduler_benchmark_runs_tiny(search_cache_dir):
     """benchmarks/scheduler_quality.py --smoke drives the real schedulers over real
     trials and prints its table and ratio= line."""

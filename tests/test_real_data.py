@@ -75,6 +75,7 @@ def jpeg_test_set(tmp_path_factory):
     return root, tmp_path_factory.mktemp("folder_cache")
 
 
+@pytest.mark.cluster  # 10,000 JPEGs end to end
 def test_public_resnet20_scores_81_percent_on_the_jpeg_test_set(jpeg_test_set, one_torch_thread):
     """Eval only, on one thread: about 25 s of CPU time for the 10,000 images."""
     need(RESNET20)
@@ -106,6 +107,7 @@ def _test_acc(out: str) -> float:
     return float(re.search(r"test acc ([\d.]+)%", out).group(1))
 
 
+@pytest.mark.cluster  # 10,000 JPEGs end to end
 def test_cli_test_only_of_the_public_resnets_on_the_jpeg_folder(jpeg_test_set, capsys,
                                                                 monkeypatch, one_torch_thread):
     """The issue's acceptance commands on the 10,000 test images (with a token train/):
