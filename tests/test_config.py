@@ -169,6 +169,8 @@ def test_config_literals_are_built_from_the_cores_lists():
     (["trial.threads=x"], "trial.threads: expected an integer (or null), got 'x' (str)"),
     (["trial.lr=0"], "trial.lr: expected a positive value, got 0.0"),
     (["trial.epochs=-1"], "trial.epochs: expected a non-negative value, got -1"),
+    (["retrain.epochs=0"], "retrain.epochs: expected at least 1, got 0"),
+    (["model.pretrain.epochs=0"], "model.pretrain.epochs: expected at least 1, got 0"),
     (["trial.val_fraction=1"], "trial.val_fraction: 1.0 is outside (0, 1)"),
     (["trial.lr_decay_step=[1, x]"], "trial.lr_decay_step[1]: expected an integer, got 'x'"),
     (["model.download=maybe"], "model.download: expected a boolean (true/false), got 'maybe'"),

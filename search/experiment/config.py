@@ -155,10 +155,12 @@ def _config_type(tp: Any, default: Any) -> Any:
 
 
 def section_from(cls: type, name: str, *, defaults: dict[str, Any] | None = None,
-                 exclude: tuple[str, ...] = (), doc: str = "") -> type[BaseModel]:
+                 exclude: tuple[str, ...] = (), doc: str = "",
+                 bounds: dict[str, dict[str, float]] | None = None) -> type[BaseModel]:
     """A config section whose keys are the config fields of core dataclass ``cls``
     (:mod:`sketch_core.options`): each key's type, bounds and help come from the field,
-    its default too unless ``defaults`` gives the section's own."""
+    its default too unless ``defaults`` gives the section's own (``bounds``: the
+    section's own, e.g. ``{"epochs": {"ge": 1}}``)."""
     hints = typing.get_type_hints(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
@@ -167,9 +169,10 @@ def section_from(cls: type, name: str, *, defaults: dict[str, Any] | None = None
         default = (defaults or {}).get(f.name, f.default)
         if isinstance(default, tuple):
             default = list(default)
-        bounds = {k: f.metadata[k] for k in ("gt", "ge", "lt", "le") if k in f.metadata}
+        limits = {k: f.metadata[k] for k in ("gt", "ge", "lt", "le") if k in f.metadata}
+        limits.update((bounds or {}).get(f.name, {}))
         tp = _config_type(hints[f.name], default)
-        info = Field(description=f.metadata.get("help"), **bounds)
+        info = Field(description=f.metadata.get("help"), **limits)
         if isinstance(default, list):
             value = list(default)
             fields[f.name] = (Annotated[tp, info], Field(default_factory=lambda v=value: list(v)))
@@ -180,7 +183,7 @@ def section_from(cls: type, name: str, *, defaults: dict[str, Any] | None = None
 
 class PretrainConfig(section_from(
         Recipe, "PretrainRecipe", defaults={"epochs": 30, "lr": 0.1, "lr_decay_step": (15, 25)},
-        exclude=("label_smoothing", "step"))):
+        exclude=("label_smoothing", "step"), bounds={"epochs": {"ge": 1}})):
     """How to train a baseline when ``model.pretrained`` is empty (digits, synthetic)."""
 
     cache_dir: str | None = Field(None, description=(
@@ -278,7 +281,7 @@ class SketchConfig(section_from(
         defaults={"mode": "select_lsq", "calibration_batches": 8})):
     """The sketch options trials and the retrain use, and ``start_conv`` (VGG)."""
 
-    start_conv: Int | None = Field(None, description=(
+    start_conv: Int | None = Field(None, ge=0, description=(
         "VGG only: the first conv with a rate; null: 1"))
 
     def options(self) -> SketchOptions:
@@ -551,7 +554,7 @@ class StorageConfig(_Section):
 
 class RetrainConfig(section_from(
         Recipe, "RetrainRecipe", defaults={"epochs": 150, "lr": 0.01, "lr_decay_step": (50, 100)},
-        exclude=("label_smoothing", "seed", "step"))):
+        exclude=("label_smoothing", "seed", "step"), bounds={"epochs": {"ge": 1}})):
     """The final full retrain of the picked vector (its seed and label smoothing are the
     trials')."""
 
