@@ -38,7 +38,7 @@ from search.experiment.resolve import SearchPlan, plan_search  # noqa: E402
 from search.run.trial import TrialSetup, trial_setup  # noqa: E402
 from sketch_core.errors import UserError  # noqa: E402
 
-__all__ = ["pretrained", "columns", "spearman", "bootstrap_interval", "mean_sd", "Clock",
+__all__ = ["pretrained", "columns", "spearman", "bootstrap_interval", "t_interval", "mean_sd", "Clock",
            "ROOT", "require_real_data", "seeded", "SearchTrials", "search_trials", "with_seed"]
 
 
@@ -130,6 +130,22 @@ def bootstrap_interval(stat: Callable[[np.ndarray], float], n: int, *, boot: int
             vals.append(v)
     lo, hi = np.quantile(vals, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+       9: 1.833, 10: 1.812, 12: 1.782, 15: 1.753, 20: 1.725, 30: 1.697}  # Student t, 95th pct
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """Mean and two-sided 90% Student t interval of ``values`` (the table's df at or
+    below ``len - 1``, so never narrower than the exact one)."""
+    values = list(values)
+    m = statistics.fmean(values)
+    if len(values) < 2:
+        return m, float("nan"), float("nan")
+    t = T90[max(k for k in T90 if k <= len(values) - 1)]
+    half = t * statistics.stdev(values) / (len(values) ** 0.5)
+    return m, m - half, m + half
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:

@@ -63,9 +63,10 @@ class Splits:
     pool: np.ndarray
 
     @staticmethod
-    def make(n_test: int, dev: int) -> "Splits":
+    def make(n_test: int, dev: int, pool: int | None = None) -> "Splits":
+        """``pool``: only that many of the non-development images (a smoke run)."""
         perm = np.random.default_rng(SPLIT_SEED).permutation(n_test)
-        return Splits(np.sort(perm[:dev]), np.sort(perm[dev:]))
+        return Splits(np.sort(perm[:dev]), np.sort(perm[dev:][:pool]))
 
     def draw(self, seed: int, choose: int, report: int) -> tuple[np.ndarray, np.ndarray]:
         """Seed ``seed``'s disjoint (choose, report) positions *within the pool*."""
@@ -123,7 +124,8 @@ class RealTask:
     """The adapted baseline, the splits, the zero-shot scoring of rate vectors."""
 
     def __init__(self, cfg: str, root: Path, work: Path, *, dev: int = 2000,
-                 adapt_images: int = 20000, low: float = 0.1, log=print) -> None:
+                 adapt_images: int = 20000, low: float = 0.1, pool: int | None = None,
+                 log=print) -> None:
         if cfg not in PUBLIC:
             raise ValueError(f"--cfg {cfg}: expected one of {', '.join(PUBLIC)}")
         require_real_data(root, JPEG, PUBLIC[cfg], cfg)
@@ -132,8 +134,8 @@ class RealTask:
                               normalize=(IMAGENET_MEAN, IMAGENET_STD), batch_size=128,
                               eval_batch_size=500, val_fraction=0.0, seed=0)
         test_rows = self.data.test.index
-        self.splits = Splits.make(len(test_rows), dev)
-        self.pool = _view(self.data.test, test_rows[torch.from_numpy(self.pool_positions())])
+        self.splits = Splits.make(len(test_rows), dev, pool)
+        self.pool = _view(self.data.test, test_rows[torch.from_numpy(self.splits.pool)])
         self.base = _adapted(cfg, root / PUBLIC[cfg], self.data, work,
                              min(adapt_images, len(self.data.train.index)), log)
         self.calib = self.data.calibration_batches(OPTIONS.calibration_batches)
@@ -141,9 +143,6 @@ class RealTask:
         self.space = RateSpace(self.arch, "cifar10", low=low, high=1.0, step=None)
         self.cache: dict[tuple, Outcome] = {}
         self.seconds = 0.0  # spent in evaluate()
-
-    def pool_positions(self) -> np.ndarray:
-        return self.splits.pool
 
     def evaluate(self, rates: list[float]) -> Outcome:
         """``rates`` pruned zero-shot, scored on every pool image (cached by widths)."""
@@ -155,11 +154,11 @@ class RealTask:
         narrow, _ = prune_and_score(self.arch, self.base, list(cost.widths), OPTIONS,
                                     dataclasses.replace(self.data, val=None, test=None), "cpu",
                                     batches=self.calib)
-        narrow.eval()
+        narrow = narrow.eval().to(memory_format=torch.channels_last)  # exact, 1.4x faster here
         hits, losses = [], []
-        with torch.no_grad():
+        with torch.inference_mode():
             for x, y in self.pool:
-                out = narrow(x)
+                out = narrow(x.contiguous(memory_format=torch.channels_last))
                 hits.append((out.argmax(1) == y).numpy())
                 losses.append(F.cross_entropy(out, y, reduction="none").numpy())
         self.seconds += time.perf_counter() - t0

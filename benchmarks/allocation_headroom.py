@@ -34,30 +34,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Clock  # noqa: E402
+from _common import Clock, t_interval  # noqa: E402
 from _real_task import PUBLIC, RealTask, default_root, work_dir  # noqa: E402
 
 from search.propose.targets import at_target, uniform_at, unit_groups  # noqa: E402
 from sketch_core.errors import UserError  # noqa: E402
-
-T90 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
-       9: 1.833, 10: 1.812, 11: 1.796, 12: 1.782, 14: 1.761, 19: 1.729, 29: 1.699}
-
-
-def t90(df: int) -> float:
-    """Two-sided 90% Student t quantile for ``df`` degrees of freedom (table, rounded down)."""
-    keys = [k for k in T90 if k <= df]
-    return T90[max(keys)] if keys else float("nan")
-
-
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 90% t-interval of ``values``."""
-    m = statistics.fmean(values)
-    if len(values) < 2:
-        return m, float("nan"), float("nan")
-    half = t90(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return m, m - half, m + half
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -118,6 +99,7 @@ def main() -> int:
     t0 = time.time()
     task = RealTask(args.cfg, root, work_dir(args.work),
                     adapt_images=2000 if args.smoke else 20000,
+                    pool=args.choose_images + args.report_images if args.smoke else None,
                     log=lambda s: print(f"[{clock()}] {s}", flush=True))
     targets = [float(t) for t in args.targets.split(",") if t]
     rows = [one_target(task, t, args, clock) for t in targets]

@@ -25,10 +25,12 @@ over seeds; last line
 
     python benchmarks/search_quality.py [--trials 32] [--seeds 5] [--epochs 0]
 
-``--data real`` runs the samplers on the real task instead (the public ResNet-20 adapted
-to the JPEG CIFAR-10, scored on held-out test images): see ``benchmarks/_search_real.py``.
+``--data real`` measures allocation on the real task instead (a public CIFAR ResNet
+adapted to the JPEG CIFAR-10; the search at cost targets against the uniform control
+and a one-step greedy, chosen and reported on disjoint test images, >= 7 seeds): see
+``benchmarks/_allocation_real.py``.
 
-    python benchmarks/search_quality.py --data real [--trials 24] [--seeds 3] [--epochs 1]
+    python benchmarks/search_quality.py --data real [--cfg resnet20|resnet56] [--seeds 7]
     python benchmarks/search_quality.py --data real --smoke
 """
 
@@ -48,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import SearchTrials, columns, search_trials, with_seed  # noqa: E402
-from _search_real import add_arguments, run_real  # noqa: E402
+from _allocation_real import add_arguments, run_allocation  # noqa: E402
 
 from search.experiment.config import SearchConfig, load_config  # noqa: E402
 from search.propose.samplers import make_sampler  # noqa: E402
@@ -64,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", choices=("digits", "real"), default="digits")
     p.add_argument("--trials", type=int, default=None, help="per method: 32 (digits), 24 (real)")
-    p.add_argument("--seeds", type=int, default=None, help="5 (digits), 3 (real)")
+    p.add_argument("--seeds", type=int, default=None, help="5 (digits), 7 (real)")
     p.add_argument("--epochs", type=int, default=None,
                    help="fine-tune epochs per trial: 0 (digits), 1 (real)")
     p.add_argument("--cache_dir", default=None, help="baseline cache (default: the user's)")
@@ -192,10 +194,8 @@ def main() -> None:
     if args.data == "digits":
         run_digits(args)
         return
-    if args.epochs is None:
-        args.epochs = 1
     try:
-        sys.exit(run_real(args))
+        sys.exit(run_allocation(args))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

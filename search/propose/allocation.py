@@ -63,7 +63,7 @@ def _lowered(space: RateSpace, rates: Sequence[float], group: Sequence[int],
 
 
 def probe_sensitivity(evaluate: Evaluate, space: RateSpace, control: list[float],
-                      groups: Sequence[Sequence[int]], *, delta: float = 0.15,
+                      groups: Sequence[Sequence[int]], *, delta: float = 0.1,
                       key: str = "flops_ratio", base: Evaluation | None = None
                       ) -> tuple[list[float], list[tuple[list[float], Evaluation]]]:
     """Each group's rise in choosing loss per unit of cost saved when it alone is lowered
@@ -105,8 +105,8 @@ def _better(a: Evaluation, b: Evaluation) -> bool:
 
 
 def allocate(evaluate: Evaluate, space: RateSpace, target: float,
-             groups: Sequence[Sequence[int]], *, strengths: Sequence[float] = (0.1, 0.2, 0.3),
-             delta: float = 0.15, refine: int = 4, radius: float = 0.05, seed: int = 0,
+             groups: Sequence[Sequence[int]], *, strengths: Sequence[float] = (0.15, 0.3),
+             delta: float = 0.1, refine: int = 2, radius: float = 0.05, seed: int = 0,
              key: str = "flops_ratio") -> Allocation | None:
     """The best vector found at ``target``: probe, pattern at each strength, refine the
     best pattern by ``refine`` trust-region steps of ``radius``; the control unless a
