@@ -34,12 +34,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from _common import Clock, t_interval
-from _real_task import OPTIONS, PUBLIC, Outcome, RealTask, default_root, work_dir
+from _real_task import OPTIONS, PUBLIC, Outcome, RealTask, task_from_args
 
 from search.propose.allocation import Allocation, Evaluation, allocate, probe_sensitivity
 from search.propose.targets import at_target, uniform_at, unit_groups
@@ -164,14 +163,9 @@ def run_allocation(args: argparse.Namespace) -> int:
     args.seeds = args.seeds or 7
     args.sweep = None
     targets = [float(t) for t in (args.targets or "0.2,0.3,0.4,0.5,0.6,0.7,0.8").split(",")]
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    root = Path(args.data_root).expanduser() if args.data_root else default_root()
     clock = Clock()
     t0 = time.time()
-    task = RealTask(args.cfg, root, work_dir(args.work),
-                    adapt_images=2000 if args.smoke else 20000,
-                    pool=args.choose_images + args.report_images if args.smoke else None,
-                    log=lambda s: print(f"[{clock()}] {s}", flush=True))
+    task = task_from_args(args, clock)
     rows = [one_seed(task, seed, targets, args, clock) for seed in range(args.seeds)]
     _summary(args, targets, rows, task, time.time() - t0)
     return 0

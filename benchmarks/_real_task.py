@@ -166,3 +166,15 @@ class RealTask:
                       np.concatenate(losses).astype(np.float32))
         self.cache[cost.widths] = res
         return res
+
+
+def task_from_args(args, clock) -> RealTask:
+    """The task a benchmark's ``--cfg``, ``--data_root``, ``--work``, ``--threads`` and
+    ``--smoke`` ask for (a smoke run: a small adaptation, a pool of just the images it
+    draws)."""
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    root = Path(args.data_root).expanduser() if args.data_root else default_root()
+    return RealTask(args.cfg, root, work_dir(args.work),
+                    adapt_images=2000 if args.smoke else 20000,
+                    pool=args.choose_images + args.report_images if args.smoke else None,
+                    log=lambda s: print(f"[{clock()}] {s}", flush=True))

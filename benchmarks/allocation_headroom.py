@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import Clock, t_interval  # noqa: E402
-from _real_task import PUBLIC, RealTask, default_root, work_dir  # noqa: E402
+from _real_task import PUBLIC, RealTask, task_from_args  # noqa: E402
 
 from search.propose.targets import at_target, uniform_at, unit_groups  # noqa: E402
 from sketch_core.errors import UserError  # noqa: E402
@@ -93,14 +93,9 @@ def main() -> int:
     if args.smoke:
         args.vectors, args.targets, args.seeds = 2, "0.5", 2
         args.choose_images, args.report_images = 300, 500
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    root = Path(args.data_root).expanduser() if args.data_root else default_root()
     clock = Clock()
     t0 = time.time()
-    task = RealTask(args.cfg, root, work_dir(args.work),
-                    adapt_images=2000 if args.smoke else 20000,
-                    pool=args.choose_images + args.report_images if args.smoke else None,
-                    log=lambda s: print(f"[{clock()}] {s}", flush=True))
+    task = task_from_args(args, clock)
     targets = [float(t) for t in args.targets.split(",") if t]
     rows = [one_target(task, t, args, clock) for t in targets]
     print(f"\n{args.cfg}, {args.vectors} patterns of {len(unit_groups(task.space, 'halves'))} "
