@@ -47,6 +47,7 @@ from _common import SearchTrials, bootstrap_interval, columns, search_trials  # 
 
 from search.experiment.config import SearchConfig, load_config  # noqa: E402
 from search.propose.samplers import make_sampler  # noqa: E402
+from search.propose.targets import anchor_points  # noqa: E402
 from search.results.pareto import hypervolume  # noqa: E402
 from search.run.trial import TrialSetup, baseline_model, trial_data  # noqa: E402
 from sketch_core.data.sets import Data  # noqa: E402
@@ -122,7 +123,7 @@ class Runs:
         sp = self.config.sampler
         sampler = make_sampler(sp.name, seed, self.args.trials, sp.population_size)
         study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-        for _, params in self.space.uniform_points(sp.anchors):
+        for _, params in anchor_points(self.space, sp.anchors):
             study.enqueue_trial(params, skip_if_exists=True)
         return study
 

@@ -55,6 +55,7 @@ from _allocation_real import add_arguments, run_allocation  # noqa: E402
 from search.experiment.config import SearchConfig, load_config  # noqa: E402
 from search.propose.samplers import make_sampler  # noqa: E402
 from search.propose.space import RateSpace  # noqa: E402
+from search.propose.targets import anchor_points  # noqa: E402
 from search.results.pareto import hypervolume  # noqa: E402
 from search.run.trial import train_trial  # noqa: E402
 from sketch_core.errors import UserError  # noqa: E402
@@ -102,7 +103,7 @@ def optuna_run(score: Scorer, sampler: optuna.samplers.BaseSampler, seed: int, t
     """``trials`` ask/tell rounds of ``sampler`` after ``anchors`` uniform vectors."""
     space = score.space
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    for _, params in space.uniform_points(anchors):  # as SketchSearch enqueues them
+    for _, params in anchor_points(space, anchors):  # as SketchSearch enqueues them
         study.enqueue_trial(params, skip_if_exists=True)
     pts = []
     for _ in range(trials):

@@ -15,6 +15,7 @@ from search.results.trials_file import TrialLog, read_records
 from search.propose.proposer import outcome
 from search.propose.samplers import make_sampler, population_size
 from search.propose.space import RateSpace, stage_groups
+from search.propose.targets import anchor_points
 from sketch_core.errors import UserError
 from sketch_core.cost.flops import count_arch
 from sketch_core.rates import parse_rates
@@ -381,15 +382,26 @@ def test_trial_log_appends_once_and_readers_skip_a_cut_line(tmp_path):
     assert read_records(tmp_path / "missing.jsonl") == []
 
 
-def test_uniform_anchor_points_span_the_space():
+def test_anchor_points_are_uniform_vectors_spread_by_cost_none_unpruned():
     space = RateSpace("resnet56", low=0.2, high=1.0, step=0.05)
-    points = space.uniform_points(4)
-    assert [text for text, _ in points] == ["[0.2]*27", "[0.45]*27", "[0.75]*27", "[1]*27"]
+    points = anchor_points(space, 4)
+    texts = [text for text, _ in points]
+    assert texts[0] == "[0.2]*27" and texts[-1] == "[0.95]*27" and len(texts) == 4
+    costs = []
     for text, params in points:
         rates = space.rates_from_params(params)
         assert rates == parse_rates(text, "resnet56") and space.in_space(rates)
-    assert space.uniform_points(0) == []
-    assert len(space.uniform_points(100)) == len(space.grid)
-    staged = RateSpace("resnet56", grouping="per_stage").uniform_points(2)
+        costs.append(space.cost(rates).flops_ratio)
+    # evenly spread by MACs: each anchor is the dearest grid rate at or below its target
+    lo, hi = costs[0], costs[-1]
+    for k, c in enumerate(costs[1:-1], 1):
+        target = lo + (hi - lo) * k / 3
+        r = space.rates_from_params(points[k][1])[0]
+        assert c <= target + 1e-9 < space.cost([r + 0.05] * 27).flops_ratio
+    assert anchor_points(space, 0) == []
+    assert all(c < 1 for c in costs)
+    within = anchor_points(space, 3, budget=0.5)
+    assert max(space.cost(space.rates_from_params(p)).flops_ratio for _, p in within) <= 0.5
+    staged = anchor_points(RateSpace("resnet56", grouping="per_stage"), 2)
     assert [p for _, p in staged] == [{"stage_00": 0.2, "stage_01": 0.2, "stage_02": 0.2},
-                                      {"stage_00": 1.0, "stage_01": 1.0, "stage_02": 1.0}]
+                                      {"stage_00": 0.95, "stage_01": 0.95, "stage_02": 0.95}]

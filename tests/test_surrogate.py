@@ -13,6 +13,7 @@ from search.propose.proposer import RateProposer
 from search.propose.samplers import make_sampler
 from search.propose.study import SQLiteStorage
 from search.propose.space import RateSpace
+from search.propose.targets import anchor_points
 from search.propose.samplers.surrogate import STOPPED_WEIGHT, SurrogateSampler, observations, rung_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -96,7 +97,7 @@ def test_proposals_stay_in_the_space_below_the_budget_and_are_new(tmp_path):
     sampler = SurrogateSampler(space, seed=1, flops_budget=0.5, startup=4)
     proposer = RateProposer(space, sampler=sampler, storage=None, study_name="b",
                             full_epochs=FULL, flops_budget=0.5,
-                            anchors=space.uniform_points(4))
+                            anchors=anchor_points(space, 4))
     vectors = []
     for i in range(16):
         config = _run(proposer, f"t{i}")
@@ -119,7 +120,7 @@ def test_the_model_learns_which_rates_matter():
     space = _space()
     sampler = SurrogateSampler(space, seed=0, startup=4)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    for _, params in space.uniform_points(4):
+    for _, params in anchor_points(space, 4):
         study.enqueue_trial(params)
     for _ in range(24):
         trial = study.ask()

@@ -327,7 +327,8 @@ class SamplerConfig(_Section):
         "NSGA-II's population; null: a quarter of budget.num_samples, 4 to 50 (20 without "
         "it)"))
     anchors: NonNegativeInt = Field(4, description=(
-        "uniform vectors `[r]*n` spread over the space, evaluated first (after paper_rates)"))
+        "uniform vectors `[r]*n` evaluated first (after paper_rates), spread evenly by cost "
+        "from the cheapest to one grid step below the unpruned network (or to the budget)"))
 
 
 _BUDGET_UNIT = {"flops": "'60M' for MACs", "latency": "'3ms' for milliseconds"}

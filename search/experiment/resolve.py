@@ -20,6 +20,7 @@ from search.experiment.config import (ResourcesConfig, RetrainConfig, SamplerCon
 from search.experiment.pricing import budget_words, budgets, rate_space
 from search.experiment.scoring_split import data_request
 from search.propose.space import RateSpace
+from search.propose.targets import anchor_points
 from search.results.pareto import COST_COLUMNS
 from sketch_core.data.request import DataRequest
 from sketch_core.errors import UserError
@@ -74,15 +75,17 @@ def plan_search(config: SearchConfig, baseline: dict, exp_dir: Path, name: str,
     space = rate_space(config, baseline, exp_dir)
     limits = budgets(config, space)
     space.check_budget(limits)
+    cost_key = COST_COLUMNS[config.cost_axis][0]
     t, r = config.trial, config.resources
     data = data_request(config.model, t, baseline.get("scores"),
                         normalize=baseline.get("normalize"))
     return SearchPlan(
         name=name, exp_dir=exp_dir, storage_path=storage_path, baseline=dict(baseline),
         arch=space.arch, space=space, budgets=limits, objectives=tuple(config.objectives),
-        cost_axis=config.cost_axis, cost=COST_COLUMNS[config.cost_axis][0],
+        cost_axis=config.cost_axis, cost=cost_key,
         points=tuple(space.paper_points(config.space.paper_rates)),
-        anchors=tuple(space.uniform_points(config.sampler.anchors)), data=data,
+        anchors=tuple(anchor_points(space, config.sampler.anchors, cost_key,
+                                    (limits or {}).get(cost_key))), data=data,
         options=config.sketch.options(), recipe=t.recipe(), round_to=config.space.round_to,
         train_images=t.train_images, val_images=t.val_images,
         threads=t.threads or max(1, int(r.cpu or 1)), num_samples=config.budget.num_samples,

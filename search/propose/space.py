@@ -292,24 +292,6 @@ class RateSpace:
             points.append((text, params))
         return points
 
-    def uniform_points(self, count: int) -> list[tuple[str, dict]]:
-        """``count`` uniform vectors ``[r]*n``, r evenly spread over the grid (ends included).
-
-        Evaluated first, they span the whole FLOPs range, which a random first
-        generation (rates drawn independently) rarely reaches at either end.
-        """
-        if count <= 0:
-            return []
-        values = self.grid or [self.low, self.high]
-        if self.grid is None and count > 2:
-            values = [self.low + (self.high - self.low) * i / (count - 1) for i in range(count)]
-        k = min(count, len(values))
-        picked = [values[round(i * (len(values) - 1) / max(1, k - 1))] for i in range(k)]
-        out = []
-        for r in dict.fromkeys(picked):
-            out.append((f"[{r:g}]*{self.num_units}", {n: r for n in self.param_names}))
-        return out
-
     # ---------------------------------------------------------------- cost
 
     @property

@@ -5,7 +5,8 @@ lands near the middle. Everything here places a vector *by its cost*: a pattern 
 per-group offsets is shifted by one constant, bisected to the largest cost at or below
 a target (:func:`at_target`); zero offsets give the uniform vector of that cost
 (:func:`uniform_at`). :func:`cost_targets` spreads targets over the space's range the
-way a uniform sweep spreads its points; :func:`unit_groups` names the groups whose
+way a uniform sweep spreads its points, and :func:`anchor_points` puts a search's first
+(uniform) trials on them, none at the unpruned cost; :func:`unit_groups` names the groups whose
 offsets a pattern holds (stage halves by default).
 """
 
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 
 from search.propose.space import RateSpace, stage_groups
 
-__all__ = ["at_target", "uniform_at", "cost_targets", "unit_groups", "cost_of"]
+__all__ = ["at_target", "uniform_at", "cost_targets", "anchor_points", "unit_groups", "cost_of"]
 
 _STEPS = 40  # bisection steps on the shift: far below one channel of any real network
 
@@ -108,3 +109,22 @@ def cost_targets(space: RateSpace, count: int, key: str = "flops_ratio",
     if count == 1:
         return [top]
     return [low + (top - low) * i / (count - 1) for i in range(count)]
+
+
+def anchor_points(space: RateSpace, count: int, key: str = "flops_ratio",
+                  budget: float | None = None) -> list[tuple[str, dict]]:
+    """A search's ``count`` anchor trials: the uniform vectors (on the space's grid) of
+    :func:`cost_targets` from the cheapest vector to ``budget`` (or to the default top
+    when there is none or it is above it), as ``(text, params)``; a rate two targets
+    share is listed once."""
+    if count <= 0:
+        return []
+    top = None
+    if budget is not None:
+        top = min(budget, cost_targets(space, 1, key)[0])
+    rates: list[float] = []
+    for t in cost_targets(space, count, key, top):
+        found = uniform_at(space, t, key)
+        if found is not None and found[0] not in rates:
+            rates.append(found[0])
+    return [(f"[{r:g}]*{space.num_units}", {n: r for n in space.param_names}) for r in rates]
