@@ -71,8 +71,10 @@ def test_a_trial_that_raises_and_one_that_diverges(tmp_path, search_cache_dir, m
                               storage=f"sqlite:///{out.exp_dir / 'study.db'}")
     states = {t.user_attrs.get("paper_rates"): t.state for t in study.trials}
     assert states["[0.6]*9"] == states["[0.5]*9"] == TrialState.FAIL
+    # 3 paper vectors and 4 anchors were enqueued for 6 trials: the last anchor waits
     assert Counter(t.state for t in study.trials) == {TrialState.FAIL: 2,
-                                                      TrialState.COMPLETE: 4}
+                                                      TrialState.COMPLETE: 4,
+                                                      TrialState.WAITING: 1}
 
 
 def test_driver_killed_and_resumed(tmp_path, search_cache_dir):
