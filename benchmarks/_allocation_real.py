@@ -40,7 +40,8 @@ import torch
 from _common import Clock, t_interval
 from _real_task import OPTIONS, PUBLIC, Outcome, RealTask, task_from_args
 
-from search.propose.allocation import Allocation, Evaluation, allocate, probe_sensitivity
+from search.propose.allocation import (Allocation, Evaluation, allocate, better,
+                                       probe_sensitivity)
 from search.propose.targets import at_target, uniform_at, unit_groups
 from search.results.pareto import front_indices, hypervolume
 
@@ -86,7 +87,7 @@ def greedy(evaluate: SeedView, task: RealTask, target: float) -> list[float]:
         if rates is None:
             continue
         ev = evaluate(rates)
-        if (ev.acc, -ev.loss) > (best_ev.acc, -best_ev.loss):
+        if better(ev, best_ev):
             best, best_ev = rates, ev
     return best
 

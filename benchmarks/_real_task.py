@@ -17,7 +17,6 @@ slices of the same arrays, and a choice sees only its choosing slice.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from _common import ROOT, require_real_data
 
 from search.propose.space import RateSpace
-from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data
+from sketch_core.data.sets import IMAGENET_MEAN, IMAGENET_STD, load_data, with_rows
 from sketch_core.io.checkpoint import load_checkpoint, save_checkpoint
 from sketch_core.options import SketchOptions
 from sketch_core.pipeline import prune_and_score
@@ -93,12 +92,6 @@ class Outcome:
         return float(self.loss[rows].mean())
 
 
-def _view(loader, rows: torch.Tensor):
-    out = copy.copy(loader)
-    out.index = rows
-    return out
-
-
 def _adapted(cfg: str, public: Path, data, work: Path, images: int, log) -> torch.nn.Module:
     """The public network after one pass of SGD over ``images`` JPEG training images."""
     ckpt = work / f"{cfg}-jpeg-e1-n{images}-lr0.01.pt"
@@ -111,7 +104,7 @@ def _adapted(cfg: str, public: Path, data, work: Path, images: int, log) -> torc
     log(f"adapting the public {cfg} to {images} JPEG training images (one pass, SGD lr 0.01; "
         f"cached as {ckpt})")
     torch.manual_seed(0)
-    fit(model, dataclasses.replace(data, train=_view(data.train, rows.sort().values), val=None),
+    fit(model, dataclasses.replace(data, train=with_rows(data.train, rows.sort().values), val=None),
         epochs=1, lr=0.01, momentum=0.9, weight_decay=5e-4, lr_decay_step=[], seed=0,
         progress=False)
     work.mkdir(parents=True, exist_ok=True)
@@ -135,7 +128,7 @@ class RealTask:
                               eval_batch_size=500, val_fraction=0.0, seed=0)
         test_rows = self.data.test.index
         self.splits = Splits.make(len(test_rows), dev, pool)
-        self.pool = _view(self.data.test, test_rows[torch.from_numpy(self.splits.pool)])
+        self.pool = with_rows(self.data.test, test_rows[torch.from_numpy(self.splits.pool)])
         self.base = _adapted(cfg, root / PUBLIC[cfg], self.data, work,
                              min(adapt_images, len(self.data.train.index)), log)
         self.calib = self.data.calibration_batches(OPTIONS.calibration_batches)

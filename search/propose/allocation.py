@@ -24,7 +24,7 @@ import numpy as np
 from search.propose.space import RateSpace
 from search.propose.targets import at_target, cost_of, uniform_at
 
-__all__ = ["Evaluation", "Allocation", "probe_sensitivity", "allocate", "pattern"]
+__all__ = ["Evaluation", "Allocation", "probe_sensitivity", "allocate", "pattern", "better"]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def pattern(sensitivity: Sequence[float], strength: float) -> list[float]:
     return (strength * (2 * ranks / (n - 1) - 1)).tolist()
 
 
-def _better(a: Evaluation, b: Evaluation) -> bool:
+def better(a: Evaluation, b: Evaluation) -> bool:
     """``a`` beats ``b`` on the choosing images: higher accuracy, then lower loss."""
     return (a.acc, -a.loss) > (b.acc, -b.loss)
 
@@ -131,6 +131,6 @@ def allocate(evaluate: Evaluate, space: RateSpace, target: float,
             continue
         ev = evaluate(rates)
         out.tried.append((rates, ev))
-        if _better(ev, best_ev):
+        if better(ev, best_ev):
             best_offsets, best_ev, out.chosen = offsets, ev, rates
     return out

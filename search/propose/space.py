@@ -380,7 +380,8 @@ class RateSpace:
         """Optuna's constraint value: the largest ``cost - budget`` (<= 0: feasible)."""
         return max((cost.value(k) - b for k, b in (budgets or {}).items()), default=0.0)
 
-    def _snap_down(self, r: float) -> float:
+    def snap_down(self, r: float) -> float:
+        """``r`` clipped to [low, high] and, on a grid, the grid value at or below it."""
         if self.grid is None:
             return min(self.high, max(self.low, r))
         below = [g for g in self.grid if g <= r + 1e-9]
@@ -405,7 +406,7 @@ class RateSpace:
             return list(rates)
 
         def scaled(s: float) -> list[float]:
-            return self.expand([self._snap_down(v * s) for v in values])
+            return self.expand([self.snap_down(v * s) for v in values])
 
         if not fits(scaled(0.0)):
             return None

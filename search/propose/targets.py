@@ -47,20 +47,12 @@ def unit_groups(space: RateSpace, how: str = "halves") -> list[list[int]]:
     return out
 
 
-def _snap(space: RateSpace, r: float) -> float:
-    r = min(space.high, max(space.low, r))
-    if space.grid is None:
-        return r
-    below = [g for g in space.grid if g <= r + 1e-9]
-    return below[-1] if below else space.grid[0]
-
-
 def _shifted(space: RateSpace, offsets: Sequence[float], groups: Sequence[Sequence[int]],
              shift: float) -> list[float]:
     rates = [space.high] * space.num_units
     for off, g in zip(offsets, groups):
         for u in g:
-            rates[u] = _snap(space, off + shift)
+            rates[u] = space.snap_down(off + shift)
     return rates
 
 

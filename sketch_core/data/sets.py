@@ -237,9 +237,11 @@ def loader_rows(loader: TensorLoader | FolderLoader) -> torch.Tensor:
     return loader.index if hasattr(loader, "index") else loader.indices
 
 
-def _with_rows(loader: TensorLoader | FolderLoader, rows: torch.Tensor) -> TensorLoader | FolderLoader:
-    view = copy.copy(loader)  # the data tensors (or the image set) are shared
-    setattr(view, "index" if isinstance(loader, TensorLoader) else "indices", rows)
+def with_rows(loader: TensorLoader | FolderLoader, rows: torch.Tensor) -> TensorLoader | FolderLoader:
+    """A shallow copy of ``loader`` serving ``rows`` of its split (the data tensors, or
+    the image set, are shared)."""
+    view = copy.copy(loader)
+    setattr(view, "index" if hasattr(loader, "index") else "indices", rows)
     return view
 
 
@@ -257,8 +259,8 @@ def hold_out_test(data: Data, n: int, seed: int) -> Data:
     g = torch.Generator().manual_seed((seed * 1_000_003 + 4049) % (2**63))
     perm = torch.randperm(len(rows), generator=g).to(rows.device)
     choose, report = rows[perm[:n].sort().values], rows[perm[n:].sort().values]
-    return dataclasses.replace(data, val=_with_rows(data.test, choose),
-                               test=_with_rows(data.test, report))
+    return dataclasses.replace(data, val=with_rows(data.test, choose),
+                               test=with_rows(data.test, report))
 
 
 def _check_common(data_set: str, batch_size: int, eval_batch_size: int,

@@ -9,7 +9,6 @@ one line when a number does not fit its split.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import zlib
 from collections.abc import Sequence
@@ -17,17 +16,10 @@ from typing import Any
 
 import torch
 
-from sketch_core.data.sets import Data, loader_rows
+from sketch_core.data.sets import Data, loader_rows, with_rows
 from sketch_core.errors import UserError
 
 __all__ = ["EpochSample", "sized_data", "check_images", "draw_seed"]
-
-
-def _serving(loader: Any, rows: torch.Tensor) -> Any:
-    """A shallow copy of ``loader`` serving ``rows`` (the data tensors are shared)."""
-    view = copy.copy(loader)
-    setattr(view, "index" if hasattr(loader, "index") else "indices", rows)
-    return view
 
 
 def _draw(rows: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -51,7 +43,7 @@ class EpochSample:
         return _draw(self.rows, self.n, self.seed * 1_000_003 + epoch * 7919 + 1)
 
     def __len__(self) -> int:
-        return len(_serving(self.loader, self.rows[:self.n]))
+        return len(with_rows(self.loader, self.rows[:self.n]))
 
     def __repr__(self) -> str:
         return f"EpochSample({self.n} of {len(self.rows)} images per epoch, {self.loader!r})"
@@ -67,7 +59,7 @@ class EpochSample:
     def __iter__(self):
         epoch, start = self.epoch, self.start_batch
         self.epoch, self.start_batch = epoch + 1, 0
-        view = _serving(self.loader, self.rows_of(epoch))
+        view = with_rows(self.loader, self.rows_of(epoch))
         view.set_epoch(epoch, start)
         return iter(view)
 
@@ -104,5 +96,5 @@ def sized_data(data: Data, train_images: int | None, val_images: int | None, see
         changes["train"] = EpochSample(data.train, train_images, draw_seed(seed, rates))
     if val_images is not None and data.val is not None:
         rows = _draw(loader_rows(data.val), val_images, seed * 1_000_003 + 17)
-        changes["val"] = _serving(data.val, rows)
+        changes["val"] = with_rows(data.val, rows)
     return dataclasses.replace(data, **changes)
